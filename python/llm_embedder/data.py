@@ -1,0 +1,371 @@
+"""JSONL schemas (DESIGN.md §2), loading with file:line errors, and atomic file writes.
+
+Every loader validates each line and raises :class:`DataError` naming the file, the line number
+and the field, so a bad record is found in seconds rather than as a crash deep in training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class DataError(ValueError):
+    """A malformed input file; the message names the file, line and field."""
+
+    def __init__(self, path: PathLike, line: Optional[int], message: str):
+        where = f"{os.fspath(path)}:{line}" if line is not None else os.fspath(path)
+        super().__init__(f"{where}: {message}")
+        self.path = os.fspath(path)
+        self.line = line
+
+
+@dataclass
+class Passage:
+    """A corpus entry: a passage, a dialogue turn, a demonstration or a tool description."""
+
+    id: str
+    text: str
+    title: Optional[str] = None
+    group: Optional[str] = None  # conversation/document it belongs to (memory retrieval)
+    subset: Optional[str] = None  # sub-dataset, e.g. "sst2" for in-context examples
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def full_text(self) -> str:
+        """The text the encoder and the LLM see (title first when there is one)."""
+        return f"{self.title}: {self.text}" if self.title else self.text
+
+
+@dataclass
+class Query:
+    """A query with its desired outputs (``answers``) and known positives, if any."""
+
+    id: str
+    text: str
+    answers: List[str] = field(default_factory=list)
+    positive_ids: List[str] = field(default_factory=list)
+    group: Optional[str] = None
+    subset: Optional[str] = None
+    options: Optional[List[str]] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LabelledQuery:
+    """One line of the labeller's output: candidates with their rewards from the frozen LLM."""
+
+    query_id: str
+    task: str
+    query: str
+    answer: str
+    candidates: List[Dict[str, str]]  # [{"id", "text"}]; the empty context has id ""
+    likelihood_rewards: List[float]
+    rank_rewards: List[float]
+    samples: List[str] = field(default_factory=list)
+    positive_ids: List[str] = field(default_factory=list)
+    llm: str = ""
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> Dict[str, Any]:
+        out = {
+            "query_id": self.query_id,
+            "task": self.task,
+            "query": self.query,
+            "answer": self.answer,
+            "candidates": self.candidates,
+            "likelihood_rewards": self.likelihood_rewards,
+            "rank_rewards": self.rank_rewards,
+            "samples": self.samples,
+            "positive_ids": self.positive_ids,
+            "llm": self.llm,
+        }
+        out.update(self.extra)
+        return out
+
+
+def iter_jsonl(path: PathLike) -> Iterator[Tuple[int, Dict[str, Any]]]:
+    """Yield ``(line_number, object)`` for every non-blank line; DataError on bad JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, None, "file not found")
+    with path.open("r", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(path, number, f"invalid JSON ({err.msg} at column {err.colno})")
+            if not isinstance(obj, dict):
+                raise DataError(path, number, f"expected a JSON object, got {type(obj).__name__}")
+            yield number, obj
+
+
+def _string(obj: Dict[str, Any], name: str, path: PathLike, line: int, *,
+            required: bool = True, non_empty: bool = True) -> Optional[str]:
+    value = obj.get(name)
+    if value is None:
+        if required:
+            raise DataError(path, line, f"missing field '{name}'")
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and name in ("id", "group"):
+        value = str(value)  # numeric ids are common in public datasets
+    if not isinstance(value, str):
+        raise DataError(path, line, f"field '{name}' must be a string, got {type(value).__name__}")
+    if non_empty and not value.strip():
+        raise DataError(path, line, f"field '{name}' is empty")
+    return value
+
+
+def _string_list(obj: Dict[str, Any], name: str, path: PathLike, line: int) -> List[str]:
+    value = obj.get(name, [])
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, (str, int)) for v in value):
+        raise DataError(path, line, f"field '{name}' must be a list of strings")
+    return [str(v) for v in value]
+
+
+_PASSAGE_FIELDS = {"id", "text", "title", "group", "task"}
+_QUERY_FIELDS = {"id", "text", "answers", "positive_ids", "group", "task", "options"}
+
+
+def load_corpus(path: PathLike) -> List[Passage]:
+    """Read a corpus JSONL (``{"id", "text", "title"?, "group"?, ...}``); ids must be unique.
+
+    Example:
+        >>> corpus = load_corpus("corpus.jsonl")
+    """
+    passages: List[Passage] = []
+    seen: Dict[str, int] = {}
+    for line, obj in iter_jsonl(path):
+        pid = _string(obj, "id", path, line)
+        if pid in seen:
+            raise DataError(path, line, f"duplicate id {pid!r} (first on line {seen[pid]})")
+        seen[pid] = line
+        passages.append(Passage(
+            id=pid,
+            text=_string(obj, "text", path, line),
+            title=_string(obj, "title", path, line, required=False, non_empty=False) or None,
+            group=_string(obj, "group", path, line, required=False),
+            subset=_string(obj, "task", path, line, required=False),
+            extra={k: v for k, v in obj.items() if k not in _PASSAGE_FIELDS},
+        ))
+    if not passages:
+        raise DataError(path, None, "corpus is empty")
+    return passages
+
+
+def load_queries(path: PathLike, *, require_answers: bool = False) -> List[Query]:
+    """Read a queries JSONL (``{"id", "text", "answers", "positive_ids", "group"?, ...}``).
+
+    Example:
+        >>> queries = load_queries("queries.train.jsonl", require_answers=True)
+    """
+    queries: List[Query] = []
+    seen: Dict[str, int] = {}
+    for line, obj in iter_jsonl(path):
+        qid = _string(obj, "id", path, line)
+        if qid in seen:
+            raise DataError(path, line, f"duplicate id {qid!r} (first on line {seen[qid]})")
+        seen[qid] = line
+        answers = _string_list(obj, "answers", path, line)
+        if require_answers and not any(a.strip() for a in answers):
+            raise DataError(path, line, "field 'answers' is empty: the LLM needs a desired output")
+        options = obj.get("options")
+        if options is not None:
+            options = _string_list(obj, "options", path, line)
+        queries.append(Query(
+            id=qid,
+            text=_string(obj, "text", path, line),
+            answers=answers,
+            positive_ids=_string_list(obj, "positive_ids", path, line),
+            group=_string(obj, "group", path, line, required=False),
+            subset=_string(obj, "task", path, line, required=False),
+            options=options,
+            extra={k: v for k, v in obj.items() if k not in _QUERY_FIELDS},
+        ))
+    if not queries:
+        raise DataError(path, None, "no queries in file")
+    return queries
+
+
+def _float_list(obj: Dict[str, Any], name: str, n: int, path: PathLike, line: int) -> List[float]:
+    value = obj.get(name)
+    if not isinstance(value, list):
+        raise DataError(path, line, f"missing or non-list field '{name}'")
+    if len(value) != n:
+        raise DataError(path, line, f"field '{name}' has {len(value)} values for {n} candidates")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise DataError(path, line, f"field '{name}' holds a non-finite or non-number value")
+        out.append(float(v))
+    return out
+
+
+_LABEL_FIELDS = {"query_id", "task", "query", "answer", "candidates", "likelihood_rewards",
+                 "rank_rewards", "samples", "positive_ids", "llm"}
+
+
+def parse_labelled(obj: Dict[str, Any], path: PathLike, line: int) -> LabelledQuery:
+    """Validate one labelled-query object (see :class:`LabelledQuery`)."""
+    candidates = obj.get("candidates")
+    if not isinstance(candidates, list) or not candidates:
+        raise DataError(path, line, "field 'candidates' must be a non-empty list")
+    for i, cand in enumerate(candidates):
+        if not isinstance(cand, dict) or not isinstance(cand.get("id"), str) \
+                or not isinstance(cand.get("text"), str):
+            raise DataError(path, line, f"candidates[{i}] must be an object with string 'id' and 'text'")
+    n = len(candidates)
+    return LabelledQuery(
+        query_id=_string(obj, "query_id", path, line),
+        task=_string(obj, "task", path, line),
+        query=_string(obj, "query", path, line),
+        answer=_string(obj, "answer", path, line, non_empty=False),
+        candidates=[{"id": c["id"], "text": c["text"]} for c in candidates],
+        likelihood_rewards=_float_list(obj, "likelihood_rewards", n, path, line),
+        rank_rewards=_float_list(obj, "rank_rewards", n, path, line),
+        samples=_string_list(obj, "samples", path, line),
+        positive_ids=_string_list(obj, "positive_ids", path, line),
+        llm=obj.get("llm") or "",
+        extra={k: v for k, v in obj.items() if k not in _LABEL_FIELDS},
+    )
+
+
+def load_labelled(path: PathLike) -> List[LabelledQuery]:
+    """Read the labeller's output file.
+
+    A last line without its newline is what a killed labeller leaves; it is skipped here (the
+    labeller itself truncates it on resume) rather than failing a training run.
+    """
+    path = Path(path)
+    records: List[LabelledQuery] = []
+    if not path.is_file():
+        raise DataError(path, None, "labelled file not found")
+    raw = path.read_bytes()
+    complete = raw if raw.endswith(b"\n") else raw[: raw.rfind(b"\n") + 1]
+    for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(path, number, f"invalid JSON ({err.msg} at column {err.colno})")
+        if not isinstance(obj, dict):
+            raise DataError(path, number, "expected a JSON object")
+        records.append(parse_labelled(obj, path, number))
+    if not records:
+        raise DataError(path, None, "no labelled queries in file")
+    return records
+
+
+def candidate_pool(query: Query, corpus: Sequence[Passage]) -> List[int]:
+    """Indices of the corpus entries that may serve ``query``.
+
+    A query's ``group`` (its conversation) restricts candidates to that group; for in-context
+    examples the sub-dataset (``task`` field, e.g. ``sst2``) does the same. Otherwise: all.
+    """
+    if query.group is not None and any(p.group is not None for p in corpus):
+        return [i for i, p in enumerate(corpus) if p.group == query.group]
+    if query.subset is not None and any(p.subset is not None for p in corpus):
+        return [i for i, p in enumerate(corpus) if p.subset == query.subset]
+    return list(range(len(corpus)))
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: PathLike, records: Sequence[Dict[str, Any]]) -> None:
+    """Write a whole JSONL file atomically."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+class JsonlAppender:
+    """Appends one JSON object a line, flushed and fsynced, for resumable outputs.
+
+    On open, a trailing partial line (left by a kill mid-write) is cut off, so the file always
+    ends on a complete record and a later run never trips over a broken line.
+    """
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            raw = self.path.read_bytes()
+            if raw and not raw.endswith(b"\n"):
+                with self.path.open("r+b") as handle:
+                    handle.truncate(raw.rfind(b"\n") + 1)
+        self._handle = self.path.open("a", encoding="utf-8")
+
+    def append(self, record: Dict[str, Any]) -> None:
+        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> "JsonlAppender":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------- bundled data
+
+BUNDLED_TASK_DIRS = {"qa": "qa/xquad", "tool": "tool/gorilla", "chat": "chat/locomo",
+                     "icl": "icl/fewshot5"}
+
+
+def bundled_data_dir() -> Path:
+    """Folder of the real-data slices shipped inside the package (for the quickstart)."""
+    return Path(__file__).resolve().parent / "data"
+
+
+def bundled_task_files(task: str) -> Dict[str, Path]:
+    """``{"corpus", "train", "test"}`` paths of the bundled slice for ``task``."""
+    if task not in BUNDLED_TASK_DIRS:
+        raise ValueError(f"no bundled data for task {task!r}; bundled: {sorted(BUNDLED_TASK_DIRS)}")
+    folder = bundled_data_dir() / BUNDLED_TASK_DIRS[task]
+    files = {"corpus": folder / "corpus.jsonl", "train": folder / "queries.train.jsonl",
+             "test": folder / "queries.test.jsonl"}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"bundled data missing (broken install?): {missing}")
+    return files
