@@ -261,3 +261,12 @@ def test_cross_device_negatives_under_two_gloo_processes():
     mp.start_processes(_cross_device_worker, args=(2, _free_port(), errors), nprocs=2,
                        start_method="spawn")
     assert errors.empty()
+
+
+@pytest.mark.parametrize("name", ["graded", "kl", "contrastive"])
+def test_reduction_none_gives_one_loss_per_query(name):
+    q, k, rewards, mask, ids = _batch(8)
+    per_query = build_loss(name, reduction="none")(q, k, rewards, mask, ids)
+    assert per_query.shape == (q.shape[0],)
+    assert per_query.mean().item() == pytest.approx(build_loss(name)(q, k, rewards, mask,
+                                                                      ids).item(), rel=1e-6)

@@ -104,13 +104,20 @@ def _sort_by_reward(rewards: Tensor, mask: Tensor) -> Tensor:
 
 
 class _ScoreMixin(nn.Module):
-    def __init__(self, temperature: float, in_batch_negatives: bool, cross_device: bool):
+    def __init__(self, temperature: float, in_batch_negatives: bool, cross_device: bool,
+                 reduction: str):
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        self.reduction = reduction
         self.temperature = float(temperature)
         self.in_batch_negatives = in_batch_negatives
         self.cross_device = cross_device
+
+    def _reduce(self, per_query: Tensor) -> Tensor:
+        return per_query.mean() if self.reduction == "mean" else per_query
 
     def _own_scores(self, query_emb: Tensor, key_emb: Tensor) -> Tensor:
         """[B, G] float32 scores of each query against its own candidates."""
@@ -157,8 +164,8 @@ class ContrastiveLoss(_ScoreMixin):
     """
 
     def __init__(self, temperature: float = 0.01, in_batch_negatives: bool = True,
-                 cross_device: bool = True):
-        super().__init__(temperature, in_batch_negatives, cross_device)
+                 cross_device: bool = True, reduction: str = "mean"):
+        super().__init__(temperature, in_batch_negatives, cross_device, reduction)
 
     def forward(self, query_emb: Tensor, key_emb: Tensor, rewards: Optional[Tensor] = None,
                 mask: Optional[Tensor] = None, key_ids: Optional[Tensor] = None) -> Tensor:
@@ -172,7 +179,7 @@ class ContrastiveLoss(_ScoreMixin):
             target = _sort_by_reward(rewards, mask)[:, 0]
         other = self._other_scores(query_emb, key_emb, mask, key_ids)
         logits = own if other is None else torch.cat([own, other], dim=1)
-        return F.cross_entropy(logits, target)
+        return self._reduce(F.cross_entropy(logits, target, reduction="none"))
 
 
 class GradedDistillationLoss(_ScoreMixin):
@@ -189,8 +196,9 @@ class GradedDistillationLoss(_ScoreMixin):
     """
 
     def __init__(self, temperature: float = 0.01, reward_temperature: float = 0.1,
-                 in_batch_negatives: bool = True, cross_device: bool = True):
-        super().__init__(temperature, in_batch_negatives, cross_device)
+                 in_batch_negatives: bool = True, cross_device: bool = True,
+                 reduction: str = "mean"):
+        super().__init__(temperature, in_batch_negatives, cross_device, reduction)
         if not reward_temperature > 0:
             raise ValueError(f"reward_temperature must be > 0, got {reward_temperature}")
         self.reward_temperature = float(reward_temperature)
@@ -220,7 +228,7 @@ class GradedDistillationLoss(_ScoreMixin):
             rows = torch.cat([rows, other[:, None, :].expand(-1, group, -1)], dim=2)
         cross_entropy = torch.logsumexp(rows, dim=2) - own  # [B, G]
         per_query = (weights * cross_entropy.masked_fill(~valid, 0.0)).sum(dim=1)
-        return per_query.mean()
+        return self._reduce(per_query)
 
 
 class KLDistillationLoss(_ScoreMixin):
@@ -232,8 +240,9 @@ class KLDistillationLoss(_ScoreMixin):
         >>> loss = KLDistillationLoss(teacher_temperature=0.1)(q, k, rewards, mask)
     """
 
-    def __init__(self, temperature: float = 0.01, teacher_temperature: float = 0.1):
-        super().__init__(temperature, in_batch_negatives=False, cross_device=False)
+    def __init__(self, temperature: float = 0.01, teacher_temperature: float = 0.1,
+                 reduction: str = "mean"):
+        super().__init__(temperature, False, False, reduction)
         if not teacher_temperature > 0:
             raise ValueError(f"teacher_temperature must be > 0, got {teacher_temperature}")
         self.teacher_temperature = float(teacher_temperature)
@@ -248,23 +257,25 @@ class KLDistillationLoss(_ScoreMixin):
         teacher = torch.softmax(
             (rewards.float() / self.teacher_temperature).masked_fill(~mask, _NEG_INF), dim=1)
         kl = torch.xlogy(teacher, teacher) - teacher * log_student
-        return kl.sum(dim=1).mean()
+        return self._reduce(kl.sum(dim=1))
 
 
 def build_loss(name: str, *, temperature: float = 0.01, reward_temperature: float = 0.1,
-               in_batch_negatives: bool = True, cross_device: bool = True) -> nn.Module:
+               in_batch_negatives: bool = True, cross_device: bool = True,
+               reduction: str = "mean") -> nn.Module:
     """The loss module called ``name`` ("graded" | "kl" | "contrastive").
 
-    ``reward_temperature`` is T_r of graded distillation or T_t of KL distillation.
+    ``reward_temperature`` is T_r of graded distillation or T_t of KL distillation;
+    ``reduction="none"`` returns the loss of each query ([B]) instead of their mean.
 
     Example:
         >>> loss_fn = build_loss("graded", in_batch_negatives=TASKS["qa"].shared_corpus)
     """
     if name == "graded":
         return GradedDistillationLoss(temperature, reward_temperature, in_batch_negatives,
-                                      cross_device)
+                                      cross_device, reduction)
     if name == "kl":
-        return KLDistillationLoss(temperature, reward_temperature)
+        return KLDistillationLoss(temperature, reward_temperature, reduction)
     if name == "contrastive":
-        return ContrastiveLoss(temperature, in_batch_negatives, cross_device)
+        return ContrastiveLoss(temperature, in_batch_negatives, cross_device, reduction)
     raise ValueError(f"unknown loss {name!r}; expected 'graded', 'kl' or 'contrastive'")
