@@ -1,0 +1,223 @@
+//! `llm_embedder._native`: the tight loops of llm-embedder (module wiring only).
+//!
+//! Kernels live in plain-Rust modules ([`reward`], [`bucket`], [`topk`]) with their own tests;
+//! this file converts numpy arrays (zero-copy, read-only), validates them into `ValueError`s
+//! that name the argument, and releases the GIL around every loop.
+
+pub mod bucket;
+pub mod kernels;
+pub mod reward;
+pub mod rng;
+pub mod topk;
+
+use numpy::ndarray::{Array2, ArrayViewD};
+use numpy::{Element, IntoPyArray, PyArray1, PyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use std::borrow::Cow;
+
+fn value_error(msg: impl Into<String>) -> PyErr {
+    PyValueError::new_err(msg.into())
+}
+
+/// Borrow `obj` as a read-only numpy array of `T`, or explain what was expected.
+fn borrow_array<'py, T: Element>(
+    obj: &Bound<'py, PyAny>,
+    name: &str,
+    dtype: &str,
+    ndim: usize,
+) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
+    match obj.extract::<PyReadonlyArrayDyn<'py, T>>() {
+        Ok(a) => {
+            if a.ndim() != ndim {
+                return Err(value_error(format!(
+                    "{name} must be a {ndim}-D {dtype} array, got {}-D with shape {:?}",
+                    a.ndim(),
+                    a.shape()
+                )));
+            }
+            Ok(a)
+        }
+        Err(_) => {
+            let got = match obj.getattr("dtype") {
+                Ok(dt) => format!(
+                    "{} array of dtype {}",
+                    obj.getattr("ndim")
+                        .map(|x| x.to_string())
+                        .unwrap_or_default()
+                        + "-D",
+                    dt
+                ),
+                Err(_) => format!("{}", obj.get_type().name()?),
+            };
+            Err(value_error(format!(
+                "{name} must be a {ndim}-D {dtype} numpy array, got {got}"
+            )))
+        }
+    }
+}
+
+/// A contiguous view of the data (zero-copy when already C-contiguous).
+fn contiguous<'a, T: Clone>(view: &'a ArrayViewD<'a, T>) -> Cow<'a, [T]> {
+    match view.as_slice() {
+        Some(s) => Cow::Borrowed(s),
+        None => Cow::Owned(view.iter().cloned().collect()),
+    }
+}
+
+/// Rank-aware reward (DESIGN.md §3) of Q queries × M candidates × N samples.
+///
+/// >>> rank_aware_reward(np.array([[-1.0]], np.float32), np.array([[[-2.0, -3.0]]], np.float32))
+#[pyfunction]
+#[pyo3(name = "rank_aware_reward", signature = (target_ll, sample_ll, mode = "position", baseline = None))]
+fn py_rank_aware_reward<'py>(
+    py: Python<'py>,
+    target_ll: &Bound<'py, PyAny>,
+    sample_ll: &Bound<'py, PyAny>,
+    mode: &str,
+    baseline: Option<i64>,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let t = borrow_array::<f32>(target_ll, "target_ll", "float32", 2)?;
+    let s = borrow_array::<f32>(sample_ll, "sample_ll", "float32", 3)?;
+    let (q, m) = (t.shape()[0], t.shape()[1]);
+    let ss = s.shape();
+    if ss[0] != q || ss[1] != m {
+        return Err(value_error(format!(
+            "sample_ll must have shape [Q, M, N] = [{q}, {m}, N] to match target_ll {:?}, got {:?}",
+            t.shape(),
+            ss
+        )));
+    }
+    let n = ss[2];
+    if let Some(b) = baseline {
+        if b < 0 || b as u64 >= m as u64 {
+            return Err(value_error(format!(
+                "baseline must be a candidate column in [0, {m}), got {b}"
+            )));
+        }
+    }
+    let mode = match mode {
+        "position" => reward::Mode::Position,
+        "shift" => match baseline {
+            Some(b) => reward::Mode::Shift {
+                baseline: b as usize,
+            },
+            None => {
+                return Err(value_error(
+                    "mode='shift' needs baseline (the column of the empty-context candidate)",
+                ))
+            }
+        },
+        other => {
+            return Err(value_error(format!(
+                "mode must be 'position' or 'shift', got {other:?}"
+            )))
+        }
+    };
+    let tv = t.as_array();
+    let sv = s.as_array();
+    let (td, sd) = (contiguous(&tv), contiguous(&sv));
+    let out = py.detach(|| {
+        reward::validate(&td, &sd)?;
+        Ok::<_, String>(reward::rank_aware_reward(&td, &sd, q, m, n, mode))
+    });
+    let out = out.map_err(value_error)?;
+    let arr = Array2::from_shape_vec((q, m), out).expect("q*m rewards");
+    Ok(arr.into_pyarray(py))
+}
+
+/// Homogeneous, length-bucketed batches: one task per batch, every index exactly once.
+///
+/// >>> bucket_batches(np.array([0, 0, 1]), np.array([5, 3, 4]), batch_size=2, seed=0)
+#[pyfunction]
+#[pyo3(name = "bucket_batches", signature = (task_ids, lengths, batch_size, seed, shuffle = true, bucket_factor = 16, task_temperature = 1.0))]
+#[allow(clippy::too_many_arguments)]
+fn py_bucket_batches<'py>(
+    py: Python<'py>,
+    task_ids: &Bound<'py, PyAny>,
+    lengths: &Bound<'py, PyAny>,
+    batch_size: i64,
+    seed: u64,
+    shuffle: bool,
+    bucket_factor: i64,
+    task_temperature: f64,
+) -> PyResult<Vec<Bound<'py, PyArray1<i64>>>> {
+    let t = borrow_array::<i64>(task_ids, "task_ids", "int64", 1)?;
+    let l = borrow_array::<i64>(lengths, "lengths", "int64", 1)?;
+    if batch_size < 1 {
+        return Err(value_error(format!(
+            "batch_size must be >= 1, got {batch_size}"
+        )));
+    }
+    if bucket_factor < 1 {
+        return Err(value_error(format!(
+            "bucket_factor must be >= 1, got {bucket_factor}"
+        )));
+    }
+    let opts = bucket::BucketOptions {
+        batch_size: batch_size as usize,
+        seed,
+        shuffle,
+        bucket_factor: bucket_factor as usize,
+        task_temperature,
+    };
+    let (tv, lv) = (t.as_array(), l.as_array());
+    let (td, ld) = (contiguous(&tv), contiguous(&lv));
+    let batches = py.detach(|| {
+        bucket::validate(&td, &ld, &opts)?;
+        Ok::<_, String>(bucket::bucket_batches(&td, &ld, &opts))
+    });
+    let batches = batches.map_err(value_error)?;
+    Ok(batches.into_iter().map(|b| b.into_pyarray(py)).collect())
+}
+
+/// Exact inner-product top-k: (scores [Q, k] descending, indices [Q, k]; ties: lower index).
+///
+/// `threads` limits the worker threads of this call (default: rayon's pool, which honours
+/// RAYON_NUM_THREADS).
+///
+/// >>> scores, idx = topk(queries, keys, k=10)
+#[pyfunction]
+#[pyo3(name = "topk", signature = (queries, keys, k, threads = None))]
+#[allow(clippy::type_complexity)]
+fn py_topk<'py>(
+    py: Python<'py>,
+    queries: &Bound<'py, PyAny>,
+    keys: &Bound<'py, PyAny>,
+    k: i64,
+    threads: Option<i64>,
+) -> PyResult<(Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<i64>>)> {
+    let qa = borrow_array::<f32>(queries, "queries", "float32", 2)?;
+    let ka = borrow_array::<f32>(keys, "keys", "float32", 2)?;
+    let (q, qd) = (qa.shape()[0], qa.shape()[1]);
+    let (n, kd) = (ka.shape()[0], ka.shape()[1]);
+    let threads = match threads {
+        None => None,
+        Some(t) if t >= 1 => Some(t as usize),
+        Some(t) => return Err(value_error(format!("threads must be >= 1, got {t}"))),
+    };
+    let (qv, kv) = (qa.as_array(), ka.as_array());
+    let (qd_, kd_) = (contiguous(&qv), contiguous(&kv));
+    let out = py.detach(|| {
+        topk::validate(&qd_, &kd_, qd, kd, n, k)?;
+        Ok::<_, String>(topk::topk(&qd_, &kd_, q, n, qd, k as usize, threads))
+    });
+    let (scores, indices) = out.map_err(value_error)?;
+    let k = k as usize;
+    Ok((
+        Array2::from_shape_vec((q, k), scores)
+            .expect("q*k scores")
+            .into_pyarray(py),
+        Array2::from_shape_vec((q, k), indices)
+            .expect("q*k indices")
+            .into_pyarray(py),
+    ))
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(py_rank_aware_reward, m)?)?;
+    m.add_function(wrap_pyfunction!(py_bucket_batches, m)?)?;
+    m.add_function(wrap_pyfunction!(py_topk, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,449 @@
+//! Exact inner-product top-k without materialising the Q×N score matrix.
+//!
+//! Keys are scanned in blocks; a block's scores against a tile of queries land in a small
+//! scratch buffer and are folded into one bounded collector per query. Threads split the keys
+//! (few queries: every thread streams a disjoint part of the keys once) or the queries (many
+//! queries: every thread owns whole queries, no merge needed).
+//!
+//! Order: scores descending, ties broken by the lower key index.
+
+use crate::kernels;
+use rayon::prelude::*;
+use std::cmp::Ordering;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Keys per block: a block of 256 keys × 768 dims is 768 KiB, which stays in a 1 MiB L2
+/// while every query tile passes over it.
+const KEY_BLOCK: usize = 256;
+
+#[inline]
+fn better(a: &(f32, usize), b: &(f32, usize)) -> Ordering {
+    // "Less" sorts first: higher score, then lower index.
+    b.0.partial_cmp(&a.0)
+        .unwrap_or(Ordering::Equal)
+        .then(a.1.cmp(&b.1))
+}
+
+/// Best `k` (score, index) pairs of a stream whose indices arrive in ascending order.
+///
+/// Accepted candidates go to a buffer of `2k`; when it fills, a linear-time selection keeps the
+/// best `k` and raises the acceptance threshold to the k-th score, so almost every score costs
+/// one comparison. A later score equal to the threshold has a larger index than every kept one
+/// and so correctly loses the tie.
+#[derive(Clone, Debug)]
+pub struct Collector {
+    k: usize,
+    cap: usize,
+    threshold: f32,
+    buf: Vec<(f32, usize)>,
+}
+
+impl Collector {
+    pub fn new(k: usize) -> Self {
+        let cap = (2 * k).max(k + 32);
+        Collector {
+            k,
+            cap,
+            threshold: f32::NEG_INFINITY,
+            buf: Vec::with_capacity(cap),
+        }
+    }
+
+    /// The score a candidate must beat to enter.
+    #[inline]
+    pub fn threshold(&self) -> f32 {
+        self.threshold
+    }
+
+    #[inline]
+    pub fn push(&mut self, score: f32, index: usize) {
+        if score > self.threshold {
+            self.accept(score, index);
+        } else if self.buf.len() < self.k {
+            // Only reachable before the first k candidates when scores are -inf or NaN
+            // (overflowing dot products); NaN ranks as -inf so the order stays total.
+            let s = if score.is_nan() {
+                f32::NEG_INFINITY
+            } else {
+                score
+            };
+            self.buf.push((s, index));
+        }
+    }
+
+    #[inline(never)]
+    fn accept(&mut self, score: f32, index: usize) {
+        self.buf.push((score, index));
+        if self.buf.len() >= self.cap {
+            self.compact();
+        }
+    }
+
+    fn compact(&mut self) {
+        if self.buf.len() > self.k {
+            self.buf.select_nth_unstable_by(self.k - 1, better);
+            self.buf.truncate(self.k);
+            self.threshold = self.buf[self.k - 1].0;
+        }
+    }
+
+    /// Fold another collector's candidates in (used to merge key ranges).
+    pub fn merge(&mut self, other: Collector) {
+        self.buf.extend(other.buf);
+        self.compact();
+        self.buf.shrink_to(self.cap);
+    }
+
+    /// The best `k`, best first.
+    pub fn into_sorted(mut self) -> Vec<(f32, usize)> {
+        self.buf.sort_unstable_by(better);
+        self.buf.truncate(self.k);
+        self.buf
+    }
+}
+
+/// Scan `keys[key_lo..key_hi]` (row-major, `d` columns) against `queries` (row-major) and feed
+/// one collector per query.
+fn scan(
+    queries: &[f32],
+    keys: &[f32],
+    d: usize,
+    key_lo: usize,
+    key_hi: usize,
+    collectors: &mut [Collector],
+) {
+    let q = collectors.len();
+    let tile = kernels::QUERY_TILE;
+    let mut scratch = vec![0f32; tile * KEY_BLOCK];
+    let mut start = key_lo;
+    while start < key_hi {
+        let end = (start + KEY_BLOCK).min(key_hi);
+        let nb = end - start;
+        let block = &keys[start * d..end * d];
+        let mut q0 = 0;
+        while q0 < q {
+            let q1 = (q0 + tile).min(q);
+            let rows = q1 - q0;
+            kernels::score_block(
+                &queries[q0 * d..q1 * d],
+                rows,
+                block,
+                nb,
+                d,
+                &mut scratch[..rows * nb],
+            );
+            for (r, coll) in collectors[q0..q1].iter_mut().enumerate() {
+                feed(coll, &scratch[r * nb..(r + 1) * nb], start);
+            }
+            q0 = q1;
+        }
+        start = end;
+    }
+}
+
+/// Push a row of scores (key indices `first..`) into a collector, skipping quickly over
+/// chunks that cannot enter.
+#[inline]
+fn feed(coll: &mut Collector, scores: &[f32], first: usize) {
+    let mut base = first;
+    for chunk in scores.chunks(16) {
+        let t = coll.threshold();
+        // Max of the chunk vectorises; most chunks fall below the threshold once it settles.
+        let m = chunk.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if m > t || coll.buf.len() < coll.k {
+            for (j, &s) in chunk.iter().enumerate() {
+                coll.push(s, base + j);
+            }
+        }
+        base += chunk.len();
+    }
+}
+
+fn pool(threads: usize) -> Arc<rayon::ThreadPool> {
+    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
+    let pools = POOLS.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut map = pools.lock().unwrap_or_else(|e| e.into_inner());
+    map.entry(threads)
+        .or_insert_with(|| {
+            Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .expect("building a rayon thread pool"),
+            )
+        })
+        .clone()
+}
+
+/// Check the arguments; `Err` names the argument and what was expected.
+pub fn validate(
+    queries: &[f32],
+    keys: &[f32],
+    q_dim: usize,
+    k_dim: usize,
+    n: usize,
+    k: i64,
+) -> Result<(), String> {
+    if q_dim != k_dim {
+        return Err(format!(
+            "queries and keys must have the same dimension, got queries [.., {q_dim}] and keys [.., {k_dim}]"
+        ));
+    }
+    if q_dim == 0 {
+        return Err("queries and keys must have at least one column, got dimension 0".into());
+    }
+    if k < 1 {
+        return Err(format!("k must be >= 1, got {k}"));
+    }
+    if k as u64 > n as u64 {
+        return Err(format!("k must be <= the number of keys ({n}), got {k}"));
+    }
+    if let Some(pos) = queries.iter().position(|x| !x.is_finite()) {
+        let row = pos / q_dim;
+        return Err(format!(
+            "queries must be finite, found {} in row {row}",
+            queries[pos]
+        ));
+    }
+    if let Some(pos) = first_non_finite(keys) {
+        let row = pos / k_dim;
+        return Err(format!(
+            "keys must be finite, found {} in row {row}",
+            keys[pos]
+        ));
+    }
+    Ok(())
+}
+
+/// Position of the first NaN/inf, scanning in parallel (keys can be gigabytes).
+fn first_non_finite(xs: &[f32]) -> Option<usize> {
+    const CHUNK: usize = 1 << 16;
+    xs.par_chunks(CHUNK)
+        .enumerate()
+        .find_map_first(|(c, chunk)| {
+            if kernels::all_finite(chunk) {
+                None
+            } else {
+                chunk
+                    .iter()
+                    .position(|x| !x.is_finite())
+                    .map(|p| c * CHUNK + p)
+            }
+        })
+}
+
+/// Exact top-k of `queries` [q, d] against `keys` [n, d] (row-major, validated).
+///
+/// Returns (scores [q·k], indices [q·k]); `threads` = None uses rayon's global pool.
+pub fn topk(
+    queries: &[f32],
+    keys: &[f32],
+    q: usize,
+    n: usize,
+    d: usize,
+    k: usize,
+    threads: Option<usize>,
+) -> (Vec<f32>, Vec<i64>) {
+    let run = || topk_in_pool(queries, keys, q, n, d, k);
+    match threads {
+        Some(t) => pool(t).install(run),
+        None => run(),
+    }
+}
+
+fn topk_in_pool(
+    queries: &[f32],
+    keys: &[f32],
+    q: usize,
+    n: usize,
+    d: usize,
+    k: usize,
+) -> (Vec<f32>, Vec<i64>) {
+    let threads = rayon::current_num_threads();
+    let tile = kernels::QUERY_TILE;
+    let per_query: Vec<Vec<(f32, usize)>> = if q >= 2 * tile * threads || n < 2 * KEY_BLOCK {
+        // Many queries: threads own disjoint query tiles and each scans all keys.
+        queries
+            .par_chunks(tile * d)
+            .flat_map_iter(|qs| {
+                let rows = qs.len() / d;
+                let mut colls = vec![Collector::new(k); rows];
+                scan(qs, keys, d, 0, n, &mut colls);
+                colls.into_iter().map(Collector::into_sorted)
+            })
+            .collect()
+    } else {
+        // Few queries: threads own disjoint key ranges (several each, for balance), then merge.
+        let parts = (threads * 4).min(n.div_ceil(KEY_BLOCK)).max(1);
+        let per_part = n.div_ceil(parts).div_ceil(KEY_BLOCK) * KEY_BLOCK;
+        let partial: Vec<Vec<Collector>> = (0..n.div_ceil(per_part))
+            .into_par_iter()
+            .map(|p| {
+                let lo = p * per_part;
+                let hi = (lo + per_part).min(n);
+                let mut colls = vec![Collector::new(k); q];
+                scan(queries, keys, d, lo, hi, &mut colls);
+                colls
+            })
+            .collect();
+        let mut merged = vec![Collector::new(k); q];
+        for part in partial {
+            for (m, c) in merged.iter_mut().zip(part) {
+                m.merge(c);
+            }
+        }
+        merged.into_iter().map(Collector::into_sorted).collect()
+    };
+    let mut scores = Vec::with_capacity(q * k);
+    let mut indices = Vec::with_capacity(q * k);
+    for row in per_query {
+        debug_assert_eq!(row.len(), k);
+        for (s, i) in row {
+            scores.push(s);
+            indices.push(i as i64);
+        }
+    }
+    (scores, indices)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn reference(
+        queries: &[f32],
+        keys: &[f32],
+        q: usize,
+        n: usize,
+        d: usize,
+        k: usize,
+    ) -> Vec<Vec<(f32, usize)>> {
+        (0..q)
+            .map(|qi| {
+                let mut all: Vec<(f32, usize)> = (0..n)
+                    .map(|j| {
+                        let s = kernels::dot_scalar(
+                            &queries[qi * d..(qi + 1) * d],
+                            &keys[j * d..(j + 1) * d],
+                        );
+                        (s, j)
+                    })
+                    .collect();
+                all.sort_by(better);
+                all.truncate(k);
+                all
+            })
+            .collect()
+    }
+
+    fn random(rng: &mut Rng, len: usize, grid: bool) -> Vec<f32> {
+        (0..len)
+            .map(|_| {
+                if grid {
+                    // small integers: exact dot products and many ties
+                    rng.below(5) as f32 - 2.0
+                } else {
+                    (rng.next_f64() * 2.0 - 1.0) as f32
+                }
+            })
+            .collect()
+    }
+
+    fn check(q: usize, n: usize, d: usize, k: usize, grid: bool, threads: Option<usize>) {
+        let mut rng = Rng::new((q * 1000 + n * 10 + d) as u64, k as u64);
+        let queries = random(&mut rng, q * d, grid);
+        let keys = random(&mut rng, n * d, grid);
+        let (scores, idx) = topk(&queries, &keys, q, n, d, k, threads);
+        let want = reference(&queries, &keys, q, n, d, k);
+        for qi in 0..q {
+            for j in 0..k {
+                let (ws, wi) = want[qi][j];
+                let (gs, gi) = (scores[qi * k + j], idx[qi * k + j] as usize);
+                if grid {
+                    assert_eq!(
+                        (gs, gi),
+                        (ws, wi),
+                        "q={q} n={n} d={d} k={k} row {qi} pos {j}"
+                    );
+                } else {
+                    // SIMD summation order differs from the scalar reference by rounding only
+                    assert!((gs - ws).abs() <= 1e-4 * (1.0 + ws.abs()), "{gs} vs {ws}");
+                    let exact = kernels::dot_scalar(
+                        &queries[qi * d..(qi + 1) * d],
+                        &keys[gi * d..(gi + 1) * d],
+                    );
+                    assert!((exact - ws).abs() <= 1e-4 * (1.0 + ws.abs()));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matches_reference_with_ties_across_shapes() {
+        for &(q, n, d, k) in &[
+            (1, 1, 1, 1),
+            (1, 7, 3, 7),
+            (3, 50, 5, 4),
+            (5, 600, 17, 10),
+            (1, 3000, 33, 25),
+            (9, 1100, 8, 1),
+            (40, 700, 16, 700),
+        ] {
+            check(q, n, d, k, true, None);
+            check(q, n, d, k, true, Some(2));
+        }
+    }
+
+    #[test]
+    fn matches_reference_on_random_floats() {
+        for &(q, n, d, k) in &[(1, 5000, 384, 10), (70, 1500, 100, 10), (130, 900, 31, 64)] {
+            check(q, n, d, k, false, None);
+            check(q, n, d, k, false, Some(1));
+        }
+    }
+
+    #[test]
+    fn collector_breaks_ties_by_lower_index() {
+        let mut c = Collector::new(2);
+        for i in 0..100 {
+            c.push(1.0, i);
+        }
+        assert_eq!(c.into_sorted(), vec![(1.0, 0), (1.0, 1)]);
+    }
+
+    #[test]
+    fn collector_keeps_k_even_when_scores_overflow() {
+        let mut c = Collector::new(3);
+        c.push(f32::NAN, 0);
+        c.push(f32::NEG_INFINITY, 1);
+        c.push(f32::NEG_INFINITY, 2);
+        let out = c.into_sorted();
+        assert_eq!(out.len(), 3);
+        assert_eq!(out.iter().map(|p| p.1).collect::<Vec<_>>(), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn validation_names_the_argument() {
+        let q = [0.0f32; 4];
+        let kk = [0.0f32; 6];
+        assert!(validate(&q, &kk, 2, 3, 2, 1)
+            .unwrap_err()
+            .contains("dimension"));
+        assert!(validate(&q, &kk, 2, 2, 3, 0)
+            .unwrap_err()
+            .contains("k must be >= 1"));
+        assert!(validate(&q, &kk, 2, 2, 3, 4)
+            .unwrap_err()
+            .contains("k must be <="));
+        let bad = [0.0, f32::NAN, 0.0, 0.0];
+        assert!(validate(&bad, &kk, 2, 2, 3, 1)
+            .unwrap_err()
+            .contains("queries"));
+        let mut badk = vec![0.0f32; 6];
+        badk[5] = f32::INFINITY;
+        let e = validate(&q, &badk, 2, 2, 3, 1).unwrap_err();
+        assert!(e.contains("keys") && e.contains("row 2"), "{e}");
+    }
+}
