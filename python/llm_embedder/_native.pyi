@@ -16,6 +16,9 @@ def rank_aware_reward(
     target_ll [Q, M]: mean log-likelihood of the desired output under each candidate.
     sample_ll [Q, M, N]: the same for the N sampled outputs; NaN marks a missing sample.
     Returns [Q, M] in (0, 1); mode="shift" subtracts column ``baseline`` (the empty context).
+    The margin's argument t - max(s) is clipped to +-8 nats so rewards stay strictly inside
+    (0, 1) and strictly ordered by rank in float32; with no present sample the reward is 0.5.
+    ValueError on wrong ndim/shape, NaN/inf in target_ll, inf in sample_ll, a bad mode or baseline.
     """
 
 def bucket_batches(
@@ -27,11 +30,23 @@ def bucket_batches(
     bucket_factor: int = 16,
     task_temperature: float = 1.0,
 ) -> List[npt.NDArray[np.int64]]:
-    """Homogeneous, length-bucketed batches: one task per batch, every index exactly once."""
+    """Homogeneous, length-bucketed batches: one task per batch, every index exactly once.
+
+    shuffle=True: per task, seeded shuffle, pools of batch_size*bucket_factor sorted by length
+    and cut into batches, batches shuffled; tasks interleaved with probability proportional to
+    remaining_batches ** (1 / task_temperature). shuffle=False: no randomness, tasks in
+    ascending id order, each sorted by (length, index). Same seed, same batches on every machine.
+    """
 
 def topk(
     queries: npt.NDArray[np.float32],
     keys: npt.NDArray[np.float32],
     k: int,
+    threads: Optional[int] = None,
 ) -> Tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    """Exact inner-product top-k: (scores [Q, k] descending, indices [Q, k]; ties: lower index)."""
+    """Exact inner-product top-k: (scores [Q, k] descending, indices [Q, k]; ties: lower index).
+
+    threads: worker threads for this call (None: rayon's pool, honouring RAYON_NUM_THREADS).
+    ValueError naming the argument on non-2D/non-float32 input, dimension mismatch, non-finite
+    values, k < 1 or k > N.
+    """

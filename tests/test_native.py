@@ -1,0 +1,190 @@
+"""Native exact top-k against a numpy reference, and every ValueError path of the native module."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llm_embedder import _native
+
+
+def reference_topk(queries: np.ndarray, keys: np.ndarray, k: int):
+    """Full score matrix, sorted by (score descending, index ascending)."""
+    scores = queries.astype(np.float64) @ keys.astype(np.float64).T
+    idx = np.stack([np.lexsort((np.arange(len(keys)), -row))[:k] for row in scores])
+    return np.take_along_axis(scores, idx, 1), idx
+
+
+def grid(rng: np.random.Generator, shape) -> np.ndarray:
+    # small integers: every dot product is exact in float32 and ties are everywhere
+    return rng.integers(-2, 3, shape).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "q,n,d,k",
+    [
+        (1, 1, 1, 1),
+        (1, 50, 13, 50),  # k = N
+        (1, 2000, 17, 10),  # Q = 1, d not a multiple of 8/16
+        (3, 700, 385, 7),
+        (8, 513, 16, 1),
+        (33, 1000, 31, 10),
+        (130, 600, 64, 600),  # k = N with many queries
+        (257, 300, 9, 5),
+    ],
+)
+@pytest.mark.parametrize("threads", [None, 1, 2])
+def test_topk_equals_numpy_reference_with_ties(q, n, d, k, threads):
+    rng = np.random.default_rng(q * 7 + n + d)
+    queries, keys = grid(rng, (q, d)), grid(rng, (n, d))
+    scores, idx = _native.topk(queries, keys, k, threads=threads)
+    want_scores, want_idx = reference_topk(queries, keys, k)
+    assert scores.shape == (q, k) and idx.shape == (q, k)
+    assert scores.dtype == np.float32 and idx.dtype == np.int64
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_array_equal(scores, want_scores.astype(np.float32))
+
+
+@pytest.mark.parametrize("q,n,d", [(1, 20000, 384), (64, 5000, 768), (300, 3000, 100)])
+def test_topk_equals_numpy_reference_on_random_floats(q, n, d):
+    rng = np.random.default_rng(d)
+    queries = rng.standard_normal((q, d)).astype(np.float32)
+    keys = rng.standard_normal((n, d)).astype(np.float32)
+    k = 10
+    scores, idx = _native.topk(queries, keys, k)
+    want_scores, want_idx = reference_topk(queries, keys, k)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-4)
+    # indices agree except where two scores are closer than float32 rounding
+    exact = np.take_along_axis(queries.astype(np.float64) @ keys.astype(np.float64).T, idx, 1)
+    np.testing.assert_allclose(exact, want_scores, rtol=1e-5, atol=1e-4)
+    assert (idx == want_idx).mean() > 0.99
+    assert np.all(np.diff(scores, axis=1) <= 0)
+
+
+def test_topk_finds_each_normalised_key_itself():
+    rng = np.random.default_rng(5)
+    keys = rng.standard_normal((3000, 96)).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    _, idx = _native.topk(keys[::7], keys, 1)
+    np.testing.assert_array_equal(idx[:, 0], np.arange(0, 3000, 7))
+
+
+def test_topk_accepts_non_contiguous_views():
+    rng = np.random.default_rng(6)
+    queries = grid(rng, (10, 40))
+    keys = grid(rng, (400, 40))
+    got = _native.topk(queries[::2, ::2], keys[:, ::2], 5)
+    want = _native.topk(
+        np.ascontiguousarray(queries[::2, ::2]), np.ascontiguousarray(keys[:, ::2]), 5
+    )
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_topk_threads_do_not_change_the_answer():
+    rng = np.random.default_rng(7)
+    queries = rng.standard_normal((70, 200)).astype(np.float32)
+    keys = rng.standard_normal((9000, 200)).astype(np.float32)
+    one = _native.topk(queries, keys, 20, threads=1)
+    two = _native.topk(queries, keys, 20, threads=2)
+    np.testing.assert_array_equal(one[1], two[1])
+    np.testing.assert_array_equal(one[0], two[0])
+
+
+# ---------------------------------------------------------------- ValueError paths
+
+F32 = np.float32
+Q = np.zeros((2, 4), F32)
+K = np.zeros((5, 4), F32)
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,match",
+    [
+        ((np.zeros(4, F32), K, 1), {}, r"queries must be a 2-D float32 array, got 1-D"),
+        ((Q, np.zeros((5, 4, 1), F32), 1), {}, r"keys must be a 2-D float32 array, got 3-D"),
+        ((Q.astype(np.float64), K, 1), {}, r"queries must be a 2-D float32 numpy array.*float64"),
+        ((Q, K.astype(np.float16), 1), {}, r"keys must be a 2-D float32 numpy array.*float16"),
+        (([[0.0] * 4], K, 1), {}, r"queries must be a 2-D float32 numpy array, got list"),
+        ((Q, np.zeros((5, 3), F32), 1), {}, r"same dimension.*\[\.\., 4\].*\[\.\., 3\]"),
+        ((np.zeros((2, 0), F32), np.zeros((5, 0), F32), 1), {}, r"at least one column"),
+        ((Q, K, 0), {}, r"k must be >= 1, got 0"),
+        ((Q, K, -3), {}, r"k must be >= 1, got -3"),
+        ((Q, K, 6), {}, r"k must be <= the number of keys \(5\), got 6"),
+        ((Q, np.zeros((0, 4), F32), 1), {}, r"k must be <= the number of keys \(0\)"),
+        ((np.array([[0, np.nan, 0, 0]], F32), K, 1), {}, r"queries must be finite, found NaN in row 0"),
+        ((Q, K, 1), {"threads": 0}, r"threads must be >= 1"),
+    ],
+)
+def test_topk_value_errors_name_the_argument(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _native.topk(*args, **kwargs)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_topk_rejects_non_finite_keys_naming_the_row(bad):
+    keys = K.copy()
+    keys[3, 1] = bad
+    with pytest.raises(ValueError, match=r"keys must be finite.*row 3"):
+        _native.topk(Q, keys, 1)
+
+
+T = np.zeros((2, 3), F32)
+S = np.zeros((2, 3, 4), F32)
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,match",
+    [
+        ((np.zeros(3, F32), S), {}, r"target_ll must be a 2-D float32 array, got 1-D"),
+        ((T, np.zeros((2, 3), F32)), {}, r"sample_ll must be a 3-D float32 array, got 2-D"),
+        ((T.astype(np.float64), S), {}, r"target_ll must be a 2-D float32 numpy array.*float64"),
+        ((T, np.zeros((2, 2, 4), F32)), {}, r"sample_ll must have shape \[Q, M, N\] = \[2, 3, N\]"),
+        ((T, np.zeros((3, 3, 4), F32)), {}, r"sample_ll must have shape"),
+        ((T, S), {"mode": "rank"}, r"mode must be 'position' or 'shift', got \"rank\""),
+        ((T, S), {"mode": "shift"}, r"mode='shift' needs baseline"),
+        ((T, S), {"mode": "shift", "baseline": 3}, r"baseline must be a candidate column in \[0, 3\), got 3"),
+        ((T, S), {"mode": "shift", "baseline": -1}, r"baseline must be .* got -1"),
+        ((np.array([[0, np.nan, 0]] * 2, F32), S), {}, r"target_ll must be finite.*flat index 1"),
+        ((np.array([[0, 0, np.inf]] * 2, F32), S), {}, r"target_ll must be finite.*inf"),
+    ],
+)
+def test_rank_reward_value_errors_name_the_argument(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _native.rank_aware_reward(*args, **kwargs)
+
+
+def test_rank_reward_rejects_infinite_samples_but_not_nan():
+    samples = S.copy()
+    samples[1, 2, 3] = np.nan
+    _native.rank_aware_reward(T, samples)  # NaN marks a missing sample
+    samples[0, 1, 0] = -np.inf
+    with pytest.raises(ValueError, match=r"sample_ll must be finite or NaN.*-inf"):
+        _native.rank_aware_reward(T, samples)
+
+
+TI = np.array([0, 0, 1], np.int64)
+LE = np.array([3, 1, 2], np.int64)
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,match",
+    [
+        ((TI[None], LE, 2, 0), {}, r"task_ids must be a 1-D int64 array, got 2-D"),
+        ((TI, LE.astype(np.int32), 2, 0), {}, r"lengths must be a 1-D int64 numpy array.*int32"),
+        ((TI, LE[:2], 2, 0), {}, r"same length, got 3 and 2"),
+        ((TI, LE, 0, 0), {}, r"batch_size must be >= 1, got 0"),
+        ((TI, LE, 2, 0), {"bucket_factor": 0}, r"bucket_factor must be >= 1, got 0"),
+        ((TI, LE, 2, 0), {"task_temperature": 0.0}, r"task_temperature must be a finite number > 0"),
+        ((TI, LE, 2, 0), {"task_temperature": float("nan")}, r"task_temperature"),
+        ((TI, LE, 2, 0), {"task_temperature": float("inf")}, r"task_temperature"),
+        ((TI, np.array([3, -1, 2]), 2, 0), {}, r"lengths must be >= 0, got -1 at index 1"),
+    ],
+)
+def test_bucket_batches_value_errors_name_the_argument(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _native.bucket_batches(*args, **kwargs)
+
+
+def test_bucket_batches_empty_input_gives_no_batches():
+    assert _native.bucket_batches(np.array([], np.int64), np.array([], np.int64), 4, 0) == []
