@@ -26,7 +26,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Literal, NamedTuple, Optional, Sequence, Union
+from typing import (Any, Dict, Iterator, List, Literal, NamedTuple, Optional, Sequence, Tuple,
+                    Union)
 
 import numpy as np
 import numpy.typing as npt
@@ -135,8 +136,9 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
 # --------------------------------------------------------------------------------------------
 
 
-def _as_matrix(x: Any, name: str, dim: int) -> npt.NDArray[np.float32]:
-    """A C-contiguous float32 [n, dim] view or copy of ``x``, or a ValueError naming ``name``."""
+def _as_matrix(x: Any, name: str, dim: int) -> Tuple[npt.NDArray[np.float32], np.ndarray]:
+    """A C-contiguous float32 [n, dim] view or copy of ``x`` and its squared row norms, or a
+    ValueError naming ``name``."""
     if hasattr(x, "detach"):  # a torch tensor, possibly on a GPU
         x = x.detach().float().cpu().numpy()
     arr = np.asarray(x)
@@ -149,18 +151,25 @@ def _as_matrix(x: Any, name: str, dim: int) -> npt.NDArray[np.float32]:
     if arr.shape[1] != dim:
         raise ValueError(f"{name} has dimension {arr.shape[1]}, the index has dimension {dim}")
     arr = np.ascontiguousarray(arr, dtype=np.float32)
-    if not np.isfinite(arr).all():
-        bad = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
-        raise ValueError(f"{name} row {bad} holds NaN or inf")
-    return arr
+    # One pass gives the norms and the NaN/inf check: both propagate into the sum.
+    squares: np.ndarray = np.einsum("ij,ij->i", arr, arr)
+    odd = np.flatnonzero(~np.isfinite(squares))
+    if odd.size:
+        for row in odd.tolist():
+            if not np.isfinite(arr[row]).all():
+                raise ValueError(f"{name} row {row} holds NaN or inf")
+        # finite rows whose squared norm overflows float32
+        squares = squares.astype(np.float64)
+        wide = arr[odd].astype(np.float64)
+        squares[odd] = np.einsum("ij,ij->i", wide, wide)
+    return arr, squares
 
 
-def _normalized(arr: npt.NDArray[np.float32], name: str) -> npt.NDArray[np.float32]:
-    norms = np.linalg.norm(arr, axis=1, keepdims=True)
-    zero = np.flatnonzero(norms[:, 0] == 0)
+def _inverse_norms(squares: np.ndarray, name: str) -> npt.NDArray[np.float32]:
+    zero = np.flatnonzero(squares == 0)
     if zero.size:
         raise ValueError(f"{name} row {int(zero[0])} is a zero vector: it has no cosine score")
-    return np.ascontiguousarray(arr / norms, dtype=np.float32)
+    return (1.0 / np.sqrt(squares.astype(np.float64))).astype(np.float32)[:, None]
 
 
 def _check_id(value: Any, position: int) -> Id:
@@ -171,6 +180,15 @@ def _check_id(value: Any, position: int) -> Id:
     if isinstance(value, str):
         return value
     raise ValueError(f"ids[{position}] has type {type(value).__name__}; ids must be str or int")
+
+
+def _checked_ids(ids: Sequence[Any]) -> List[Id]:
+    if isinstance(ids, np.ndarray) and ids.dtype.kind in "iu":
+        return ids.tolist()
+    values = list(ids)
+    if all(type(value) is str for value in values):  # the common case, without a call per id
+        return values
+    return [_check_id(value, i) for i, value in enumerate(values)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,40 +294,45 @@ class Index:
             >>> index.add(model.encode_keys([p.text for p in corpus], task="qa"),
             ...           [p.id for p in corpus])
         """
-        matrix = _as_matrix(vectors, "vectors", self.dim)
+        matrix, squares = _as_matrix(vectors, "vectors", self.dim)
         if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
             raise ValueError("ids must be a sequence of str or int, one per vector row")
         if len(ids) != matrix.shape[0]:
             raise ValueError(f"got {matrix.shape[0]} vectors but {len(ids)} ids")
-        new_ids = [_check_id(value, i) for i, value in enumerate(ids)]
-        seen: Dict[Id, int] = {}
-        for i, value in enumerate(new_ids):
-            if value in self._rows:
-                raise ValueError(f"ids[{i}]={value!r} is already in the index")
-            if value in seen:
-                raise ValueError(f"ids[{i}]={value!r} repeats ids[{seen[value]}]")
-            seen[value] = i
+        new_ids = _checked_ids(ids)
+        positions = {value: i for i, value in enumerate(new_ids)}
+        if len(positions) != len(new_ids):
+            seen: Dict[Id, int] = {}
+            for i, value in enumerate(new_ids):
+                if value in seen:
+                    raise ValueError(f"ids[{i}]={value!r} repeats ids[{seen[value]}]")
+                seen[value] = i
+        if not self._rows.keys().isdisjoint(positions):
+            i = next(i for i, value in enumerate(new_ids) if value in self._rows)
+            raise ValueError(f"ids[{i}]={new_ids[i]!r} is already in the index")
         if matrix.shape[0] == 0:
             return
-        if self.normalize:
-            matrix = _normalized(matrix, "vectors")
+        scale = _inverse_norms(squares, "vectors") if self.normalize else None
         start = len(self._ids)
         if self.backend == "exact":
-            self._append_exact(matrix)
+            self._append_exact(matrix, scale)
         else:
-            self._append_hnsw(matrix, start)
-        for offset, value in enumerate(new_ids):
-            self._rows[value] = start + offset
+            self._append_hnsw(matrix if scale is None else matrix * scale, start)
+        self._rows.update(zip(new_ids, range(start, start + len(new_ids))))
         self._ids.extend(new_ids)
 
-    def _append_exact(self, matrix: npt.NDArray[np.float32]) -> None:
+    def _append_exact(self, matrix: npt.NDArray[np.float32],
+                      scale: Optional[npt.NDArray[np.float32]]) -> None:
         n, extra = len(self._ids), matrix.shape[0]
         if n + extra > self._data.shape[0]:
             capacity = max(n + extra, 2 * self._data.shape[0])
             grown = np.empty((capacity, self.dim), dtype=np.float32)
             grown[:n] = self._data[:n]
             self._data = grown
-        self._data[n:n + extra] = matrix
+        if scale is None:
+            self._data[n:n + extra] = matrix
+        else:  # normalise straight into the buffer: no temporary copy of the batch
+            np.multiply(matrix, scale, out=self._data[n:n + extra])
 
     def _append_hnsw(self, matrix: npt.NDArray[np.float32], start: int) -> None:
         needed = start + matrix.shape[0]
@@ -340,9 +363,9 @@ class Index:
             raise ValueError(f"k must be at least 1, got {k}")
         if k > len(self):
             raise ValueError(f"k={k} is larger than the index ({len(self)} vectors)")
-        matrix = _as_matrix(queries, "queries", self.dim)
+        matrix, squares = _as_matrix(queries, "queries", self.dim)
         if self.normalize:
-            matrix = _normalized(matrix, "queries")
+            matrix = matrix * _inverse_norms(squares, "queries")
         if matrix.shape[0] == 0:
             return SearchResult([], np.empty((0, int(k)), dtype=np.float32))
         if self.backend == "exact":
@@ -447,7 +470,7 @@ class Index:
         ids = json.loads(ids_path.read_text(encoding="utf-8"))
         if not isinstance(ids, list) or len(ids) != count:
             raise ValueError(f"{ids_path}: expected a list of {count} ids")
-        index._ids = [_check_id(value, i) for i, value in enumerate(ids)]
+        index._ids = _checked_ids(ids)
         index._rows = {value: i for i, value in enumerate(index._ids)}
         if len(index._rows) != count:
             raise ValueError(f"{ids_path}: ids are not unique")
