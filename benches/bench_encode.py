@@ -80,10 +80,14 @@ def main(argv: List[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="300 texts, 1 round")
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.rounds = 300, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from sentence_transformers import SentenceTransformer
 
@@ -123,7 +127,8 @@ def main(argv: List[str] | None = None) -> None:
           f"../shared/data (tokens min/median/max {min(lengths)}/"
           f"{int(statistics.median(lengths))}/{max(lengths)}), all-MiniLM-L6-v2, "
           f"batch {args.batch_size}, max_length {args.max_length}, device {args.device} "
-          f"({device_name}), median of {args.rounds} round(s), torch {torch.__version__}")
+          f"({device_name}), median of {args.rounds} round(s), torch {torch.__version__}, "
+          f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print()
     print("| system | median s | texts/s | ratio vs peer |")
     print("|---|---:|---:|---:|")

@@ -187,7 +187,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                              "hnsw": f"{args.hnsw_n:,} x {args.dim} (M={args.hnsw_m}, "
                                      f"efC={args.ef_construction})"}
     print(f"# Index add/save/load: float32 vectors, str ids, add in chunks of {args.chunk:,}; "
-          f"{platform.machine()}, {os.cpu_count()} CPUs; disk under {work.parent}")
+          f"{platform.machine()}, {os.cpu_count()} CPUs, load average at the end "
+          f"{os.getloadavg()[0]:.1f}; disk under {work.parent}")
     print()
     print("| backend | size | operation | ours s | peer | peer s | ratio (peer/ours) |")
     print("|---|---|---|---:|---|---:|---:|")
