@@ -158,6 +158,17 @@ def test_atomic_directory_creates_and_cleans_up(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_atomic_directory_without_renameat2_still_replaces(tmp_path, monkeypatch):
+    import llm_embedder.index as index_module
+
+    monkeypatch.setattr(index_module, "_exchange", lambda a, b: False)
+    for version in ("1", "2"):
+        with atomic_directory(tmp_path / "out") as tmp:
+            (tmp / "v.txt").write_text(version)
+    assert (tmp_path / "out" / "v.txt").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 # ---- errors ----------------------------------------------------------------------------------
 
 
