@@ -187,12 +187,12 @@ class Embedder(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.pooling: Pooling = pooling
-        limits = [getattr(model.config, "max_position_embeddings", None), max_seq_length]
-        model_max = getattr(tokenizer, "model_max_length", None)
-        if isinstance(model_max, int) and model_max < 1_000_000:
-            limits.append(model_max)
-        self.max_seq_length = min(v for v in limits if isinstance(v, int) and v > 0) \
-            if any(isinstance(v, int) and v > 0 for v in limits) else 512
+        # tokenizers without a limit report a huge sentinel as model_max_length
+        limits = [value for value in (getattr(model.config, "max_position_embeddings", None),
+                                      getattr(tokenizer, "model_max_length", None),
+                                      max_seq_length)
+                  if isinstance(value, int) and 0 < value < 1_000_000]
+        self.max_seq_length = min(limits, default=512)
 
     # ---- loading --------------------------------------------------------------------------
 
@@ -411,7 +411,8 @@ class Embedder(nn.Module):
             task, side: which instruction to prepend (DESIGN.md §1); ``side=None`` prepends
                 none (plain sentence embeddings).
             instruction: an explicit prefix that replaces the task's instruction.
-            batch_size, max_length: texts per forward pass; tokens per text (truncated).
+            batch_size, max_length: texts per forward pass; tokens per text, instruction
+                included (longer texts are truncated; capped at :attr:`max_seq_length`).
             normalize: L2-normalise (cosine = inner product).
             show_progress_bar: default: shown when logging is at INFO or DEBUG.
             convert_to_numpy: float32 numpy array [n, dim]; else a float32 tensor on
