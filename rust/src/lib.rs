@@ -199,8 +199,8 @@ fn py_topk<'py>(
     let (qv, kv) = (qa.as_array(), ka.as_array());
     let (qd_, kd_) = (contiguous(&qv), contiguous(&kv));
     let out = py.detach(|| {
-        topk::validate(&qd_, &kd_, qd, kd, n, k)?;
-        Ok::<_, String>(topk::topk(&qd_, &kd_, q, n, qd, k as usize, threads))
+        topk::validate(&qd_, qd, kd, n, k)?;
+        topk::topk(&qd_, &kd_, q, n, qd, k as usize, threads)
     });
     let (scores, indices) = out.map_err(value_error)?;
     let k = k as usize;

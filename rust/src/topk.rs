@@ -105,6 +105,10 @@ impl Collector {
 
 /// Scan `keys[key_lo..key_hi]` (row-major, `d` columns) against `queries` (row-major) and feed
 /// one collector per query.
+///
+/// Keys are checked for NaN/inf here rather than in a separate pass (a second pass would
+/// double the bytes read at Q = 1): with finite queries a non-finite key always yields a
+/// non-finite score, so a block with a non-finite score is searched for the culprit.
 fn scan(
     queries: &[f32],
     keys: &[f32],
@@ -112,7 +116,7 @@ fn scan(
     key_lo: usize,
     key_hi: usize,
     collectors: &mut [Collector],
-) {
+) -> Result<(), String> {
     let q = collectors.len();
     let tile = kernels::QUERY_TILE;
     let mut scratch = vec![0f32; tile * KEY_BLOCK];
@@ -125,21 +129,48 @@ fn scan(
         while q0 < q {
             let q1 = (q0 + tile).min(q);
             let rows = q1 - q0;
-            kernels::score_block(
-                &queries[q0 * d..q1 * d],
-                rows,
-                block,
-                nb,
-                d,
-                &mut scratch[..rows * nb],
-            );
+            let scores = &mut scratch[..rows * nb];
+            kernels::score_block(&queries[q0 * d..q1 * d], rows, block, nb, d, scores);
+            if !kernels::all_finite(scores) {
+                return Err(non_finite_score(
+                    queries, keys, d, q0, start, rows, nb, scores,
+                ));
+            }
             for (r, coll) in collectors[q0..q1].iter_mut().enumerate() {
-                feed(coll, &scratch[r * nb..(r + 1) * nb], start);
+                feed(coll, &scores[r * nb..(r + 1) * nb], start);
             }
             q0 = q1;
         }
         start = end;
     }
+    Ok(())
+}
+
+/// Explain a non-finite score: a non-finite key, or finite inputs whose product overflows.
+#[allow(clippy::too_many_arguments)]
+#[cold]
+fn non_finite_score(
+    queries: &[f32],
+    keys: &[f32],
+    d: usize,
+    q0: usize,
+    k0: usize,
+    rows: usize,
+    nb: usize,
+    scores: &[f32],
+) -> String {
+    for j in k0..k0 + nb {
+        if let Some(x) = keys[j * d..(j + 1) * d].iter().find(|x| !x.is_finite()) {
+            return format!("keys must be finite, found {x} in row {j}");
+        }
+    }
+    let pos = scores.iter().position(|x| !x.is_finite()).unwrap_or(0);
+    let (qi, kj) = (q0 + pos / nb.max(1), k0 + pos % nb.max(1));
+    let _ = (queries, rows);
+    format!(
+        "the inner product of queries row {qi} and keys row {kj} overflows float32; \
+         normalise the vectors (cosine scores) or scale them down"
+    )
 }
 
 /// Push a row of scores (key indices `first..`) into a collector, skipping quickly over
@@ -176,10 +207,11 @@ fn pool(threads: usize) -> Arc<rayon::ThreadPool> {
         .clone()
 }
 
-/// Check the arguments; `Err` names the argument and what was expected.
+/// Check the shapes, `k` and the queries; `Err` names the argument and what was expected.
+///
+/// Keys are checked for NaN/inf during the scan itself (see [`scan`]).
 pub fn validate(
     queries: &[f32],
-    keys: &[f32],
     q_dim: usize,
     k_dim: usize,
     n: usize,
@@ -206,36 +238,17 @@ pub fn validate(
             queries[pos]
         ));
     }
-    if let Some(pos) = first_non_finite(keys) {
-        let row = pos / k_dim;
-        return Err(format!(
-            "keys must be finite, found {} in row {row}",
-            keys[pos]
-        ));
-    }
     Ok(())
 }
 
-/// Position of the first NaN/inf, scanning in parallel (keys can be gigabytes).
-fn first_non_finite(xs: &[f32]) -> Option<usize> {
-    const CHUNK: usize = 1 << 16;
-    xs.par_chunks(CHUNK)
-        .enumerate()
-        .find_map_first(|(c, chunk)| {
-            if kernels::all_finite(chunk) {
-                None
-            } else {
-                chunk
-                    .iter()
-                    .position(|x| !x.is_finite())
-                    .map(|p| c * CHUNK + p)
-            }
-        })
-}
+/// Queries above which threads split the queries instead of the keys.
+const SPLIT_QUERIES_ABOVE: usize = 256;
 
-/// Exact top-k of `queries` [q, d] against `keys` [n, d] (row-major, validated).
+/// Exact top-k of `queries` [q, d] against `keys` [n, d] (row-major; shapes, `k` and queries
+/// validated by [`validate`]).
 ///
 /// Returns (scores [q·k], indices [q·k]); `threads` = None uses rayon's global pool.
+/// `Err` when a key is not finite or a score overflows.
 pub fn topk(
     queries: &[f32],
     keys: &[f32],
@@ -244,11 +257,121 @@ pub fn topk(
     d: usize,
     k: usize,
     threads: Option<usize>,
-) -> (Vec<f32>, Vec<i64>) {
+) -> Result<(Vec<f32>, Vec<i64>), String> {
     let run = || topk_in_pool(queries, keys, q, n, d, k);
     match threads {
         Some(t) => pool(t).install(run),
         None => run(),
+    }
+}
+
+/// Queries from which the panel kernels (queries along the vector lanes) take over from the
+/// row kernels (one query against many keys, summed across lanes).
+const PANEL_FROM_QUERIES: usize = 12;
+
+/// How the queries are laid out for the kernels.
+enum Layout<'a> {
+    Rows(&'a [f32]),
+    Panels(Vec<f32>, kernels::Isa),
+}
+
+impl Layout<'_> {
+    /// Scan keys `lo..hi` for queries `q0..q1` (`q0` a multiple of [`CHUNK_ALIGN`]).
+    #[allow(clippy::too_many_arguments)]
+    fn scan(
+        &self,
+        q0: usize,
+        q1: usize,
+        keys: &[f32],
+        d: usize,
+        lo: usize,
+        hi: usize,
+        colls: &mut [Collector],
+    ) -> Result<(), String> {
+        match self {
+            Layout::Rows(queries) => scan(&queries[q0 * d..q1 * d], keys, d, lo, hi, colls),
+            Layout::Panels(panels, isa) => {
+                let start = q0 / kernels::PANEL * d * kernels::PANEL;
+                scan_panels(*isa, &panels[start..], keys, d, lo, hi, colls)
+            }
+        }
+    }
+}
+
+/// Query chunks given to threads start at multiples of this (whole panel pairs, whole tiles).
+const CHUNK_ALIGN: usize = 32;
+
+/// Many queries, packed in panels of 16 along the vector lanes (see [`kernels::pack_panels`]).
+///
+/// Each kernel call scores a tile of keys against one or two panels and reports whether any
+/// score beats its query's current threshold (or is not finite); only then are the scores
+/// looked at one by one. Key blocks are sized to stay in L2 while every panel passes over.
+fn scan_panels(
+    isa: kernels::Isa,
+    panels: &[f32],
+    keys: &[f32],
+    d: usize,
+    key_lo: usize,
+    key_hi: usize,
+    collectors: &mut [Collector],
+) -> Result<(), String> {
+    const P: usize = kernels::PANEL;
+    let q = collectors.len();
+    let (cw, gw) = kernels::panel_tile_shape(isa);
+    let groups = q.div_ceil(P);
+    let block = ((384 * 1024 / (4 * d)).clamp(4 * cw, 4096) / cw) * cw;
+    let mut thr = vec![f32::INFINITY; gw * P];
+    let mut out = vec![0f32; cw * gw * P];
+    let mut start = key_lo;
+    while start < key_hi {
+        let end = (start + block).min(key_hi);
+        let mut g0 = 0;
+        while g0 < groups {
+            let g = if g0 + gw <= groups { gw } else { 1 };
+            let lanes = (q - g0 * P).min(g * P);
+            let colls = &mut collectors[g0 * P..g0 * P + lanes];
+            for (t, c) in thr.iter_mut().zip(colls.iter()) {
+                *t = c.threshold();
+            }
+            // padding lanes (beyond q) keep an infinite threshold and never report
+            thr[lanes..].fill(f32::INFINITY);
+            let pan = &panels[g0 * d * P..(g0 + g) * d * P];
+            let mut j = start;
+            while j < end {
+                let c = if j + cw <= end { cw } else { 1 };
+                let tile_keys = &keys[j * d..(j + c) * d];
+                if kernels::panel_tile(isa, pan, g, tile_keys, c, d, &thr, &mut out) {
+                    for ci in 0..c {
+                        let row = &out[ci * g * P..ci * g * P + lanes];
+                        for (lane, (&sc, coll)) in row.iter().zip(colls.iter_mut()).enumerate() {
+                            if !sc.is_finite() {
+                                return Err(explain_non_finite(keys, d, j + ci, g0 * P + lane));
+                            }
+                            if sc > thr[lane] {
+                                coll.push(sc, j + ci);
+                                thr[lane] = coll.threshold();
+                            }
+                        }
+                    }
+                }
+                j += c;
+            }
+            g0 += g;
+        }
+        start = end;
+    }
+    Ok(())
+}
+
+/// Why query row `qi` · key row `kj` is not finite: a non-finite key, or an overflow.
+#[cold]
+fn explain_non_finite(keys: &[f32], d: usize, kj: usize, qi: usize) -> String {
+    match keys[kj * d..(kj + 1) * d].iter().find(|x| !x.is_finite()) {
+        Some(x) => format!("keys must be finite, found {x} in row {kj}"),
+        None => format!(
+            "the inner product of queries row {qi} and keys row {kj} overflows float32; \
+             normalise the vectors (cosine scores) or scale them down"
+        ),
     }
 }
 
@@ -259,22 +382,31 @@ fn topk_in_pool(
     n: usize,
     d: usize,
     k: usize,
-) -> (Vec<f32>, Vec<i64>) {
+) -> Result<(Vec<f32>, Vec<i64>), String> {
     let threads = rayon::current_num_threads();
-    let tile = kernels::QUERY_TILE;
-    let per_query: Vec<Vec<(f32, usize)>> = if q >= 2 * tile * threads || n < 2 * KEY_BLOCK {
-        // Many queries: threads own disjoint query tiles and each scans all keys.
-        queries
-            .par_chunks(tile * d)
-            .flat_map_iter(|qs| {
-                let rows = qs.len() / d;
-                let mut colls = vec![Collector::new(k); rows];
-                scan(qs, keys, d, 0, n, &mut colls);
-                colls.into_iter().map(Collector::into_sorted)
-            })
-            .collect()
+    let isa = kernels::isa();
+    let layout = if q >= PANEL_FROM_QUERIES {
+        Layout::Panels(kernels::pack_panels(queries, q, d), isa)
     } else {
-        // Few queries: threads own disjoint key ranges (several each, for balance), then merge.
+        Layout::Rows(queries)
+    };
+    let per_query: Vec<Vec<(f32, usize)>> = if q > SPLIT_QUERIES_ABOVE || n < 2 * KEY_BLOCK {
+        // Many queries: threads own disjoint query chunks and each streams all keys. Chunks are
+        // large enough that a key block fetched from memory serves many query tiles from cache.
+        let chunk = (q.div_ceil(2 * threads).max(64)).div_ceil(CHUNK_ALIGN) * CHUNK_ALIGN;
+        let parts: Vec<Vec<Vec<(f32, usize)>>> = (0..q.div_ceil(chunk))
+            .into_par_iter()
+            .map(|c| {
+                let (q0, q1) = (c * chunk, ((c + 1) * chunk).min(q));
+                let mut colls = vec![Collector::new(k); q1 - q0];
+                layout.scan(q0, q1, keys, d, 0, n, &mut colls)?;
+                Ok(colls.into_iter().map(Collector::into_sorted).collect())
+            })
+            .collect::<Result<_, String>>()?;
+        parts.into_iter().flatten().collect()
+    } else {
+        // Few queries: threads own disjoint key ranges (several each, for balance), then merge;
+        // every key is read from memory once whatever the thread count.
         let parts = (threads * 4).min(n.div_ceil(KEY_BLOCK)).max(1);
         let per_part = n.div_ceil(parts).div_ceil(KEY_BLOCK) * KEY_BLOCK;
         let partial: Vec<Vec<Collector>> = (0..n.div_ceil(per_part))
@@ -283,10 +415,10 @@ fn topk_in_pool(
                 let lo = p * per_part;
                 let hi = (lo + per_part).min(n);
                 let mut colls = vec![Collector::new(k); q];
-                scan(queries, keys, d, lo, hi, &mut colls);
-                colls
+                layout.scan(0, q, keys, d, lo, hi, &mut colls)?;
+                Ok(colls)
             })
-            .collect();
+            .collect::<Result<_, String>>()?;
         let mut merged = vec![Collector::new(k); q];
         for part in partial {
             for (m, c) in merged.iter_mut().zip(part) {
@@ -304,7 +436,7 @@ fn topk_in_pool(
             indices.push(i as i64);
         }
     }
-    (scores, indices)
+    Ok((scores, indices))
 }
 
 #[cfg(test)]
@@ -355,7 +487,7 @@ mod tests {
         let mut rng = Rng::new((q * 1000 + n * 10 + d) as u64, k as u64);
         let queries = random(&mut rng, q * d, grid);
         let keys = random(&mut rng, n * d, grid);
-        let (scores, idx) = topk(&queries, &keys, q, n, d, k, threads);
+        let (scores, idx) = topk(&queries, &keys, q, n, d, k, threads).unwrap();
         let want = reference(&queries, &keys, q, n, d, k);
         for qi in 0..q {
             for j in 0..k {
@@ -427,23 +559,43 @@ mod tests {
     #[test]
     fn validation_names_the_argument() {
         let q = [0.0f32; 4];
-        let kk = [0.0f32; 6];
-        assert!(validate(&q, &kk, 2, 3, 2, 1)
-            .unwrap_err()
-            .contains("dimension"));
-        assert!(validate(&q, &kk, 2, 2, 3, 0)
+        assert!(validate(&q, 2, 3, 2, 1).unwrap_err().contains("dimension"));
+        assert!(validate(&q, 2, 2, 3, 0)
             .unwrap_err()
             .contains("k must be >= 1"));
-        assert!(validate(&q, &kk, 2, 2, 3, 4)
+        assert!(validate(&q, 2, 2, 3, 4)
             .unwrap_err()
             .contains("k must be <="));
         let bad = [0.0, f32::NAN, 0.0, 0.0];
-        assert!(validate(&bad, &kk, 2, 2, 3, 1)
-            .unwrap_err()
-            .contains("queries"));
-        let mut badk = vec![0.0f32; 6];
-        badk[5] = f32::INFINITY;
-        let e = validate(&q, &badk, 2, 2, 3, 1).unwrap_err();
-        assert!(e.contains("keys") && e.contains("row 2"), "{e}");
+        assert!(validate(&bad, 2, 2, 3, 1).unwrap_err().contains("queries"));
+    }
+
+    #[test]
+    fn non_finite_keys_are_found_during_the_scan() {
+        for &(q, n) in &[(1usize, 3000usize), (300, 600)] {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let d = 5;
+                let queries = vec![0.0f32; q * d]; // zero queries: 0·inf is NaN, still caught
+                let mut keys = vec![1.0f32; n * d];
+                keys[(n - 7) * d + 3] = bad;
+                let e = topk(&queries, &keys, q, n, d, 1, Some(2)).unwrap_err();
+                assert!(
+                    e.contains(&format!(
+                        "keys must be finite, found {bad} in row {}",
+                        n - 7
+                    )),
+                    "{e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn overflowing_scores_are_an_error_not_a_wrong_answer() {
+        let d = 4;
+        let queries = vec![1e30f32; d];
+        let keys = vec![1e30f32; 10 * d];
+        let e = topk(&queries, &keys, 1, 10, d, 1, None).unwrap_err();
+        assert!(e.contains("overflows float32"), "{e}");
     }
 }
