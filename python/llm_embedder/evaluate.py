@@ -298,9 +298,15 @@ def _encode(model: Any, texts: List[str], task: str, side: str, instructions: bo
 def rank_dense(data: TaskData, model: Any, depth: int, *, instructions: bool = True,
                batch_size: int = 64, query_max_length: int = 128,
                key_max_length: int = 256) -> List[np.ndarray]:
-    """Cosine ranking with an encoder (normalised vectors), within each query's pool."""
-    keys = _encode(model, [p.full_text for p in data.corpus], data.task, "key", instructions,
-                   batch_size, key_max_length)
+    """Cosine ranking with an encoder (normalised vectors), within each query's pool.
+
+    Only corpus entries in some query's pool are encoded (e.g. only the test conversations).
+    """
+    needed = np.unique(np.concatenate(data.pools))
+    encoded = _encode(model, [data.corpus[j].full_text for j in needed], data.task, "key",
+                      instructions, batch_size, key_max_length)
+    keys = np.zeros((len(data.corpus), encoded.shape[1]), dtype=np.float32)
+    keys[needed] = encoded
     queries = _encode(model, [q.text for q in data.queries], data.task, "query", instructions,
                       batch_size, query_max_length)
     out: List[Optional[np.ndarray]] = [None] * len(data.queries)
@@ -449,7 +455,8 @@ def evaluate(model_or_path: Any = None, tasks: Optional[Sequence[str]] = None,
              data: DataSpec = None, systems: Optional[Sequence[str]] = None, llm: Any = None,
              downstream: bool = True, k: Union[None, int, Mapping[str, int]] = None, *,
              base_model: Any = None, max_queries: Optional[int] = None,
-             max_llm_queries: Optional[int] = 100, exact_match_answers: bool = True,
+             max_llm_queries: Union[None, int, Mapping[str, int]] = 100,
+             exact_match_answers: bool = True,
              downstream_systems: Optional[Sequence[str]] = None, device: Optional[str] = None,
              batch_size: int = 64, seed: int = 0, verbose: bool = True) -> Results:
     """Evaluate retrieval systems per task on held-out queries; returns
@@ -458,8 +465,8 @@ def evaluate(model_or_path: Any = None, tasks: Optional[Sequence[str]] = None,
     ``model_or_path`` is the ``trained`` system (an Embedder or a folder; None: no trained
     system). ``systems`` picks among ``random``, ``bm25``, ``base``, ``base_noinstr``,
     ``trained``; downstream metrics add ``none`` (no retrieval). ``max_llm_queries`` caps the
-    queries per task that the LLM sees (None: all). ``k`` overrides the downstream context size
-    (default qa 3, chat 3, icl 4).
+    queries per task that the LLM sees (None: all; a mapping: per task). ``k`` overrides the
+    downstream context size (default qa 3, chat 3, icl 4).
 
     Example:
         >>> results = evaluate("quickstart_out/model", tasks=["qa", "tool"], downstream=False)
@@ -517,7 +524,9 @@ def evaluate(model_or_path: Any = None, tasks: Optional[Sequence[str]] = None,
         if downstream and task in DOWNSTREAM_K:
             start = time.perf_counter()
             chosen = {s: rankings[s] for s in (downstream_systems or systems) if s in rankings}
-            query_ids = _llm_queries(split, max_llm_queries, seed)
+            budget = (max_llm_queries.get(task) if isinstance(max_llm_queries, Mapping)
+                      else max_llm_queries)
+            query_ids = _llm_queries(split, budget, seed)
             if task == "icl":
                 extra = downstream_icl(split, chosen, llm, k=downstream_k[task],
                                        query_ids=query_ids, seed=seed)

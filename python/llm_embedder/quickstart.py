@@ -1,0 +1,643 @@
+"""``llm-embedder quickstart``: the whole method on real data, end to end, on a laptop CPU.
+
+Stages (each writes its outputs atomically and is skipped when they already exist, so a killed
+run continues where it stopped):
+
+1. ``prepare`` — pick the training queries from the bundled slices: a subset per task is
+   labelled by the frozen LLM within a token budget; the remaining queries that have human
+   positives are labelled from those positives alone (as the reference recipe does for tools),
+   so training sees enough data. In-context examples have no positives: LLM labels only.
+2. ``label`` — LLM rank-aware (and likelihood) rewards for the first subset; 1/0 rewards from
+   the positives for the rest; both merged into one labelled file per task.
+3. ``train`` — graded distillation on qa/tool/icl, KL distillation on chat, homogeneous batches,
+   self-paced per-task learning rates, from the packaged MiniLM. The model lands in ``DIR/model``.
+4. ``evaluate`` — base (with and without instructions) vs trained vs BM25 vs random on the
+   held-out test slices, retrieval and downstream metrics (``DIR/results.json``).
+5. ``index`` — the trained model indexes the knowledge corpus (``DIR/index``).
+6. ``examples`` — one test query per task, its top results and what the LLM makes of them.
+7. ``report`` — the table (stdout and ``DIR/results.md``) and a bar chart (``DIR/results.png``).
+
+Example:
+    >>> from llm_embedder.quickstart import run_quickstart
+    >>> results = run_quickstart("quickstart_out")
+    >>> results["tool"]["trained"]["ndcg@5"] > results["tool"]["base"]["ndcg@5"]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .data import (
+    Passage,
+    Query,
+    atomic_write_json,
+    atomic_write_text,
+    bundled_task_files,
+    candidate_pool,
+    iter_jsonl,
+    load_corpus,
+    load_queries,
+)
+from .evaluate import (
+    PRIMARY_METRICS,
+    SYSTEMS,
+    evaluate,
+    full_table,
+    primary_table,
+    results_markdown,
+)
+from .tasks import get_task
+
+TASK_ORDER = ("qa", "tool", "chat", "icl")
+# Rough characters per SmolLM2 token on English text; only used to split the LLM budget.
+CHARS_PER_TOKEN = 4.0
+
+
+@dataclass
+class QuickstartConfig:
+    """Sizes of one quickstart run (see :meth:`default`, :meth:`full`, :meth:`tiny`).
+
+    ``label_token_budget``: LLM tokens per task spent on rank-aware labelling; the number of
+    LLM-labelled queries follows from it (estimated from text lengths, so it is deterministic).
+    ``max_label_only``: cap on the label-only queries per task (None: all remaining queries
+    with positives). ``max_llm_queries``: test queries per task the downstream LLM step sees.
+    ``max_test_queries`` / ``max_pool``: shrink the test split and each query's candidate pool
+    (smoke tests only; None keeps the real evaluation).
+    """
+
+    tasks: Tuple[str, ...] = TASK_ORDER
+    label_token_budget: Dict[str, int] = field(default_factory=lambda: {
+        "qa": 30_000, "tool": 20_000, "chat": 30_000, "icl": 60_000})
+    max_llm_label_queries: Optional[int] = None
+    max_label_only: Optional[int] = None
+    num_samples: int = 4
+    num_negatives: int = 7
+    max_steps: int = 60
+    batch_size: int = 16
+    group_size: int = 4
+    lr: float = 5e-5
+    query_max_length: int = 64
+    key_max_length: int = 128
+    max_test_queries: Optional[int] = None
+    max_pool: Optional[int] = None
+    max_llm_queries: Dict[str, int] = field(default_factory=lambda: {
+        "qa": 40, "chat": 60, "icl": 40})
+    downstream_systems: Optional[Tuple[str, ...]] = ("random", "bm25", "base", "trained")
+    eval_batch_size: int = 64
+
+    @classmethod
+    def default(cls) -> "QuickstartConfig":
+        """Fits in about 20 minutes on a 2-core CPU."""
+        return cls()
+
+    @classmethod
+    def full(cls) -> "QuickstartConfig":
+        """All bundled data, more steps, every downstream query (meant for a GPU)."""
+        return cls(label_token_budget={t: 10**9 for t in TASK_ORDER}, num_samples=8,
+                   max_steps=600, batch_size=32, group_size=8, lr=3e-5, query_max_length=128,
+                   key_max_length=256, max_llm_queries={"qa": 10**9, "chat": 10**9,
+                                                        "icl": 10**9},
+                   downstream_systems=None)
+
+    @classmethod
+    def tiny(cls) -> "QuickstartConfig":
+        """A smoke-test run: a few queries per task, two training steps (about a minute)."""
+        return cls(label_token_budget={t: 10**9 for t in TASK_ORDER}, max_llm_label_queries=2,
+                   max_label_only=6, num_samples=2, num_negatives=3, max_steps=2, batch_size=4,
+                   group_size=4, query_max_length=32, key_max_length=64, max_test_queries=12,
+                   max_pool=40, max_llm_queries={"qa": 2, "chat": 2, "icl": 2},
+                   downstream_systems=("bm25", "trained"))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+class _Stages:
+    """Runs named stages once; records their wall time in ``timings.json``."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.path = out / "timings.json"
+        self.timings: Dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() \
+            else {}
+
+    def run(self, name: str, done: Callable[[], bool], body: Callable[[], Any]) -> Any:
+        if done():
+            _say(f"== {name}: already done ({self.timings.get(name, {}).get('seconds', '?')} s "
+                 f"in an earlier run), skipped")
+            self.timings.setdefault(name, {})["skipped"] = True
+            return None
+        _say(f"== {name}")
+        start = time.perf_counter()
+        value = body()
+        seconds = round(time.perf_counter() - start, 1)
+        self.timings[name] = {"seconds": seconds, "skipped": False}
+        atomic_write_json(self.path, self.timings)
+        _say(f"   {name} took {seconds:.1f} s")
+        return value
+
+
+def _raw_lines(path: Path) -> Dict[str, Dict[str, Any]]:
+    """id -> the original JSON object, so written slices keep every field."""
+    return {str(obj["id"]): obj for _, obj in iter_jsonl(path)}
+
+
+def _write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def _stratified(queries: Sequence[Query], seed: int) -> List[Query]:
+    """A seeded order that cycles through conversations/sub-tasks, so any prefix covers them."""
+    rng = np.random.default_rng(seed)
+    strata: Dict[str, List[Query]] = {}
+    for q in queries:
+        strata.setdefault(str(q.subset or q.group or ""), []).append(q)
+    queues = []
+    for key in sorted(strata):
+        members = list(strata[key])
+        rng.shuffle(members)  # type: ignore[arg-type]
+        queues.append(members)
+    out: List[Query] = []
+    while any(queues):
+        for queue in queues:
+            if queue:
+                out.append(queue.pop(0))
+    return out
+
+
+def estimate_label_tokens(task: str, query: Query, mean_key_chars: float,
+                          num_negatives: int, num_samples: int, answer_chars: float) -> float:
+    """LLM tokens the labeller spends on ``query``: every candidate's prompt once (its cache is
+    reused across outputs), the desired output and each sample under every candidate, and the
+    sampling itself. A character-based estimate: it only splits a budget between queries."""
+    t = get_task(task)
+    candidates = 1 + max(1, len(query.positive_ids)) + num_negatives
+    template = len(t.prompt_template) + len(query.text)
+    empty = len(t.empty_template) + len(query.text)
+    prompt = (candidates - 1) * (template + mean_key_chars) + empty
+    outputs = candidates * (num_samples + 1) * (answer_chars + 2)
+    sampling = num_samples * (answer_chars + 2) + len(query.text)
+    return (prompt + outputs + sampling) / CHARS_PER_TOKEN
+
+
+def _pick_training_queries(task: str, train: List[Query], corpus: List[Passage],
+                           cfg: QuickstartConfig, seed: int
+                           ) -> Tuple[List[Query], List[Query], float]:
+    """(LLM-labelled queries, label-only queries, estimated LLM tokens)."""
+    order = _stratified([q for q in train if any(a.strip() for a in q.answers)], seed)
+    mean_key = float(np.mean([len(p.full_text) for p in corpus]))
+    budget = cfg.label_token_budget.get(task, 0)
+    llm: List[Query] = []
+    spent = 0.0
+    for q in order:
+        if cfg.max_llm_label_queries is not None and len(llm) >= cfg.max_llm_label_queries:
+            break
+        cost = estimate_label_tokens(task, q, mean_key, cfg.num_negatives, cfg.num_samples,
+                                     float(np.mean([len(a) for a in q.answers])))
+        if spent + cost > budget:
+            break
+        llm.append(q)
+        spent += cost
+    chosen = {q.id for q in llm}
+    rest = [q for q in order if q.id not in chosen and q.positive_ids]
+    if cfg.max_label_only is not None:
+        rest = rest[:cfg.max_label_only]
+    return llm, rest, spent
+
+
+def _shrink_pools(corpus: List[Passage], queries: List[Query], max_pool: int) -> List[Passage]:
+    """Keep, within every pool the queries use, their positives and the first entries up to
+    ``max_pool`` (smoke tests: a small but real retrieval problem)."""
+    keep = set()
+    for q in queries:
+        pool = candidate_pool(q, corpus)
+        keep.update(j for j in pool if corpus[j].id in set(q.positive_ids))
+        keep.update(pool[:max_pool])
+    return [p for j, p in enumerate(corpus) if j in keep]
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _prepare(out: Path, cfg: QuickstartConfig, seed: int) -> Dict[str, Dict[str, Any]]:
+    """Write the per-task query files the later stages read; return the data plan."""
+    plan: Dict[str, Dict[str, Any]] = {}
+    for task in cfg.tasks:
+        files = bundled_task_files(task)
+        folder = out / "data" / task
+        corpus = load_corpus(files["corpus"])
+        train = load_queries(files["train"])
+        test = load_queries(files["test"])
+        llm, rest, tokens = _pick_training_queries(task, train, corpus, cfg, seed)
+        raw_train = _raw_lines(files["train"])
+        _write_jsonl(folder / "train.llm.jsonl", [raw_train[q.id] for q in llm])
+        if rest:
+            _write_jsonl(folder / "train.labels.jsonl", [raw_train[q.id] for q in rest])
+        corpus_path, test_path = files["corpus"], files["test"]
+        if cfg.max_test_queries is not None or cfg.max_pool is not None:
+            test = test[:cfg.max_test_queries]
+            raw_test = _raw_lines(files["test"])
+            test_path = folder / "test.jsonl"
+            _write_jsonl(test_path, [raw_test[q.id] for q in test])
+            if cfg.max_pool is not None:
+                small = _shrink_pools(corpus, test + llm + rest, cfg.max_pool)
+                raw_corpus = _raw_lines(files["corpus"])
+                corpus_path = folder / "corpus.jsonl"
+                _write_jsonl(corpus_path, [raw_corpus[p.id] for p in small])
+        plan[task] = {"corpus": str(corpus_path), "test": str(test_path),
+                      "llm_queries": len(llm), "label_only_queries": len(rest),
+                      "estimated_llm_tokens": int(tokens), "test_queries": len(test)}
+        _say(f"   {task:5s} LLM-labelled {len(llm):4d} queries (~{int(tokens):,} LLM tokens), "
+             f"label-only {len(rest):4d}, test {len(test)}")
+    atomic_write_json(out / "data" / "plan.json", plan)
+    return plan
+
+
+def _label(out: Path, cfg: QuickstartConfig, plan: Mapping[str, Mapping[str, Any]],
+           get_llm: Callable[[], Any], seed: int, device: Optional[str]) -> Dict[str, Any]:
+    from .feedback import label
+
+    summaries: Dict[str, Any] = {}
+    for task in cfg.tasks:
+        folder = out / "data" / task
+        labels = out / "labels"
+        merged = labels / f"{task}.jsonl"
+        if merged.is_file():
+            continue
+        parts = []
+        start = time.perf_counter()
+        if plan[task]["llm_queries"]:
+            path = labels / f"{task}.llm.jsonl"
+            summary = label(task, folder / "train.llm.jsonl", plan[task]["corpus"], path,
+                            llm=get_llm(), num_samples=cfg.num_samples,
+                            num_negatives=cfg.num_negatives, negatives="bm25", method="llm",
+                            seed=seed, device=device)
+            summaries[f"{task}/llm"] = _summary_dict(summary)
+            parts.append(path)
+        if plan[task]["label_only_queries"]:
+            path = labels / f"{task}.labels.jsonl"
+            summary = label(task, folder / "train.labels.jsonl", plan[task]["corpus"], path,
+                            num_negatives=cfg.num_negatives, negatives="bm25", method="labels",
+                            seed=seed, device=device)
+            summaries[f"{task}/labels"] = _summary_dict(summary)
+            parts.append(path)
+        text = "".join(p.read_text(encoding="utf-8") for p in parts)
+        atomic_write_text(merged, text)
+        _say(f"   {task:5s} labelled in {time.perf_counter() - start:.1f} s -> {merged}")
+    if summaries:
+        previous = {}
+        path = labels / "summary.json"
+        if path.is_file():
+            previous = json.loads(path.read_text())
+        atomic_write_json(path, {**previous, **summaries})
+    return summaries
+
+
+def _summary_dict(summary: Any) -> Dict[str, Any]:
+    if summary is None:
+        return {}
+    if hasattr(summary, "__dataclass_fields__"):
+        return {k: v for k, v in asdict(summary).items()
+                if isinstance(v, (int, float, str, bool)) or v is None}
+    if isinstance(summary, Mapping):
+        return dict(summary)
+    return {"summary": str(summary)}
+
+
+def train_config(out: Path, cfg: QuickstartConfig, seed: int,
+                 device: Optional[str]) -> Dict[str, Any]:
+    """The training configuration the quickstart uses (also the ablation's starting point)."""
+    tasks = {task: {"file": str(out / "labels" / f"{task}.jsonl"), "loss": get_task(task).loss}
+             for task in cfg.tasks}
+    config: Dict[str, Any] = {
+        "model": None, "tasks": tasks, "output_dir": str(out / "train"),
+        "max_steps": cfg.max_steps, "batch_size": cfg.batch_size, "group_size": cfg.group_size,
+        "lr": cfg.lr, "seed": seed, "resume": True, "reward": "rank",
+        "batching": "homogeneous", "self_paced": True,
+        "query_max_length": cfg.query_max_length, "key_max_length": cfg.key_max_length,
+    }
+    if device is not None:
+        config["device"] = device
+    return config
+
+
+def _train(out: Path, cfg: QuickstartConfig, seed: int, device: Optional[str]) -> Path:
+    from .train import train
+
+    final = Path(train(train_config(out, cfg, seed, device)))
+    target = out / "model"
+    tmp = out / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(final, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def _evaluate(out: Path, cfg: QuickstartConfig, plan: Mapping[str, Mapping[str, Any]],
+              get_llm: Callable[[], Any], seed: int, device: Optional[str]) -> Dict[str, Any]:
+    data = {task: {"corpus": plan[task]["corpus"], "test": plan[task]["test"]}
+            for task in cfg.tasks}
+    results = evaluate(out / "model", tasks=list(cfg.tasks), data=data, systems=list(SYSTEMS),
+                       llm=get_llm(), downstream=True, max_llm_queries=cfg.max_llm_queries,
+                       downstream_systems=cfg.downstream_systems, device=device,
+                       batch_size=cfg.eval_batch_size, seed=seed)
+    atomic_write_json(out / "results.json", results)
+    return results
+
+
+def _build_index(out: Path, plan: Mapping[str, Mapping[str, Any]], device: Optional[str]) -> None:
+    from .embedder import Embedder
+    from .index import Index
+
+    model = Embedder.from_pretrained(out / "model", device=device)
+    corpus = load_corpus(plan["qa"]["corpus"])
+    keys = model.encode_keys([p.full_text for p in corpus], task="qa", show_progress_bar=False)
+    index = Index(keys.shape[1])
+    index.add(keys, [p.id for p in corpus])
+    index.save(out / "index")
+    atomic_write_json(out / "index" / "source.json", {
+        "task": "qa", "model": str((out / "model").resolve()),
+        "corpus": str(Path(plan["qa"]["corpus"]).resolve())})
+    _say(f"   indexed {len(index)} knowledge passages -> {out / 'index'}")
+
+
+def _examples(out: Path, cfg: QuickstartConfig, plan: Mapping[str, Mapping[str, Any]],
+              get_llm: Callable[[], Any], device: Optional[str]) -> List[Dict[str, Any]]:
+    """One test query per task: top-3 results of the trained model and the LLM's answer."""
+    from .embedder import Embedder
+    from .index import Index
+
+    model = Embedder.from_pretrained(out / "model", device=device)
+    llm = get_llm()
+    shown = []
+    for task in cfg.tasks:
+        corpus = load_corpus(plan[task]["corpus"])
+        query = load_queries(plan[task]["test"])[0]
+        t = get_task(task)
+        if task == "qa" and (out / "index").is_dir():
+            index = Index.load(out / "index")  # the saved index, as a user would reload it
+        else:
+            pool = [corpus[j] for j in candidate_pool(query, corpus)]
+            keys = model.encode_keys([p.full_text for p in pool], task=task,
+                                     show_progress_bar=False)
+            index = Index(keys.shape[1])
+            index.add(keys, [p.id for p in pool])
+        by_id = {p.id: p for p in corpus}
+        k = min(3 if task != "icl" else 4, len(index))
+        ids, scores = index.search(model.encode_queries([query.text], task=task,
+                                                        show_progress_bar=False), k=k)
+        hits = [{"id": pid, "score": float(s), "text": by_id[pid].full_text,
+                 "positive": pid in query.positive_ids} for pid, s in zip(ids[0], scores[0])]
+        context = "\n".join(h["text"] for h in reversed(hits))
+        entry: Dict[str, Any] = {"task": task, "query": query.text, "gold": query.answers,
+                                 "hits": hits}
+        if task == "icl" and query.options:
+            prompt = t.format_prompt(query.text, context)
+            scores_ = llm.score_grouped([prompt], [[t.answer_prefix + o for o in query.options]])
+            entry["llm_answer"] = query.options[int(np.argmax(np.asarray(scores_[0])))]
+        elif task in ("qa", "chat"):
+            generated = llm.generate([t.format_prompt(query.text, context)], max_new_tokens=16)
+            entry["llm_answer"] = generated[0].strip().splitlines()[0] if generated[0].strip() \
+                else ""
+        shown.append(entry)
+    atomic_write_json(out / "examples.json", shown)
+    return shown
+
+
+def _print_examples(shown: Sequence[Mapping[str, Any]]) -> str:
+    lines = []
+    for entry in shown:
+        lines.append(f"\n[{entry['task']}] {_clip(entry['query'], 200)}")
+        for rank, hit in enumerate(entry["hits"], start=1):
+            mark = " (gold)" if hit["positive"] else ""
+            lines.append(f"   {rank}. [{hit['score']:.3f}] {hit['id']}{mark}: "
+                         f"{_clip(hit['text'], 140)}")
+        if "llm_answer" in entry:
+            lines.append(f"   LLM answer with these: {entry['llm_answer']!r}   "
+                         f"gold: {entry['gold'][:1]}")
+    text = "\n".join(lines)
+    _say(text)
+    return text
+
+
+def _clip(text: str, n: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def verdict(results: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """Per task (and the average): trained vs the better of the two base encoders on the
+    primary metric, and vs BM25."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for task, by_system in results.items():
+        metric = "primary" if task == "average" else PRIMARY_METRICS.get(task)
+        if not metric or "trained" not in by_system or metric not in by_system["trained"]:
+            continue
+        bases = {s: by_system[s][metric] for s in ("base", "base_noinstr")
+                 if metric in by_system.get(s, {})}
+        trained = by_system["trained"][metric]
+        entry: Dict[str, Any] = {"metric": metric, "trained": trained}
+        if bases:
+            best = max(bases, key=bases.get)  # type: ignore[arg-type]
+            entry.update(best_base=best, base=bases[best], delta=trained - bases[best],
+                         beats_base=trained > bases[best])
+        if metric in by_system.get("bm25", {}):
+            bm25 = by_system["bm25"][metric]
+            entry.update(bm25=bm25, beats_bm25=trained > bm25)
+        out[task] = entry
+    return out
+
+
+def verdict_text(v: Mapping[str, Mapping[str, Any]]) -> str:
+    lines = []
+    for task, e in v.items():
+        if "base" not in e:
+            continue
+        rel = e["delta"] / e["base"] * 100 if e["base"] else float("nan")
+        lines.append(f"{task:8s} {e['metric']:10s} trained {e['trained']:.3f} vs best base "
+                     f"({e['best_base']}) {e['base']:.3f}: {e['delta']:+.3f} ({rel:+.1f} %) "
+                     f"{'better' if e['beats_base'] else 'NOT better'}"
+                     + (f"; BM25 {e['bm25']:.3f}" if "bm25" in e else ""))
+    return "\n".join(lines)
+
+
+def plot_results(results: Mapping[str, Any], path: Path) -> None:
+    """Grouped bars: each task's primary metric (and the average) per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [t for t in results if t != "average"] + (["average"] if "average" in results
+                                                       else [])
+    systems = [s for s in SYSTEMS if any(
+        s in results[t] and (("primary" if t == "average" else PRIMARY_METRICS.get(t))
+                             in results[t][s]) for t in groups)]
+    labels = {"random": "random", "bm25": "BM25", "base": "base (instr.)",
+              "base_noinstr": "base (no instr.)", "trained": "trained"}
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / max(len(systems), 1)
+    x = np.arange(len(groups))
+    for i, system in enumerate(systems):
+        values = []
+        for t in groups:
+            metric = "primary" if t == "average" else PRIMARY_METRICS.get(t)
+            values.append(results[t].get(system, {}).get(metric, np.nan))
+        ax.bar(x + (i - (len(systems) - 1) / 2) * width, values, width, label=labels[system])
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"{t}\n({'mean' if t == 'average' else PRIMARY_METRICS.get(t)})"
+                        for t in groups])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("primary metric")
+    ax.set_title("llm-embedder quickstart: held-out test slices")
+    ax.legend(ncol=len(systems), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15))
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _machine() -> str:
+    import torch
+
+    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
+    return (f"{platform.machine()} {platform.processor() or ''} — {os.cpu_count()} CPU cores, "
+            f"{device}; Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def _report(out: Path, cfg: QuickstartConfig, results: Mapping[str, Any],
+            plan: Mapping[str, Mapping[str, Any]], timings: Mapping[str, Any],
+            examples_text: str, full: bool) -> str:
+    v = verdict(results)
+    _say("\n" + primary_table(results))
+    _say("\n" + verdict_text(v))
+    for task in results:
+        if task != "average":
+            _say(f"\n{task}\n{full_table(results, task)}")
+    label_rows = ["| task | LLM-labelled queries (rank-aware reward) | label-only queries "
+                  "(human positives) | est. LLM tokens | test queries |",
+                  "|---|---:|---:|---:|---:|"]
+    for task, p in plan.items():
+        label_rows.append(f"| {task} | {p['llm_queries']} | {p['label_only_queries']} | "
+                          f"{p['estimated_llm_tokens']:,} | {p['test_queries']} |")
+    timing_rows = ["| stage | seconds |", "|---|---:|"]
+    for name, t in timings.items():
+        timing_rows.append(f"| {name} | {t.get('seconds', '-')} |")
+    total = sum(t.get("seconds", 0) for t in timings.values())
+    timing_rows.append(f"| total | {total:.1f} |")
+    md = [results_markdown(results, title="llm-embedder quickstart"
+                           + (" (--full)" if full else "")),
+          "## Trained vs base (primary metric)", "", "```", verdict_text(v), "```", "",
+          "## Training data", "", *label_rows, "",
+          f"Training: {cfg.max_steps} steps, batch {cfg.batch_size}, group {cfg.group_size}, "
+          f"lr {cfg.lr}; graded distillation (qa, tool, icl), KL (chat); rank-aware reward; "
+          "homogeneous batches; self-paced lr.", "",
+          "## Stage timings", "", *timing_rows, "", f"Machine: {_machine()}", "",
+          "## Example queries", "", "```", examples_text.strip(), "```", ""]
+    text = "\n".join(md)
+    atomic_write_text(out / "results.md", text)
+    plot_results(results, out / "results.png")
+    return text
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def run_quickstart(out_dir: str = "quickstart_out", full: bool = False,
+                   device: Optional[str] = None, seed: int = 0, *, tiny: bool = False,
+                   config: Optional[QuickstartConfig] = None, llm: Any = None) -> Dict[str, Any]:
+    """Label → train → evaluate → index → examples → report, on the bundled real data.
+
+    Returns ``{task: {system: {metric: value}}}`` (also ``out_dir/results.json``). Re-running
+    with the same ``out_dir`` skips the stages already done. ``full`` uses all bundled data and
+    more steps (and the GPU when there is one); ``tiny`` (or ``config``) is for smoke tests.
+
+    Example:
+        >>> results = run_quickstart("quickstart_out")
+        >>> results["average"]["trained"]["primary"]
+    """
+    import torch
+
+    if sum([full, tiny, config is not None]) > 1:
+        raise ValueError("pass at most one of full=True, tiny=True, config=...")
+    cfg = config or (QuickstartConfig.full() if full else QuickstartConfig.tiny() if tiny
+                     else QuickstartConfig.default())
+    unknown = [t for t in cfg.tasks if t not in TASK_ORDER]
+    if unknown:
+        raise ValueError(f"quickstart has bundled data for {list(TASK_ORDER)}, not {unknown}")
+    if "qa" not in cfg.tasks:
+        raise ValueError("the quickstart indexes the knowledge corpus: keep 'qa' in tasks")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = {"config": asdict(cfg), "seed": seed}
+    saved = out / "config.json"
+    if saved.is_file():
+        previous = json.loads(saved.read_text())
+        if previous != json.loads(json.dumps(fingerprint)):
+            raise ValueError(f"{out} holds a quickstart run with another configuration "
+                             f"({saved}); pass another --out or delete that folder")
+    else:
+        atomic_write_json(saved, fingerprint)
+    if device == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    loaded: Dict[str, Any] = {"llm": llm}
+
+    def get_llm() -> Any:
+        if loaded["llm"] is None:
+            from .feedback import FrozenLLM
+
+            start = time.perf_counter()
+            loaded["llm"] = FrozenLLM.load(None, device=device)
+            _say(f"   frozen LLM {getattr(loaded['llm'], 'name', '')} loaded in "
+                 f"{time.perf_counter() - start:.1f} s")
+        return loaded["llm"]
+
+    total_start = time.perf_counter()
+    kind = "full" if full else "tiny" if tiny else "custom" if config else "default"
+    _say(f"llm-embedder quickstart -> {out.resolve()}  ({kind} configuration, device {device})")
+    stages = _Stages(out)
+    plan_path = out / "data" / "plan.json"
+    stages.run("prepare", plan_path.is_file, lambda: _prepare(out, cfg, seed))
+    plan = json.loads(plan_path.read_text())
+    stages.run("label", lambda: all((out / "labels" / f"{t}.jsonl").is_file() for t in cfg.tasks),
+               lambda: _label(out, cfg, plan, get_llm, seed, device))
+    stages.run("train", lambda: (out / "model" / "config.json").is_file(),
+               lambda: _train(out, cfg, seed, device))
+    stages.run("evaluate", (out / "results.json").is_file,
+               lambda: _evaluate(out, cfg, plan, get_llm, seed, device))
+    results = json.loads((out / "results.json").read_text())
+    stages.run("index", lambda: (out / "index").is_dir(), lambda: _build_index(out, plan, device))
+    stages.run("examples", (out / "examples.json").is_file,
+               lambda: _examples(out, cfg, plan, get_llm, device))
+    examples_text = _print_examples(json.loads((out / "examples.json").read_text()))
+    _report(out, cfg, results, plan, stages.timings, examples_text, full)
+    atomic_write_json(out / "summary.json", {"verdict": verdict(results), "plan": plan,
+                                             "timings": stages.timings, "machine": _machine()})
+    _say(f"\nquickstart finished in {time.perf_counter() - total_start:.1f} s (this run); "
+         f"results in {out / 'results.md'}, {out / 'results.png'}, model in {out / 'model'}")
+    return results
+
+
+__all__ = ["QuickstartConfig", "estimate_label_tokens", "plot_results", "run_quickstart",
+           "train_config", "verdict"]
