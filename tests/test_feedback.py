@@ -1,0 +1,325 @@
+"""LLM feedback: scoring paths agree, labelling is resumable, shardable and validated.
+
+The LLM tests load the packaged SmolLM2-135M once per session and label only a few queries
+with N=3 samples and short keys, so they stay small on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llm_embedder.data import DataError, load_corpus, load_queries
+from llm_embedder.feedback import FrozenLLM, label, merge_labelled
+from llm_embedder.tasks import get_task
+
+# A small labelling configuration shared by every LLM test (and its reference run).
+SMALL = dict(num_samples=3, num_negatives=2, max_key_tokens=64, max_new_tokens=12,
+             show_progress=False, seed=7)
+
+
+def _slice(src: Path, dst: Path, n: int) -> Path:
+    lines = src.read_text(encoding="utf-8").splitlines(keepends=True)[:n]
+    dst.write_text("".join(lines), encoding="utf-8")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def qa_files(shared_data, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qa")
+    queries = _slice(shared_data / "qa/xquad/queries.train.jsonl", folder / "queries.jsonl", 4)
+    return queries, shared_data / "qa/xquad/corpus.jsonl"
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return FrozenLLM.load(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(llm, qa_files, tmp_path_factory):
+    """An uninterrupted run over the first 3 qa queries: the file every variant must equal."""
+    queries, corpus = qa_files
+    out = tmp_path_factory.mktemp("ref") / "qa.jsonl"
+    summary = label("qa", queries, corpus, out, llm=llm, limit=3, **SMALL)
+    return out, summary
+
+
+def _records(path: Path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _rank_reward_reference(target: float, samples: np.ndarray) -> float:
+    """DESIGN.md §3 in plain Python (independent of the native kernel)."""
+    n = len(samples)
+    rank = 1 + np.sum(samples > target) + 0.5 * np.sum(samples == target)
+    gap = target - samples.max() if n else 0.0
+    return (n + 1 - rank + 1 / (1 + math.exp(-gap))) / (n + 1)
+
+
+# ----------------------------------------------------------------------------- no LLM needed
+
+def test_malformed_queries_file_names_file_line_and_field(tmp_path, shared_data):
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text('{"id": "a", "text": "Who?", "answers": ["x"]}\n'
+                       '{"id": "b", "answers": ["y"]}\n', encoding="utf-8")
+    corpus = shared_data / "qa/xquad/corpus.jsonl"
+    with pytest.raises(DataError, match=r"queries\.jsonl:2: missing field 'text'"):
+        label("qa", queries, corpus, tmp_path / "out.jsonl", show_progress=False)
+    queries.write_text('{"id": "a", "text": "Who?", "answers": []}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"queries\.jsonl:1: field 'answers' is empty"):
+        label("qa", queries, corpus, tmp_path / "out.jsonl", show_progress=False)
+    assert not (tmp_path / "out.jsonl").exists() or (tmp_path / "out.jsonl").read_text() == ""
+
+
+def test_unknown_positive_id_is_named(tmp_path, shared_data):
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text('{"id": "a", "text": "Who?", "answers": ["x"], "positive_ids": ["nope"]}\n',
+                       encoding="utf-8")
+    with pytest.raises(DataError, match="positive id 'nope' is not in the corpus"):
+        label("qa", queries, shared_data / "qa/xquad/corpus.jsonl", tmp_path / "o.jsonl",
+              method="labels", show_progress=False)
+
+
+def test_bad_arguments_are_rejected(tmp_path, qa_files):
+    queries, corpus = qa_files
+    with pytest.raises(ValueError, match="shard"):
+        label("qa", queries, corpus, tmp_path / "o.jsonl", shard=2, num_shards=2)
+    with pytest.raises(ValueError, match="method"):
+        label("qa", queries, corpus, tmp_path / "o.jsonl", method="oracle")
+    with pytest.raises(ValueError, match="negatives"):
+        label("qa", queries, corpus, tmp_path / "o.jsonl", negatives="random")
+
+
+def test_labels_mode_gives_one_to_positives_and_zero_to_mined_negatives(tmp_path, qa_files):
+    queries, corpus = qa_files
+    out = tmp_path / "labels.jsonl"
+    summary = label("qa", queries, corpus, out, method="labels", num_negatives=5,
+                    show_progress=False)
+    records = _records(out)
+    assert len(records) == 4 == summary.queries
+    for record, query in zip(records, load_queries(queries)):
+        ids = [c["id"] for c in record["candidates"]]
+        assert record["query_id"] == query.id and record["llm"] == "labels"
+        assert ids[0] in query.positive_ids and ids[-1] == ""
+        assert len(ids) == len(set(ids)) == 1 + 5 + 1
+        assert record["rank_rewards"] == [1.0] + [0.0] * 6 == record["likelihood_rewards"]
+        assert record["positive_ids"] == query.positive_ids
+    assert summary.top_positive_share == 1.0 and summary.candidates_per_query == 7
+
+
+def test_labels_mode_skips_queries_without_positives(tmp_path, shared_data):
+    queries = _slice(shared_data / "icl/fewshot5/queries.train.jsonl", tmp_path / "q.jsonl", 3)
+    summary = label("icl", queries, shared_data / "icl/fewshot5/corpus.jsonl",
+                    tmp_path / "o.jsonl", method="labels", show_progress=False)
+    assert summary.skipped_no_positive == 3 and summary.queries == 0
+
+
+def test_memory_candidates_stay_inside_the_query_conversation(tmp_path, shared_data):
+    queries = _slice(shared_data / "chat/locomo/queries.train.jsonl", tmp_path / "q.jsonl", 3)
+    corpus_path = shared_data / "chat/locomo/corpus.jsonl"
+    out = tmp_path / "o.jsonl"
+    label("chat", queries, corpus_path, out, method="labels", num_negatives=4,
+          show_progress=False)
+    group_of = {p.id: p.group for p in load_corpus(corpus_path)}
+    for record, query in zip(_records(out), load_queries(queries)):
+        assert {group_of[c["id"]] for c in record["candidates"] if c["id"]} == {query.group}
+
+
+def test_labels_mode_sharding_and_merge_equal_the_unsharded_file(tmp_path, qa_files):
+    queries, corpus = qa_files
+    whole = tmp_path / "whole.jsonl"
+    label("qa", queries, corpus, whole, method="labels", show_progress=False)
+    shards = [tmp_path / f"s{i}.jsonl" for i in range(3)]
+    for i, path in enumerate(shards):
+        label("qa", queries, corpus, path, method="labels", shard=i, num_shards=3,
+              show_progress=False)
+    assert [len(_records(p)) for p in shards] == [2, 1, 1]
+    merged = tmp_path / "merged.jsonl"
+    assert merge_labelled(shards, merged) == 4
+    assert merged.read_bytes() == whole.read_bytes()
+
+
+def test_merge_rejects_a_query_labelled_differently_twice(tmp_path, qa_files):
+    queries, corpus = qa_files
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    label("qa", queries, corpus, a, method="labels", limit=1, show_progress=False)
+    label("qa", queries, corpus, b, method="labels", limit=1, num_negatives=3,
+          show_progress=False)
+    with pytest.raises(DataError, match="labelled differently"):
+        merge_labelled([a, b], tmp_path / "m.jsonl")
+    assert merge_labelled([a, a], tmp_path / "m.jsonl") == 1
+
+
+def test_a_damaged_middle_line_is_named_not_skipped(tmp_path, qa_files):
+    queries, corpus = qa_files
+    out = tmp_path / "o.jsonl"
+    label("qa", queries, corpus, out, method="labels", limit=2, show_progress=False)
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text(lines[0][:20] + "\n" + lines[1])
+    with pytest.raises(DataError, match=r"o\.jsonl:1: invalid JSON"):
+        label("qa", queries, corpus, out, method="labels", show_progress=False)
+
+
+def test_output_of_another_task_is_not_appended_to(tmp_path, qa_files):
+    queries, corpus = qa_files
+    out = tmp_path / "o.jsonl"
+    label("qa", queries, corpus, out, method="labels", limit=1, show_progress=False)
+    with pytest.raises(DataError, match="field 'task' is 'qa'"):
+        label("tool", queries, corpus, out, method="labels", show_progress=False)
+
+
+def test_llm_load_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        FrozenLLM.load(tmp_path / "missing" / "model")
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"\.gguf"):
+        FrozenLLM.load(tmp_path / "weights.bin")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        FrozenLLM.load(tmp_path)
+
+
+# ----------------------------------------------------------------------------- with the LLM
+
+@pytest.mark.slow
+def test_llm_is_loaded_once_and_in_float32_on_cpu(llm):
+    import torch
+
+    assert FrozenLLM.load(device="cpu") is llm
+    assert llm.dtype == torch.float32 and llm.name.startswith("SmolLM2")
+
+
+@pytest.mark.slow
+def test_grouped_kv_reuse_scores_equal_one_pair_per_forward(llm):
+    prompts = ["Knowledge: The Panthers defense gave up just 308 points.\n\nQuestion: How many "
+               "points did the Panthers surrender?\n\nAnswer:",
+               "Question: How many points did the Panthers surrender?\n\nAnswer:",
+               "Review: a gorgeous, witty, seductive movie.\nSentiment:"]
+    outputs = [[" 308", " 24 points in total", " sixth"], [" 308", " none"],
+               [" Positive", " Negative", " Positive", " it was fine, really"]]
+    # A tiny token budget forces several prompt batches and output chunks.
+    grouped = llm.score_grouped(prompts, outputs, max_batch_tokens=40)
+    flat_p = [p for p, outs in zip(prompts, outputs) for _ in outs]
+    flat_o = [o for outs in outputs for o in outs]
+    naive = llm.score(flat_p, flat_o, batch_size=1)
+    batched = llm.score(flat_p, flat_o, batch_size=8)
+    np.testing.assert_allclose(np.concatenate(grouped), naive, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(batched, naive, atol=1e-4, rtol=0)
+    assert grouped[2][0] == pytest.approx(grouped[2][2], abs=1e-5)  # same output, same score
+    assert np.all(naive < 0)
+
+
+@pytest.mark.slow
+def test_scores_count_only_output_tokens(llm):
+    prompt = "Question: What is the capital of France?\n\nAnswer:"
+    short = llm.score([prompt], [" Paris"], batch_size=1)[0]
+    manual_prompt, manual_output = llm.encode_pairs([prompt], [" Paris"])[0]
+    import torch
+
+    with torch.inference_mode():
+        logits = llm.model(torch.tensor([manual_prompt + manual_output])).logits[0].float()
+    logp = torch.log_softmax(logits, -1)
+    expected = np.mean([logp[len(manual_prompt) - 1 + t, tok].item()
+                        for t, tok in enumerate(manual_output)])
+    assert short == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_sampling_is_seeded_deduplicated_and_stops_at_newline(llm):
+    prompt = "Question: Name a fruit.\n\nAnswer:"
+    a = llm.sample([prompt], 4, max_new_tokens=12, seed=11)
+    b = llm.sample([prompt], 4, max_new_tokens=12, seed=11)
+    assert a == b and len(a) == 1 and 1 <= len(a[0]) <= 4
+    assert all(s and "\n" not in s and s == s.strip() for s in a[0])
+    assert len({" ".join(s.split()).casefold() for s in a[0]}) == len(a[0])
+    greedy = llm.generate([prompt, prompt], max_new_tokens=8)
+    assert greedy[0] == greedy[1] and "\n" not in greedy[0]
+
+
+@pytest.mark.slow
+def test_label_writes_candidates_rewards_and_samples(reference, qa_files):
+    out, summary = reference
+    records = _records(out)
+    queries = load_queries(qa_files[0])
+    assert [r["query_id"] for r in records] == [q.id for q in queries[:3]]
+    for record, query in zip(records, queries):
+        m = len(record["candidates"])
+        assert m == 1 + 2 + 1 and record["candidates"][-1] == {"id": "", "text": ""}
+        assert record["candidates"][0]["id"] in query.positive_ids
+        assert record["answer"] == query.answers[0]
+        assert len(record["likelihood_rewards"]) == len(record["rank_rewards"]) == m
+        assert all(0 < r < 1 for r in record["rank_rewards"])
+        assert record["rank_rewards_shift"][-1] == 0.0
+        assert len(record["samples"]) <= 3
+        assert all(len(row) == len(record["samples"]) for row in record["sample_likelihoods"])
+        assert record["answer"].casefold() not in [s.casefold() for s in record["samples"]]
+        assert record["llm"].startswith("SmolLM2") and record["task"] == "qa"
+    assert summary.queries == 3 and summary.labelled_now == 3
+    assert summary.candidates_per_query == 4 and summary.top_positive_share is not None
+    assert summary.tokens_per_s > 0 and summary.pairs_per_s > 0
+
+
+@pytest.mark.slow
+def test_batched_rewards_equal_unbatched_one_pair_at_a_time_scoring(llm, reference):
+    out, _ = reference
+    task = get_task("qa")
+    for record in _records(out)[:2]:
+        keys = llm.truncate([c["text"] for c in record["candidates"][:-1]], SMALL["max_key_tokens"])
+        prompts = [task.format_prompt(record["query"], k) for k in keys]
+        prompts.append(task.format_prompt(record["query"], None))
+        outputs = [task.answer_prefix + o for o in [record["answer"], *record["samples"]]]
+        flat = llm.score([p for p in prompts for _ in outputs], outputs * len(prompts),
+                         batch_size=1, max_prompt_tokens=512, max_output_tokens=64)
+        table = flat.reshape(len(prompts), len(outputs))
+        np.testing.assert_allclose(record["likelihood_rewards"], table[:, 0], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(np.array(record["sample_likelihoods"]).reshape(
+            len(prompts), -1), table[:, 1:], atol=1e-4, rtol=0)
+        expected = [_rank_reward_reference(row[0], row[1:]) for row in table.astype(np.float64)]
+        np.testing.assert_allclose(record["rank_rewards"], expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_run_gives_the_same_file(llm, reference, qa_files, tmp_path):
+    ref_path, _ = reference
+    queries, corpus = qa_files
+    out = tmp_path / "qa.jsonl"
+    label("qa", queries, corpus, out, llm=llm, limit=1, **SMALL)  # stopped after one query
+    # ...then killed while writing the second: half a line, no newline.
+    second = ref_path.read_text(encoding="utf-8").splitlines()[1]
+    with out.open("a", encoding="utf-8") as handle:
+        handle.write(second[: len(second) // 2])
+    summary = label("qa", queries, corpus, out, llm=llm, limit=3, **SMALL)
+    assert summary.labelled_now == 2 and summary.skipped_existing == 1
+    assert out.read_bytes() == ref_path.read_bytes()
+    again = label("qa", queries, corpus, out, llm=llm, limit=3, **SMALL)
+    assert again.labelled_now == 0 and out.read_bytes() == ref_path.read_bytes()
+
+
+@pytest.mark.slow
+def test_llm_shards_merge_into_the_unsharded_file(llm, reference, qa_files, tmp_path):
+    ref_path, _ = reference
+    queries, corpus = qa_files
+    shards = [tmp_path / "s0.jsonl", tmp_path / "s1.jsonl"]
+    for i, path in enumerate(shards):
+        label("qa", queries, corpus, path, llm=llm, limit=3, shard=i, num_shards=2, **SMALL)
+    merge_labelled(shards, tmp_path / "merged.jsonl")
+    assert (tmp_path / "merged.jsonl").read_bytes() == ref_path.read_bytes()
+
+
+@pytest.mark.slow
+def test_icl_candidates_are_mined_demonstrations_without_the_query_itself(llm, shared_data,
+                                                                          tmp_path):
+    queries = _slice(shared_data / "icl/fewshot5/queries.train.jsonl", tmp_path / "q.jsonl", 1)
+    out = tmp_path / "icl.jsonl"
+    label("icl", queries, shared_data / "icl/fewshot5/corpus.jsonl", out, llm=llm,
+          **{**SMALL, "num_negatives": 3})
+    (record,) = _records(out)
+    query = load_queries(queries)[0]
+    assert record["positive_ids"] == [] and len(record["candidates"]) == 4
+    assert all(c["id"].startswith(query.subset) for c in record["candidates"][:-1])
+    assert all(not c["text"].startswith(query.text) for c in record["candidates"])
+    assert all("\n" not in s for s in record["samples"])
