@@ -1,0 +1,307 @@
+"""train(): resume equivalence, real-slice learning, 2-process gloo run, logs, clear errors.
+
+Most runs use a tiny random BERT (2 layers, hidden 32, MiniLM's tokenizer) so each takes
+seconds on 2 CPU cores; only the learning test uses the packaged MiniLM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import llm_embedder
+import llm_embedder.train as train_module
+from llm_embedder.data import DataError
+from llm_embedder.train import TrainConfig, TrainingError, load_config, train
+
+WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river mountain "
+         "forest desert ocean city village bridge tower garden castle harbor valley").split()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from llm_embedder.embedder import default_model_path
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def write_synthetic_labels(path: Path, task: str, n: int, candidates: int = 6,
+                           seed: int = 0) -> Path:
+    """Queries about a topic; the candidate on the same topic gets the top reward."""
+    rng = random.Random(seed)
+    with path.open("w") as handle:
+        for i in range(n):
+            topic = rng.sample(WORDS, 3)
+            cands = [{"id": "", "text": ""},
+                     {"id": f"{task}-pos-{i}", "text": "the " + " ".join(topic) + " story"}]
+            cands += [{"id": f"{task}-neg-{i}-{j}", "text": " ".join(rng.sample(WORDS, 4))}
+                      for j in range(candidates - 1)]
+            rank = [0.4, 0.95] + [rng.uniform(0.05, 0.6) for _ in cands[2:]]
+            likelihood = [-2.0, -0.4] + [rng.uniform(-4.0, -2.5) for _ in cands[2:]]
+            handle.write(json.dumps({
+                "query_id": f"{task}-{i}", "task": task, "query": "what about " + " ".join(topic),
+                "answer": topic[0], "candidates": cands, "likelihood_rewards": likelihood,
+                "rank_rewards": rank, "samples": []}) + "\n")
+    return path
+
+
+def write_real_labels(data: Path, task_dir: str, task: str, path: Path, n: int,
+                      negatives: int = 5, seed: int = 0) -> Path:
+    """Real queries and passages from ../shared/data with fake graded rewards that favour the
+    labelled positive (as the LLM mostly does), other candidates drawn from the corpus."""
+    rng = random.Random(seed)
+    corpus = [json.loads(line) for line in (data / task_dir / "corpus.jsonl").open()]
+    by_id = {c["id"]: c for c in corpus}
+    queries = [json.loads(line) for line in (data / task_dir / "queries.train.jsonl").open()]
+    written = 0
+    with path.open("w") as handle:
+        for query in queries:
+            positives = [by_id[p] for p in query.get("positive_ids", []) if p in by_id][:1]
+            if not positives:
+                continue
+            pool = [c for c in corpus if c.get("group") == query.get("group")
+                    and c["id"] not in query["positive_ids"]]
+            chosen = positives + rng.sample(pool, negatives)
+            texts = [(c["title"] + ": " if c.get("title") else "") + c["text"] for c in chosen]
+            rank = [0.9] + sorted((rng.uniform(0.1, 0.7) for _ in chosen[1:]), reverse=True)
+            handle.write(json.dumps({
+                "query_id": query["id"], "task": task, "query": query["text"],
+                "answer": query["answers"][0],
+                "candidates": [{"id": "", "text": ""}] + [{"id": c["id"], "text": t}
+                                                          for c, t in zip(chosen, texts)],
+                "likelihood_rewards": [-2.0] + [-0.5] + [-3.0] * negatives,
+                "rank_rewards": [0.5] + rank, "samples": []}) + "\n")
+            written += 1
+            if written == n:
+                break
+    return path
+
+
+@pytest.fixture()
+def tiny_config(tiny_bert, tmp_path):
+    tool = write_synthetic_labels(tmp_path / "tool.jsonl", "tool", 40, seed=1)
+    chat = write_synthetic_labels(tmp_path / "chat.jsonl", "chat", 24, seed=2)
+    return {"model": str(tiny_bert), "tasks": {"tool": str(tool), "chat": str(chat)},
+            "output_dir": str(tmp_path / "run"), "max_steps": 6, "batch_size": 8,
+            "group_size": 4, "query_max_length": 24, "key_max_length": 24, "lr": 1e-3,
+            "save_steps": 3, "progress_bar": False, "plot": False, "seed": 7}
+
+
+def _weights(folder: Path):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _log(run: Path):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_and_resumed_run_ends_with_the_uninterrupted_weights(tiny_config, monkeypatch):
+    full = train({**tiny_config, "output_dir": tiny_config["output_dir"] + "-full"})
+
+    real_step = train_module._train_step
+
+    def dies_in_step_five(*args, **kwargs):
+        if args[5] == 4:  # 0-based step index: after the checkpoint of step 3, log of step 4
+            raise Killed
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_train_step", dies_in_step_five)
+    with pytest.raises(Killed):
+        train(tiny_config)
+    run = Path(tiny_config["output_dir"])
+    assert [r["step"] for r in _log(run)] == [1, 2, 3, 4]
+    assert json.loads((run / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
+    assert not (run / "model").exists()
+
+    monkeypatch.setattr(train_module, "_train_step", real_step)
+    with pytest.raises(ValueError, match="resume=True"):
+        train(tiny_config)
+    resumed = train({**tiny_config, "resume": True})
+
+    want, got = _weights(full), _weights(resumed)
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+    assert [r["step"] for r in _log(run)] == list(range(1, 7))
+    full_log = _log(full.parent)
+    for a, b in zip(_log(run), full_log):
+        assert a["task"] == b["task"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-6)
+    # Resuming a finished run changes nothing and returns the model.
+    assert train({**tiny_config, "resume": True}) == resumed
+
+
+def test_log_holds_every_step_with_loss_lr_and_scales_and_the_plot_is_drawn(tiny_config):
+    model_dir = train({**tiny_config, "plot": True, "max_steps": 5, "warmup_ratio": 0.4})
+    run = model_dir.parent
+    log = _log(run)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
+    for record in log:
+        assert record["task"] in ("tool", "chat")
+        assert set(record["lr_scale"]) == {"tool", "chat"}
+        assert record["losses"][record["task"]] == pytest.approx(record["loss"])
+        assert record["examples_per_s"] > 0
+    # warmup 2 steps then linear decay; self-paced factor 1 before 3 batches of a task
+    base = [0.5, 1.0, 1.0, 2 / 3, 1 / 3]
+    for record, factor in zip(log, base):
+        assert record["lr"] <= 1e-3 * factor + 1e-12
+    assert log[0]["lr"] == pytest.approx(5e-4)
+    assert (run / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "train_config.json").is_file()
+    embedder = llm_embedder.Embedder.from_pretrained(model_dir, device="cpu")
+    assert embedder.encode_queries(["what about river"], task="tool").shape == (1, 32)
+
+
+def test_mixed_batches_fixed_lr_contrastive_likelihood_from_a_yaml_config(tiny_config, tmp_path):
+    import yaml
+
+    tasks = {"tool": {"file": tiny_config["tasks"]["tool"], "loss": "contrastive",
+                      "reward": "likelihood"},
+             "chat": tiny_config["tasks"]["chat"]}
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump({**tiny_config, "tasks": tasks, "batching": "mixed",
+                                    "self_paced": False, "max_steps": 4, "batch_size": 16}))
+    config = load_config(path)
+    assert config.task_specs()["tool"].loss == "contrastive"
+    run = train(path).parent
+    log = _log(run)
+    assert len(log) == 4
+    assert any(r["task"] == "mixed" for r in log)
+    assert all(scale == 1.0 for r in log for scale in r["lr_scale"].values())
+
+
+def _slice_loss(model_dir, labels: Path, max_length: int) -> float:
+    """Graded-distillation loss of a model on a labelled slice (eval mode, all at once)."""
+    from llm_embedder.losses import GradedDistillationLoss
+
+    embedder = llm_embedder.Embedder.from_pretrained(model_dir, device="cpu")
+    records = [json.loads(line) for line in labels.read_text().splitlines()]
+    queries = [r["query"] for r in records]
+    keys = [c["text"] for r in records for c in r["candidates"][1:]]
+    q = embedder.encode_queries(queries, task="tool", max_length=max_length,
+                                convert_to_numpy=False)
+    k = embedder.encode_keys(keys, task="tool", max_length=max_length, convert_to_numpy=False)
+    rewards = torch.tensor([r["rank_rewards"][1:] for r in records])
+    return GradedDistillationLoss()(q, k.view(len(records), -1, k.shape[-1]), rewards).item()
+
+
+def test_short_run_on_a_real_slice_lowers_the_training_loss(shared_data, tmp_path):
+    labels = write_real_labels(shared_data, "tool/gorilla", "tool", tmp_path / "tool.jsonl", 16,
+                               negatives=3)
+    config = {"tasks": {"tool": str(labels)}, "output_dir": str(tmp_path / "run"),
+              "epochs": 2, "batch_size": 8, "group_size": 4, "query_max_length": 32,
+              "key_max_length": 32, "lr": 1e-4, "warmup_ratio": 0.0, "save_steps": 0,
+              "progress_bar": False, "plot": False}
+    model_dir = train(config)
+    assert len(_log(model_dir.parent)) == 4  # 16 queries / 8 a batch x 2 epochs
+    before = _slice_loss(None, labels, 32)
+    after = _slice_loss(model_dir, labels, 32)
+    assert after < 0.8 * before, (before, after)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_under_torchrun_with_gloo(tiny_config, tmp_path):
+    config = {**tiny_config, "max_steps": 4, "batch_size": 4, "save_steps": 2}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    package_root = str(Path(llm_embedder.__file__).resolve().parents[1])
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+         "-m", "llm_embedder.train", str(path)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = Path(config["output_dir"])
+    assert (run / "model" / "model.safetensors").is_file()
+    log = _log(run)
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert all(r["task"] in ("tool", "chat") for r in log)
+    state = torch.load(run / "checkpoint" / "state.pt", weights_only=False)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["step"] == 4
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_missing_labelled_file_is_named(tiny_config, tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        train({**tiny_config, "tasks": {"tool": str(missing)}})
+
+
+def test_unknown_task_and_unknown_key_are_named(tiny_config):
+    with pytest.raises(ValueError, match="unknown task 'recipes'"):
+        train({**tiny_config, "tasks": {"recipes": tiny_config["tasks"]["tool"]}})
+    with pytest.raises(ValueError, match="learning_rat"):
+        train({**tiny_config, "learning_rat": 1e-3})
+    with pytest.raises(ValueError, match="loss must be one of"):
+        TrainConfig(tasks={"tool": {"file": "x", "loss": "hinge"}}).validate()
+
+
+def test_query_with_only_the_empty_context_is_named(tiny_config, tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(json.dumps({
+        "query_id": "q-lonely", "task": "tool", "query": "what?", "answer": "x",
+        "candidates": [{"id": "", "text": ""}], "likelihood_rewards": [-1.0],
+        "rank_rewards": [0.5]}) + "\n")
+    with pytest.raises(DataError, match="q-lonely.*no candidate"):
+        train({**tiny_config, "tasks": {"tool": str(path)}})
+
+
+def test_labels_of_another_task_are_refused(tiny_config):
+    with pytest.raises(DataError, match="labelled for task 'chat'"):
+        train({**tiny_config, "tasks": {"tool": tiny_config["tasks"]["chat"]}})
+
+
+def test_nan_loss_stops_with_step_and_task(tiny_config, monkeypatch):
+    real = train_module.build_loss
+
+    class NanLoss(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            return self.inner(*args) * float("nan")
+
+    monkeypatch.setattr(train_module, "build_loss",
+                        lambda name, **kw: NanLoss(real(name, **kw)))
+    with pytest.raises(TrainingError, match=r"step 1 \(task '(tool|chat)'\)"):
+        train(tiny_config)
+
+
+def test_lr_schedule_warms_up_then_decays_without_zero_steps():
+    factors = [train_module._lr_factor(s, 10, 2) for s in range(10)]
+    assert factors[:3] == [0.5, 1.0, 1.0]
+    assert all(a >= b for a, b in zip(factors[1:], factors[2:]))
+    assert min(factors) > 0
