@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from llm_embedder.bm25 import BM25Index
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"

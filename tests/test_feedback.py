@@ -12,14 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from llm_embedder.data import DataError, load_corpus, load_queries
 from llm_embedder.feedback import FrozenLLM, label, merge_labelled
 from llm_embedder.tasks import get_task
 
 # A small labelling configuration shared by every LLM test (and its reference run).
-SMALL = dict(num_samples=3, num_negatives=2, max_key_tokens=64, max_new_tokens=12,
-             show_progress=False, seed=7)
+SMALL = {"num_samples": 3, "num_negatives": 2, "max_key_tokens": 64, "max_new_tokens": 12,
+             "show_progress": False, "seed": 7}
 
 
 def _slice(src: Path, dst: Path, n: int) -> Path:
@@ -195,8 +194,8 @@ def test_llm_is_loaded_once_and_in_float32_on_cpu(llm):
 
 @pytest.mark.slow
 def test_grouped_kv_reuse_scores_equal_one_pair_per_forward(llm):
-    prompts = ["Knowledge: The Panthers defense gave up just 308 points.\n\nQuestion: How many "
-               "points did the Panthers surrender?\n\nAnswer:",
+    prompts = [("Knowledge: The Panthers defense gave up just 308 points.\n\nQuestion: How many "
+                "points did the Panthers surrender?\n\nAnswer:"),
                "Question: How many points did the Panthers surrender?\n\nAnswer:",
                "Review: a gorgeous, witty, seductive movie.\nSentiment:"]
     outputs = [[" 308", " 24 points in total", " sixth"], [" 308", " none"],

