@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -491,7 +492,12 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
         raise ValueError(f"{output_dir} already holds a training checkpoint; set resume=True to "
                          f"continue it, overwrite=True to start afresh, or use another "
                          f"output_dir")
+    if config.resume and checkpoint is None:
+        logger.info("no checkpoint in %s: starting from scratch", output_dir)
     if not config.resume:
+        if checkpoint is not None and rank == 0:
+            # A later resume must never pick up the replaced run's state.
+            shutil.rmtree(checkpoint)
         checkpoint = None
     specs = config.task_specs()
     examples, task_names = _load_examples(specs, config.reward)
@@ -679,8 +685,9 @@ def _train_step(model: nn.Module, embedder: Any, examples: Sequence[_Example],
         key_ids[b, :len(chosen)] = torch.from_numpy(example.key_ids[chosen])
         mask[b, :len(chosen)] = True
     rewards, key_ids, mask = rewards.to(device), key_ids.to(device), mask.to(device)
-    query_batch = embedder.tokenize(queries, config.query_max_length)
-    key_batch = embedder.tokenize(keys, config.key_max_length)
+    # Plain dicts: DDP's input handling walks dicts, not BatchEncoding.
+    query_batch = dict(embedder.tokenize(queries, config.query_max_length))
+    key_batch = dict(embedder.tokenize(keys, config.key_max_length))
 
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                 else _null_context())
