@@ -188,3 +188,51 @@ def test_bucket_batches_value_errors_name_the_argument(args, kwargs, match):
 
 def test_bucket_batches_empty_input_gives_no_batches():
     assert _native.bucket_batches(np.array([], np.int64), np.array([], np.int64), 4, 0) == []
+
+
+# ---------------------------------------------------------------- float16 keys, threads, probe
+
+
+@pytest.mark.parametrize("q,n,d", [(1, 5000, 384), (5, 900, 17), (40, 1200, 64), (300, 600, 9)])
+def test_topk_f16_equals_topk_on_the_widened_keys(q, n, d):
+    rng = np.random.default_rng(q + n)
+    queries = rng.standard_normal((q, d)).astype(np.float32)
+    keys16 = rng.standard_normal((n, d)).astype(np.float16)
+    got = _native.topk_f16(queries, keys16, 10)
+    want = _native.topk(queries, keys16.astype(np.float32), 10)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
+
+
+def test_topk_f16_value_errors_name_the_argument():
+    with pytest.raises(ValueError, match=r"keys must be a 2-D float16 numpy array.*float32"):
+        _native.topk_f16(Q, K, 1)
+    keys = K.astype(np.float16)
+    keys[2, 0] = np.inf
+    with pytest.raises(ValueError, match=r"keys must be finite.*row 2"):
+        _native.topk_f16(Q, keys, 1)
+
+
+def test_set_num_threads_sets_the_default_and_zero_restores_it():
+    default = _native.get_num_threads()
+    try:
+        _native.set_num_threads(1)
+        assert _native.get_num_threads() == 1
+        rng = np.random.default_rng(3)
+        queries = rng.standard_normal((3, 16)).astype(np.float32)
+        keys = rng.standard_normal((2000, 16)).astype(np.float32)
+        np.testing.assert_array_equal(
+            _native.topk(queries, keys, 4)[1], _native.topk(queries, keys, 4, threads=2)[1]
+        )
+    finally:
+        _native.set_num_threads(0)
+    assert _native.get_num_threads() == default
+    with pytest.raises(ValueError, match="threads must be >= 0"):
+        _native.set_num_threads(-1)
+
+
+def test_stream_sum_is_the_sum():
+    x = np.arange(100_003, dtype=np.float32) % 7
+    assert _native.stream_sum(x, threads=2) == pytest.approx(float(x.sum(dtype=np.float64)))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _native.stream_sum(x[::2])

@@ -50,3 +50,20 @@ def topk(
     ValueError naming the argument on non-2D/non-float32 input, dimension mismatch, non-finite
     values, k < 1 or k > N.
     """
+
+def topk_f16(
+    queries: npt.NDArray[np.float32],
+    keys: npt.NDArray[np.float16],
+    k: int,
+    threads: Optional[int] = None,
+) -> Tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """``topk`` over float16 keys: half the bytes to stream, products summed in float32."""
+
+def set_num_threads(threads: int) -> None:
+    """Threads for top-k calls that name none; 0 restores rayon's pool (RAYON_NUM_THREADS)."""
+
+def get_num_threads() -> int:
+    """Threads a top-k call that names none will use."""
+
+def stream_sum(x: npt.NDArray[np.float32], threads: Optional[int] = None) -> float:
+    """Sum of a 1-D C-contiguous float32 array read once: the streaming-bandwidth probe."""

@@ -244,6 +244,70 @@ fn panel_portable(
     flag
 }
 
+/// `out[j] = ⟨query, keys[j]⟩` for float16 keys, widened in registers (no scratch copy, so
+/// a single-query scan streams half the bytes of float32 keys and nothing else).
+pub fn score_row_f16(query: &[f32], keys: &[half::f16], nb: usize, d: usize, out: &mut [f32]) {
+    assert!(query.len() >= d && keys.len() >= nb * d && out.len() >= nb);
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 {
+        // SAFETY: lengths asserted above; AVX-512F detected.
+        unsafe {
+            x86::gemv_f16_avx512(
+                query.as_ptr(),
+                keys.as_ptr() as *const u16,
+                nb,
+                d,
+                out.as_mut_ptr(),
+            )
+        };
+        return;
+    }
+    for (j, o) in out.iter_mut().take(nb).enumerate() {
+        let row = &keys[j * d..(j + 1) * d];
+        *o = query.iter().zip(row).map(|(x, y)| x * y.to_f32()).sum();
+    }
+}
+
+/// Widen float16 values to float32 (`dst.len() == src.len()`); NaN and inf are kept.
+pub fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if isa() == Isa::Avx512 {
+            // SAFETY: equal lengths asserted above; AVX-512F detected.
+            unsafe { x86::widen_avx512(src.as_ptr() as *const u16, dst.as_mut_ptr(), src.len()) };
+            return;
+        }
+        if isa() == Isa::Avx2 && is_x86_feature_detected!("f16c") {
+            // SAFETY: equal lengths asserted above; AVX and F16C detected.
+            unsafe { x86::widen_f16c(src.as_ptr() as *const u16, dst.as_mut_ptr(), src.len()) };
+            return;
+        }
+    }
+    for (o, x) in dst.iter_mut().zip(src) {
+        *o = x.to_f32();
+    }
+}
+
+/// Sum of `xs` read front to back: the streaming-read probe of the benchmarks (it does as
+/// little work per byte as a scan can, so its speed is the machine's read bandwidth).
+pub fn sum(xs: &[f32]) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 {
+        // SAFETY: reads xs.len() values from xs; AVX-512F detected.
+        return unsafe { x86::sum_avx512(xs.as_ptr(), xs.len()) };
+    }
+    let mut acc = [0f32; 16];
+    let chunks = xs.chunks_exact(16);
+    let rest: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    acc.iter().map(|&a| a as f64).sum::<f64>() + rest as f64
+}
+
 /// Whether every value is finite (vectorises: one compare per value, no early exit).
 pub fn all_finite(xs: &[f32]) -> bool {
     xs.iter().fold(true, |ok, x| ok & x.is_finite())
@@ -619,6 +683,107 @@ mod x86 {
         flag != 0
     }
 
+    /// [`gemv_avx512`] over float16 keys: 16 halves (32 bytes) widened per load.
+    ///
+    /// # Safety
+    /// `q` holds `d` floats, `k` holds `nb·d` halves, `out` has `nb` writable values; AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn gemv_f16_avx512(
+        q: *const f32,
+        k: *const u16,
+        nb: usize,
+        d: usize,
+        out: *mut f32,
+    ) {
+        let end = k.add(nb * d) as usize;
+        for j in 0..nb {
+            let row = k.add(j * d);
+            let mut a = [_mm512_setzero_ps(); 4];
+            let mut p = 0;
+            while p + 64 <= d {
+                let ahead = row.add(p) as usize + PREFETCH_BYTES;
+                if ahead < end {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>((ahead + 64) as *const i8);
+                }
+                for (i, acc) in a.iter_mut().enumerate() {
+                    let x = _mm512_loadu_ps(q.add(p + 16 * i));
+                    let h = _mm256_loadu_si256(row.add(p + 16 * i) as *const __m256i);
+                    *acc = _mm512_fmadd_ps(x, _mm512_cvtph_ps(h), *acc);
+                }
+                p += 64;
+            }
+            while p + 16 <= d {
+                let x = _mm512_loadu_ps(q.add(p));
+                let h = _mm256_loadu_si256(row.add(p) as *const __m256i);
+                a[0] = _mm512_fmadd_ps(x, _mm512_cvtph_ps(h), a[0]);
+                p += 16;
+            }
+            let s = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+            let mut total = _mm512_reduce_add_ps(s);
+            while p < d {
+                total += *q.add(p) * half::f16::from_bits(*row.add(p)).to_f32();
+                p += 1;
+            }
+            *out.add(j) = total;
+        }
+    }
+
+    /// # Safety
+    /// `x` holds `n` floats; AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn sum_avx512(x: *const f32, n: usize) -> f64 {
+        let mut a = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 64 <= n {
+            for (j, acc) in a.iter_mut().enumerate() {
+                *acc = _mm512_add_ps(*acc, _mm512_loadu_ps(x.add(i + 16 * j)));
+            }
+            i += 64;
+        }
+        let mut s = _mm512_reduce_add_ps(_mm512_add_ps(
+            _mm512_add_ps(a[0], a[1]),
+            _mm512_add_ps(a[2], a[3]),
+        )) as f64;
+        while i < n {
+            s += *x.add(i) as f64;
+            i += 1;
+        }
+        s
+    }
+
+    /// # Safety
+    /// `src` and `dst` hold `n` values; AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn widen_avx512(src: *const u16, dst: *mut f32, n: usize) {
+        let mut i = 0;
+        while i + 16 <= n {
+            let h = _mm256_loadu_si256(src.add(i) as *const __m256i);
+            _mm512_storeu_ps(dst.add(i), _mm512_cvtph_ps(h));
+            i += 16;
+        }
+        while i < n {
+            *dst.add(i) = half::f16::from_bits(*src.add(i)).to_f32();
+            i += 1;
+        }
+    }
+
+    /// # Safety
+    /// `src` and `dst` hold `n` values; AVX and F16C.
+    #[target_feature(enable = "avx,f16c")]
+    pub unsafe fn widen_f16c(src: *const u16, dst: *mut f32, n: usize) {
+        let mut i = 0;
+        while i + 8 <= n {
+            let h = _mm_loadu_si128(src.add(i) as *const __m128i);
+            _mm256_storeu_ps(dst.add(i), _mm256_cvtph_ps(h));
+            i += 8;
+        }
+        while i < n {
+            *dst.add(i) = half::f16::from_bits(*src.add(i)).to_f32();
+            i += 1;
+        }
+    }
+
     /// Sum of the two 8-lane halves of a 16-lane vector.
     #[inline]
     #[target_feature(enable = "avx512f")]
@@ -728,6 +893,44 @@ mod tests {
                         "{isa:?} missed -inf"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn widening_f16_is_exact_for_every_length() {
+        let vals: Vec<half::f16> = (0..70)
+            .map(|i| half::f16::from_f32(i as f32 * 0.37 - 9.0))
+            .chain([half::f16::INFINITY, half::f16::NAN, half::f16::NEG_INFINITY])
+            .collect();
+        for n in 0..vals.len() {
+            let mut out = vec![0f32; n];
+            widen_f16(&vals[..n], &mut out);
+            for (o, v) in out.iter().zip(&vals) {
+                assert!(o.to_bits() == v.to_f32().to_bits() || (o.is_nan() && v.is_nan()));
+            }
+        }
+    }
+
+    #[test]
+    fn f16_row_kernel_matches_widening() {
+        let mut rng = Rng::new(13, 0);
+        for &d in &[1usize, 15, 16, 17, 64, 100, 385] {
+            let nb = 9;
+            let q: Vec<f32> = (0..d).map(|_| rng.next_f64() as f32 - 0.5).collect();
+            let k: Vec<half::f16> = (0..nb * d)
+                .map(|_| half::f16::from_f64(rng.next_f64() - 0.5))
+                .collect();
+            let mut out = vec![0f32; nb];
+            score_row_f16(&q, &k, nb, d, &mut out);
+            for j in 0..nb {
+                let wide: Vec<f32> = k[j * d..(j + 1) * d].iter().map(|x| x.to_f32()).collect();
+                let want = dot_scalar(&q, &wide);
+                assert!(
+                    (out[j] - want).abs() <= 1e-5 * (1.0 + d as f32),
+                    "d={d}: {} vs {want}",
+                    out[j]
+                );
             }
         }
     }

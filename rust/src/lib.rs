@@ -171,36 +171,28 @@ fn py_bucket_batches<'py>(
     Ok(batches.into_iter().map(|b| b.into_pyarray(py)).collect())
 }
 
-/// Exact inner-product top-k: (scores [Q, k] descending, indices [Q, k]; ties: lower index).
-///
-/// `threads` limits the worker threads of this call (default: rayon's pool, which honours
-/// RAYON_NUM_THREADS).
-///
-/// >>> scores, idx = topk(queries, keys, k=10)
-#[pyfunction]
-#[pyo3(name = "topk", signature = (queries, keys, k, threads = None))]
-#[allow(clippy::type_complexity)]
-fn py_topk<'py>(
+type TopkResult<'py> = (Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<i64>>);
+
+/// Shared body of `topk` and `topk_f16`: checks, GIL-free search, numpy results.
+fn topk_impl<'py, T: Element + Copy>(
     py: Python<'py>,
     queries: &Bound<'py, PyAny>,
     keys: &Bound<'py, PyAny>,
+    key_dtype: &str,
     k: i64,
     threads: Option<i64>,
-) -> PyResult<(Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<i64>>)> {
+    wrap: fn(&[T]) -> topk::Keys<'_>,
+) -> PyResult<TopkResult<'py>> {
     let qa = borrow_array::<f32>(queries, "queries", "float32", 2)?;
-    let ka = borrow_array::<f32>(keys, "keys", "float32", 2)?;
+    let ka = borrow_array::<T>(keys, "keys", key_dtype, 2)?;
     let (q, qd) = (qa.shape()[0], qa.shape()[1]);
     let (n, kd) = (ka.shape()[0], ka.shape()[1]);
-    let threads = match threads {
-        None => None,
-        Some(t) if t >= 1 => Some(t as usize),
-        Some(t) => return Err(value_error(format!("threads must be >= 1, got {t}"))),
-    };
+    let threads = check_threads(threads)?;
     let (qv, kv) = (qa.as_array(), ka.as_array());
     let (qd_, kd_) = (contiguous(&qv), contiguous(&kv));
     let out = py.detach(|| {
         topk::validate(&qd_, qd, kd, n, k)?;
-        topk::topk(&qd_, &kd_, q, n, qd, k as usize, threads)
+        topk::topk(&qd_, wrap(&kd_), q, n, qd, k as usize, threads)
     });
     let (scores, indices) = out.map_err(value_error)?;
     let k = k as usize;
@@ -214,10 +206,114 @@ fn py_topk<'py>(
     ))
 }
 
+fn check_threads(threads: Option<i64>) -> PyResult<Option<usize>> {
+    match threads {
+        None => Ok(None),
+        Some(t) if t >= 1 => Ok(Some(t as usize)),
+        Some(t) => Err(value_error(format!("threads must be >= 1, got {t}"))),
+    }
+}
+
+/// Exact inner-product top-k: (scores [Q, k] descending, indices [Q, k]; ties: lower index).
+///
+/// `threads` limits the worker threads of this call (default: `set_num_threads`, else
+/// rayon's pool, which honours RAYON_NUM_THREADS).
+///
+/// >>> scores, idx = topk(queries, keys, k=10)
+#[pyfunction]
+#[pyo3(name = "topk", signature = (queries, keys, k, threads = None))]
+fn py_topk<'py>(
+    py: Python<'py>,
+    queries: &Bound<'py, PyAny>,
+    keys: &Bound<'py, PyAny>,
+    k: i64,
+    threads: Option<i64>,
+) -> PyResult<TopkResult<'py>> {
+    topk_impl::<f32>(py, queries, keys, "float32", k, threads, |x| {
+        topk::Keys::F32(x)
+    })
+}
+
+/// `topk` over float16 keys (half the bytes to read; scores accumulate in float32).
+///
+/// >>> scores, idx = topk_f16(queries, keys.astype(np.float16), k=10)
+#[pyfunction]
+#[pyo3(name = "topk_f16", signature = (queries, keys, k, threads = None))]
+fn py_topk_f16<'py>(
+    py: Python<'py>,
+    queries: &Bound<'py, PyAny>,
+    keys: &Bound<'py, PyAny>,
+    k: i64,
+    threads: Option<i64>,
+) -> PyResult<TopkResult<'py>> {
+    topk_impl::<half::f16>(py, queries, keys, "float16", k, threads, |x| {
+        topk::Keys::F16(x)
+    })
+}
+
+/// Threads for `topk` calls that name none (like `faiss.omp_set_num_threads`); 0 restores the
+/// default (rayon's pool: all cores, or RAYON_NUM_THREADS).
+///
+/// >>> set_num_threads(1)
+#[pyfunction]
+#[pyo3(name = "set_num_threads")]
+fn py_set_num_threads(threads: i64) -> PyResult<()> {
+    if threads < 0 {
+        return Err(value_error(format!("threads must be >= 0, got {threads}")));
+    }
+    topk::set_default_threads(threads as usize);
+    Ok(())
+}
+
+/// Threads a `topk` call that names none will use.
+///
+/// >>> get_num_threads()
+#[pyfunction]
+#[pyo3(name = "get_num_threads")]
+fn py_get_num_threads() -> usize {
+    topk::effective_threads(None)
+}
+
+/// Sum of a float32 array read once, front to back, split across `threads`: the
+/// streaming-read bandwidth probe of benches/bench_topk.py.
+///
+/// >>> stream_sum(np.ones(1 << 20, np.float32), threads=1)
+#[pyfunction]
+#[pyo3(name = "stream_sum", signature = (x, threads = None))]
+fn py_stream_sum<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    threads: Option<i64>,
+) -> PyResult<f64> {
+    let a = borrow_array::<f32>(x, "x", "float32", 1)?;
+    let view = a.as_array();
+    let data = view
+        .as_slice()
+        .ok_or_else(|| value_error("x must be C-contiguous (the probe must not copy)"))?;
+    let threads = topk::effective_threads(check_threads(threads)?);
+    Ok(py.detach(|| {
+        let part = data.len().div_ceil(threads.max(1)).max(1);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = data
+                .chunks(part)
+                .map(|c| s.spawn(move || kernels::sum(c)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("probe thread"))
+                .sum()
+        })
+    }))
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_rank_aware_reward, m)?)?;
     m.add_function(wrap_pyfunction!(py_bucket_batches, m)?)?;
     m.add_function(wrap_pyfunction!(py_topk, m)?)?;
+    m.add_function(wrap_pyfunction!(py_topk_f16, m)?)?;
+    m.add_function(wrap_pyfunction!(py_set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(py_get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(py_stream_sum, m)?)?;
     Ok(())
 }

@@ -11,6 +11,7 @@ use crate::kernels;
 use rayon::prelude::*;
 use std::cmp::Ordering;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// Keys per block: a block of 256 keys × 768 dims is 768 KiB, which stays in a 1 MiB L2
@@ -103,15 +104,54 @@ impl Collector {
     }
 }
 
-/// Scan `keys[key_lo..key_hi]` (row-major, `d` columns) against `queries` (row-major) and feed
-/// one collector per query.
+/// Where the keys live: float32 rows, or float16 rows (half the bytes to stream) that are
+/// widened to float32 one cache-sized block at a time.
+#[derive(Clone, Copy, Debug)]
+pub enum Keys<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+}
+
+/// Hands out key blocks as float32 rows: a sub-slice for float32 keys, a widened copy in a
+/// reused scratch buffer for float16 keys.
+struct BlockReader<'a> {
+    keys: Keys<'a>,
+    d: usize,
+    scratch: Vec<f32>,
+}
+
+impl<'a> BlockReader<'a> {
+    fn new(keys: Keys<'a>, d: usize) -> Self {
+        BlockReader {
+            keys,
+            d,
+            scratch: Vec::new(),
+        }
+    }
+
+    fn block(&mut self, start: usize, end: usize) -> &[f32] {
+        let d = self.d;
+        match self.keys {
+            Keys::F32(k) => &k[start * d..end * d],
+            Keys::F16(k) => {
+                let src = &k[start * d..end * d];
+                self.scratch.resize(src.len(), 0.0);
+                kernels::widen_f16(src, &mut self.scratch);
+                &self.scratch
+            }
+        }
+    }
+}
+
+/// Scan keys `key_lo..key_hi` against `queries` (row-major, `d` columns) and feed one
+/// collector per query.
 ///
 /// Keys are checked for NaN/inf here rather than in a separate pass (a second pass would
 /// double the bytes read at Q = 1): with finite queries a non-finite key always yields a
 /// non-finite score, so a block with a non-finite score is searched for the culprit.
 fn scan(
     queries: &[f32],
-    keys: &[f32],
+    keys: Keys,
     d: usize,
     key_lo: usize,
     key_hi: usize,
@@ -120,11 +160,25 @@ fn scan(
     let q = collectors.len();
     let tile = kernels::QUERY_TILE;
     let mut scratch = vec![0f32; tile * KEY_BLOCK];
+    let mut reader = BlockReader::new(keys, d);
     let mut start = key_lo;
     while start < key_hi {
         let end = (start + KEY_BLOCK).min(key_hi);
         let nb = end - start;
-        let block = &keys[start * d..end * d];
+        if let (1, Keys::F16(half)) = (q, keys) {
+            // One query over float16 keys: widen in registers, never through a scratch copy.
+            let scores = &mut scratch[..nb];
+            kernels::score_row_f16(queries, &half[start * d..end * d], nb, d, scores);
+            if !kernels::all_finite(scores) {
+                let pos = scores.iter().position(|x| !x.is_finite()).unwrap_or(0);
+                let block = reader.block(start, end);
+                return Err(explain_non_finite(block, start, d, start + pos, 0));
+            }
+            feed(&mut collectors[0], scores, start);
+            start = end;
+            continue;
+        }
+        let block = reader.block(start, end);
         let mut q0 = 0;
         while q0 < q {
             let q1 = (q0 + tile).min(q);
@@ -132,9 +186,9 @@ fn scan(
             let scores = &mut scratch[..rows * nb];
             kernels::score_block(&queries[q0 * d..q1 * d], rows, block, nb, d, scores);
             if !kernels::all_finite(scores) {
-                return Err(non_finite_score(
-                    queries, keys, d, q0, start, rows, nb, scores,
-                ));
+                let pos = scores.iter().position(|x| !x.is_finite()).unwrap_or(0);
+                let (qi, kj) = (q0 + pos / nb, start + pos % nb);
+                return Err(explain_non_finite(block, start, d, kj, qi));
             }
             for (r, coll) in collectors[q0..q1].iter_mut().enumerate() {
                 feed(coll, &scores[r * nb..(r + 1) * nb], start);
@@ -146,27 +200,15 @@ fn scan(
     Ok(())
 }
 
-/// Explain a non-finite score: a non-finite key, or finite inputs whose product overflows.
-#[allow(clippy::too_many_arguments)]
+/// Why query row `qi` · key row `kj` is not finite: a non-finite key in the block (which holds
+/// keys from row `first`), or finite inputs whose product overflows.
 #[cold]
-fn non_finite_score(
-    queries: &[f32],
-    keys: &[f32],
-    d: usize,
-    q0: usize,
-    k0: usize,
-    rows: usize,
-    nb: usize,
-    scores: &[f32],
-) -> String {
-    for j in k0..k0 + nb {
-        if let Some(x) = keys[j * d..(j + 1) * d].iter().find(|x| !x.is_finite()) {
-            return format!("keys must be finite, found {x} in row {j}");
+fn explain_non_finite(block: &[f32], first: usize, d: usize, kj: usize, qi: usize) -> String {
+    for (j, row) in block.chunks_exact(d).enumerate() {
+        if let Some(x) = row.iter().find(|x| !x.is_finite()) {
+            return format!("keys must be finite, found {x} in row {}", first + j);
         }
     }
-    let pos = scores.iter().position(|x| !x.is_finite()).unwrap_or(0);
-    let (qi, kj) = (q0 + pos / nb.max(1), k0 + pos % nb.max(1));
-    let _ = (queries, rows);
     format!(
         "the inner product of queries row {qi} and keys row {kj} overflows float32; \
          normalise the vectors (cosine scores) or scale them down"
@@ -189,6 +231,28 @@ fn feed(coll: &mut Collector, scores: &[f32], first: usize) {
         }
         base += chunk.len();
     }
+}
+
+static DEFAULT_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// Threads used when a call names none; 0 restores rayon's global pool (RAYON_NUM_THREADS).
+pub fn set_default_threads(threads: usize) {
+    DEFAULT_THREADS.store(threads, AtomicOrdering::Relaxed);
+}
+
+/// The threads a call that names none runs on.
+pub fn default_threads() -> Option<usize> {
+    match DEFAULT_THREADS.load(AtomicOrdering::Relaxed) {
+        0 => None,
+        t => Some(t),
+    }
+}
+
+/// Threads a call would use.
+pub fn effective_threads(threads: Option<usize>) -> usize {
+    threads
+        .or_else(default_threads)
+        .unwrap_or_else(rayon::current_num_threads)
 }
 
 fn pool(threads: usize) -> Arc<rayon::ThreadPool> {
@@ -251,7 +315,7 @@ const SPLIT_QUERIES_ABOVE: usize = 256;
 /// `Err` when a key is not finite or a score overflows.
 pub fn topk(
     queries: &[f32],
-    keys: &[f32],
+    keys: Keys,
     q: usize,
     n: usize,
     d: usize,
@@ -259,7 +323,7 @@ pub fn topk(
     threads: Option<usize>,
 ) -> Result<(Vec<f32>, Vec<i64>), String> {
     let run = || topk_in_pool(queries, keys, q, n, d, k);
-    match threads {
+    match threads.or_else(default_threads) {
         Some(t) => pool(t).install(run),
         None => run(),
     }
@@ -282,7 +346,7 @@ impl Layout<'_> {
         &self,
         q0: usize,
         q1: usize,
-        keys: &[f32],
+        keys: Keys,
         d: usize,
         lo: usize,
         hi: usize,
@@ -309,7 +373,7 @@ const CHUNK_ALIGN: usize = 32;
 fn scan_panels(
     isa: kernels::Isa,
     panels: &[f32],
-    keys: &[f32],
+    keys: Keys,
     d: usize,
     key_lo: usize,
     key_hi: usize,
@@ -322,9 +386,11 @@ fn scan_panels(
     let block = ((384 * 1024 / (4 * d)).clamp(4 * cw, 4096) / cw) * cw;
     let mut thr = vec![f32::INFINITY; gw * P];
     let mut out = vec![0f32; cw * gw * P];
+    let mut reader = BlockReader::new(keys, d);
     let mut start = key_lo;
     while start < key_hi {
         let end = (start + block).min(key_hi);
+        let rows = reader.block(start, end);
         let mut g0 = 0;
         while g0 < groups {
             let g = if g0 + gw <= groups { gw } else { 1 };
@@ -339,13 +405,14 @@ fn scan_panels(
             let mut j = start;
             while j < end {
                 let c = if j + cw <= end { cw } else { 1 };
-                let tile_keys = &keys[j * d..(j + c) * d];
+                let tile_keys = &rows[(j - start) * d..(j - start + c) * d];
                 if kernels::panel_tile(isa, pan, g, tile_keys, c, d, &thr, &mut out) {
                     for ci in 0..c {
                         let row = &out[ci * g * P..ci * g * P + lanes];
                         for (lane, (&sc, coll)) in row.iter().zip(colls.iter_mut()).enumerate() {
                             if !sc.is_finite() {
-                                return Err(explain_non_finite(keys, d, j + ci, g0 * P + lane));
+                                let (kj, qi) = (j + ci, g0 * P + lane);
+                                return Err(explain_non_finite(rows, start, d, kj, qi));
                             }
                             if sc > thr[lane] {
                                 coll.push(sc, j + ci);
@@ -363,21 +430,9 @@ fn scan_panels(
     Ok(())
 }
 
-/// Why query row `qi` · key row `kj` is not finite: a non-finite key, or an overflow.
-#[cold]
-fn explain_non_finite(keys: &[f32], d: usize, kj: usize, qi: usize) -> String {
-    match keys[kj * d..(kj + 1) * d].iter().find(|x| !x.is_finite()) {
-        Some(x) => format!("keys must be finite, found {x} in row {kj}"),
-        None => format!(
-            "the inner product of queries row {qi} and keys row {kj} overflows float32; \
-             normalise the vectors (cosine scores) or scale them down"
-        ),
-    }
-}
-
 fn topk_in_pool(
     queries: &[f32],
-    keys: &[f32],
+    keys: Keys,
     q: usize,
     n: usize,
     d: usize,
@@ -487,7 +542,7 @@ mod tests {
         let mut rng = Rng::new((q * 1000 + n * 10 + d) as u64, k as u64);
         let queries = random(&mut rng, q * d, grid);
         let keys = random(&mut rng, n * d, grid);
-        let (scores, idx) = topk(&queries, &keys, q, n, d, k, threads).unwrap();
+        let (scores, idx) = topk(&queries, Keys::F32(&keys), q, n, d, k, threads).unwrap();
         let want = reference(&queries, &keys, q, n, d, k);
         for qi in 0..q {
             for j in 0..k {
@@ -537,6 +592,51 @@ mod tests {
     }
 
     #[test]
+    fn f16_keys_give_the_answer_of_their_f32_widening() {
+        for &(q, n, d) in &[
+            (1usize, 3000usize, 384usize),
+            (5, 700, 17),
+            (40, 900, 33),
+            (300, 520, 8),
+        ] {
+            let mut rng = Rng::new(q as u64, n as u64);
+            let queries = random(&mut rng, q * d, false);
+            let half: Vec<half::f16> = random(&mut rng, n * d, false)
+                .into_iter()
+                .map(half::f16::from_f32)
+                .collect();
+            let wide: Vec<f32> = half.iter().map(|x| x.to_f32()).collect();
+            let a = topk(&queries, Keys::F16(&half), q, n, d, 7, None).unwrap();
+            let b = topk(&queries, Keys::F32(&wide), q, n, d, 7, None).unwrap();
+            assert_eq!(a, b);
+        }
+    }
+
+    #[test]
+    fn query_split_matches_key_split() {
+        // q > SPLIT_QUERIES_ABOVE splits queries across threads; compare with one query at a time
+        let (q, n, d, k) = (SPLIT_QUERIES_ABOVE + 37, 2000, 24, 5);
+        let mut rng = Rng::new(99, 0);
+        let queries = random(&mut rng, q * d, true);
+        let keys = random(&mut rng, n * d, true);
+        let all = topk(&queries, Keys::F32(&keys), q, n, d, k, Some(2)).unwrap();
+        for qi in (0..q).step_by(17) {
+            let one = topk(
+                &queries[qi * d..(qi + 1) * d],
+                Keys::F32(&keys),
+                1,
+                n,
+                d,
+                k,
+                Some(2),
+            )
+            .unwrap();
+            assert_eq!(one.0[..], all.0[qi * k..(qi + 1) * k]);
+            assert_eq!(one.1[..], all.1[qi * k..(qi + 1) * k]);
+        }
+    }
+
+    #[test]
     fn collector_breaks_ties_by_lower_index() {
         let mut c = Collector::new(2);
         for i in 0..100 {
@@ -578,7 +678,7 @@ mod tests {
                 let queries = vec![0.0f32; q * d]; // zero queries: 0·inf is NaN, still caught
                 let mut keys = vec![1.0f32; n * d];
                 keys[(n - 7) * d + 3] = bad;
-                let e = topk(&queries, &keys, q, n, d, 1, Some(2)).unwrap_err();
+                let e = topk(&queries, Keys::F32(&keys), q, n, d, 1, Some(2)).unwrap_err();
                 assert!(
                     e.contains(&format!(
                         "keys must be finite, found {bad} in row {}",
@@ -595,7 +695,7 @@ mod tests {
         let d = 4;
         let queries = vec![1e30f32; d];
         let keys = vec![1e30f32; 10 * d];
-        let e = topk(&queries, &keys, 1, 10, d, 1, None).unwrap_err();
+        let e = topk(&queries, Keys::F32(&keys), 1, 10, d, 1, None).unwrap_err();
         assert!(e.contains("overflows float32"), "{e}");
     }
 }
