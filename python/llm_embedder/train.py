@@ -489,9 +489,9 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
     output_dir = Path(config.output_dir)
     checkpoint = _find_checkpoint(output_dir)
     if checkpoint is not None and not config.resume and not config.overwrite:
-        raise ValueError(f"{output_dir} already holds a training checkpoint; set resume=True to "
-                         f"continue it, overwrite=True to start afresh, or use another "
-                         f"output_dir")
+        raise ValueError(f"{output_dir} already holds a training checkpoint; set resume: true "
+                         f"(or --resume) to continue it, overwrite: true to start afresh, or "
+                         f"use another output_dir")
     if config.resume and checkpoint is None:
         logger.info("no checkpoint in %s: starting from scratch", output_dir)
     if not config.resume:
@@ -631,9 +631,9 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
                 if appender is not None:
                     appender.append(record)
                 if progress is not None:
-                    progress.update(1)
                     progress.set_postfix(task=record["task"], loss=f"{record['loss']:.4f}",
                                          refresh=False)
+                    progress.update(1)
                 if main and (step % config.log_every == 0 or step == total):
                     logger.info("step %d/%d %s loss %.4f lr %.3g", step, total, record["task"],
                                 record["loss"], record["lr"])
