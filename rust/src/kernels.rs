@@ -169,9 +169,10 @@ pub fn panel_tile_shape(isa: Isa) -> (usize, usize) {
 /// Scores of `c` keys (rows of `keys`, `d` columns) against `g` consecutive panels.
 ///
 /// `c` is either the full tile width of [`panel_tile_shape`] or 1, and `g` is the shape's
-/// panel count or 1. Writes `out[key·g·16 + panel·16 + lane]` and returns whether any score
-/// is above its lane's threshold `thr[panel·16 + lane]` or is not finite — the caller only
-/// looks at `out` then, which after the first few tiles is rare.
+/// panel count or 1. Writes the scores to `out[key·g·16 + panel·16 + lane]` and, in
+/// `masks[key·g + panel]`, the lanes whose score is above its threshold
+/// `thr[panel·16 + lane]` or is not finite; returns whether any mask is non-zero. The caller
+/// visits only flagged lanes, which after the first few tiles are rare.
 #[allow(clippy::too_many_arguments)]
 pub fn panel_tile(
     isa: Isa,
@@ -182,11 +183,13 @@ pub fn panel_tile(
     d: usize,
     thr: &[f32],
     out: &mut [f32],
+    masks: &mut [u16],
 ) -> bool {
     let (cw, gw) = panel_tile_shape(isa);
     assert!((c == cw || c == 1) && (g == gw || g == 1));
     assert!(panels.len() >= g * d * PANEL && keys.len() >= c * d);
-    assert!(thr.len() >= g * PANEL && out.len() >= c * g * PANEL);
+    assert!(thr.len() >= g * PANEL && out.len() >= c * g * PANEL && masks.len() >= c * g);
+    let mp = masks.as_mut_ptr();
     assert!(
         isa == Isa::Portable || isa == detect() || (isa == Isa::Avx2 && detect() == Isa::Avx512)
     );
@@ -202,21 +205,21 @@ pub fn panel_tile(
         // detected (asserted above).
         Isa::Avx512 => unsafe {
             match (c, g) {
-                (12, 2) => x86::panel_avx512::<12, 2>(pp, kp, d, tp, op),
-                (12, 1) => x86::panel_avx512::<12, 1>(pp, kp, d, tp, op),
-                (1, 2) => x86::panel_avx512::<1, 2>(pp, kp, d, tp, op),
-                _ => x86::panel_avx512::<1, 1>(pp, kp, d, tp, op),
+                (12, 2) => x86::panel_avx512::<12, 2>(pp, kp, d, tp, op, mp),
+                (12, 1) => x86::panel_avx512::<12, 1>(pp, kp, d, tp, op, mp),
+                (1, 2) => x86::panel_avx512::<1, 2>(pp, kp, d, tp, op, mp),
+                _ => x86::panel_avx512::<1, 1>(pp, kp, d, tp, op, mp),
             }
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Isa::Avx2 => unsafe {
             match c {
-                6 => x86::panel_avx2::<6>(pp, kp, d, tp, op),
-                _ => x86::panel_avx2::<1>(pp, kp, d, tp, op),
+                6 => x86::panel_avx2::<6>(pp, kp, d, tp, op, mp),
+                _ => x86::panel_avx2::<1>(pp, kp, d, tp, op, mp),
             }
         },
-        _ => panel_portable(&panels[..d * PANEL], &keys[..c * d], c, d, thr, out),
+        _ => panel_portable(&panels[..d * PANEL], &keys[..c * d], c, d, thr, out, masks),
     }
 }
 
@@ -227,6 +230,7 @@ fn panel_portable(
     d: usize,
     thr: &[f32],
     out: &mut [f32],
+    masks: &mut [u16],
 ) -> bool {
     let mut flag = false;
     for (j, key) in keys.chunks_exact(d).take(c).enumerate() {
@@ -236,9 +240,12 @@ fn panel_portable(
                 *a += x * l;
             }
         }
+        let mut m = 0u16;
         for (lane, &a) in acc.iter().enumerate() {
-            flag |= a > thr[lane] || !a.is_finite();
+            m |= u16::from(a > thr[lane] || !a.is_finite()) << lane;
         }
+        masks[j] = m;
+        flag |= m != 0;
         out[j * PANEL..(j + 1) * PANEL].copy_from_slice(&acc);
     }
     flag
@@ -306,6 +313,28 @@ pub fn sum(xs: &[f32]) -> f64 {
         }
     }
     acc.iter().map(|&a| a as f64).sum::<f64>() + rest as f64
+}
+
+/// Ask for `data` to be brought into L2 ahead of use (a hint: never faults, may be dropped).
+///
+/// The many-query scan calls it on the next key block, a slice at a time, so that block's
+/// first pass runs from cache instead of waiting on memory.
+#[inline]
+pub fn prefetch_l2<T>(data: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        let start = data.as_ptr() as *const i8;
+        let bytes = std::mem::size_of_val(data);
+        let mut off = 0;
+        while off < bytes {
+            // SAFETY: the address lies inside `data`; prefetching never faults anyway.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(start.add(off)) };
+            off += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
 }
 
 /// Whether every value is finite (vectorises: one compare per value, no early exit).
@@ -382,31 +411,19 @@ mod x86 {
     block_driver!(block_avx512, tile_avx512, gemv_avx512, "avx512f", 4, 4, 8);
     block_driver!(block_avx2, tile_avx2, gemv_avx2, "avx2,fma", 2, 4, 4);
 
-    /// Bytes ahead of the current position that single-query scans prefetch: far enough to
-    /// cover memory latency at full bandwidth, near enough to stay inside the key block.
-    const PREFETCH_BYTES: usize = 2048;
-
-    /// One query against `nb` keys, each key read front to back (one sequential stream, which
-    /// the hardware prefetcher follows best) with four accumulators to hide FMA latency.
+    /// One query against `nb` keys, each key read front to back with four accumulators to hide
+    /// FMA latency: one sequential stream, which the hardware prefetcher follows best (software
+    /// prefetching and interleaved multi-key tiles both measured slower here).
     ///
     /// # Safety
     /// `q` holds `d` floats, `k` holds `nb·d`, `out` has `nb` writable values; AVX-512F.
     #[target_feature(enable = "avx512f")]
     unsafe fn gemv_avx512(q: *const f32, k: *const f32, nb: usize, d: usize, out: *mut f32) {
-        let end = k.add(nb * d) as usize;
         for j in 0..nb {
             let row = k.add(j * d);
             let mut a = [_mm512_setzero_ps(); 4];
             let mut p = 0;
             while p + 64 <= d {
-                let ahead = row.add(p) as usize + PREFETCH_BYTES;
-                if ahead < end {
-                    // A hint only: prefetching never faults, the bound just avoids useless lines.
-                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
-                    _mm_prefetch::<_MM_HINT_T0>((ahead + 64) as *const i8);
-                    _mm_prefetch::<_MM_HINT_T0>((ahead + 128) as *const i8);
-                    _mm_prefetch::<_MM_HINT_T0>((ahead + 192) as *const i8);
-                }
                 for (i, acc) in a.iter_mut().enumerate() {
                     let x = _mm512_loadu_ps(q.add(p + 16 * i));
                     let y = _mm512_loadu_ps(row.add(p + 16 * i));
@@ -437,17 +454,11 @@ mod x86 {
     /// As [`gemv_avx512`], with AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn gemv_avx2(q: *const f32, k: *const f32, nb: usize, d: usize, out: *mut f32) {
-        let end = k.add(nb * d) as usize;
         for j in 0..nb {
             let row = k.add(j * d);
             let mut a = [_mm256_setzero_ps(); 4];
             let mut p = 0;
             while p + 32 <= d {
-                let ahead = row.add(p) as usize + PREFETCH_BYTES;
-                if ahead < end {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
-                    _mm_prefetch::<_MM_HINT_T0>((ahead + 64) as *const i8);
-                }
                 for (i, acc) in a.iter_mut().enumerate() {
                     let x = _mm256_loadu_ps(q.add(p + 8 * i));
                     let y = _mm256_loadu_ps(row.add(p + 8 * i));
@@ -609,7 +620,8 @@ mod x86 {
     /// feed C·G FMAs (24 accumulators of the 32 registers at C = 12, G = 2).
     ///
     /// # Safety
-    /// `panels` holds G·d·16 floats, `k` C·d, `thr` G·16, `out` C·G·16; AVX-512F.
+    /// `panels` holds G·d·16 floats, `k` C·d, `thr` G·16, `out` C·G·16, `masks` C·G;
+    /// AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn panel_avx512<const C: usize, const G: usize>(
         panels: *const f32,
@@ -617,6 +629,7 @@ mod x86 {
         d: usize,
         thr: *const f32,
         out: *mut f32,
+        masks: *mut u16,
     ) -> bool {
         let mut acc = [[_mm512_setzero_ps(); G]; C];
         for p in 0..d {
@@ -637,8 +650,10 @@ mod x86 {
                 let t = _mm512_loadu_ps(thr.add(g * 16));
                 // NLE_UQ: above the threshold, or NaN; a − a is NaN exactly when a is ±inf/NaN.
                 let z = _mm512_sub_ps(a, a);
-                flag |= _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(a, t)
+                let m = _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(a, t)
                     | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(z, z);
+                *masks.add(c * G + g) = m;
+                flag |= m;
                 _mm512_storeu_ps(out.add((c * G + g) * 16), a);
             }
         }
@@ -648,7 +663,7 @@ mod x86 {
     /// C keys × one panel of 16 queries as two 8-lane halves (16 registers: 2·C + 2 + 1).
     ///
     /// # Safety
-    /// `panels` holds d·16 floats, `k` C·d, `thr` 16, `out` C·16; AVX2 and FMA.
+    /// `panels` holds d·16 floats, `k` C·d, `thr` 16, `out` C·16, `masks` C; AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn panel_avx2<const C: usize>(
         panels: *const f32,
@@ -656,6 +671,7 @@ mod x86 {
         d: usize,
         thr: *const f32,
         out: *mut f32,
+        masks: *mut u16,
     ) -> bool {
         let mut acc = [[_mm256_setzero_ps(); 2]; C];
         for p in 0..d {
@@ -667,8 +683,9 @@ mod x86 {
                 row[1] = _mm256_fmadd_ps(hi, b, row[1]);
             }
         }
-        let mut flag = 0;
+        let mut flag = 0u16;
         for (c, row) in acc.iter().enumerate() {
+            let mut bits = 0u16;
             for (h, &a) in row.iter().enumerate() {
                 let t = _mm256_loadu_ps(thr.add(h * 8));
                 let z = _mm256_sub_ps(a, a);
@@ -676,9 +693,11 @@ mod x86 {
                     _mm256_cmp_ps::<_CMP_NLE_UQ>(a, t),
                     _mm256_cmp_ps::<_CMP_UNORD_Q>(z, z),
                 );
-                flag |= _mm256_movemask_ps(m);
+                bits |= (_mm256_movemask_ps(m) as u16) << (8 * h);
                 _mm256_storeu_ps(out.add(c * 16 + h * 8), a);
             }
+            *masks.add(c) = bits;
+            flag |= bits;
         }
         flag != 0
     }
@@ -695,17 +714,11 @@ mod x86 {
         d: usize,
         out: *mut f32,
     ) {
-        let end = k.add(nb * d) as usize;
         for j in 0..nb {
             let row = k.add(j * d);
             let mut a = [_mm512_setzero_ps(); 4];
             let mut p = 0;
             while p + 64 <= d {
-                let ahead = row.add(p) as usize + PREFETCH_BYTES;
-                if ahead < end {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
-                    _mm_prefetch::<_MM_HINT_T0>((ahead + 64) as *const i8);
-                }
                 for (i, acc) in a.iter_mut().enumerate() {
                     let x = _mm512_loadu_ps(q.add(p + 16 * i));
                     let h = _mm256_loadu_si256(row.add(p + 16 * i) as *const __m256i);
@@ -862,8 +875,11 @@ mod tests {
                     let keys: Vec<f32> = (0..c * d).map(|_| rng.next_f64() as f32 - 0.5).collect();
                     let panels = pack_panels(&queries, q, d);
                     let mut out = vec![f32::NAN; c * g * PANEL];
+                    let mut masks = vec![0u16; c * g];
                     let high = vec![f32::INFINITY; g * PANEL];
-                    assert!(!panel_tile(isa, &panels, g, &keys, c, d, &high, &mut out));
+                    assert!(!panel_tile(
+                        isa, &panels, g, &keys, c, d, &high, &mut out, &mut masks
+                    ));
                     for j in 0..c {
                         for i in 0..g * PANEL {
                             let want = if i < q {
@@ -879,7 +895,25 @@ mod tests {
                         }
                     }
                     let low = vec![f32::NEG_INFINITY; g * PANEL];
-                    assert!(panel_tile(isa, &panels, g, &keys, c, d, &low, &mut out));
+                    assert!(panel_tile(
+                        isa, &panels, g, &keys, c, d, &low, &mut out, &mut masks
+                    ));
+                    let mid: Vec<f32> = (0..g * PANEL)
+                        .map(|_| (rng.next_f64() as f32 - 0.5) * 0.3)
+                        .collect();
+                    panel_tile(isa, &panels, g, &keys, c, d, &mid, &mut out, &mut masks);
+                    for j in 0..c {
+                        for p in 0..g {
+                            for lane in 0..PANEL {
+                                let above = out[(j * g + p) * PANEL + lane] > mid[p * PANEL + lane];
+                                assert_eq!(
+                                    masks[j * g + p] >> lane & 1 == 1,
+                                    above,
+                                    "{isa:?} mask bit"
+                                );
+                            }
+                        }
+                    }
                     let mut bad = keys.clone();
                     bad[c * d - 1] = f32::NEG_INFINITY; // a −inf score is below any threshold
                                                         // every lane a real query with a positive weight on the −inf element
@@ -889,7 +923,7 @@ mod tests {
                         .collect();
                     let panels2 = pack_panels(&q2, full, d);
                     assert!(
-                        panel_tile(isa, &panels2, g, &bad, c, d, &high, &mut out),
+                        panel_tile(isa, &panels2, g, &bad, c, d, &high, &mut out, &mut masks),
                         "{isa:?} missed -inf"
                     );
                 }

@@ -386,11 +386,20 @@ fn scan_panels(
     let block = ((384 * 1024 / (4 * d)).clamp(4 * cw, 4096) / cw) * cw;
     let mut thr = vec![f32::INFINITY; gw * P];
     let mut out = vec![0f32; cw * gw * P];
+    let mut masks = vec![0u16; cw * gw];
     let mut reader = BlockReader::new(keys, d);
+    // Prefetch the next block of float32 keys spread over this block's tiles (float16 keys are
+    // widened front to back, which the hardware prefetcher already follows).
+    let tiles_per_block = block.div_ceil(cw) * groups.div_ceil(gw);
+    let per_tile = (block * d).div_ceil(tiles_per_block).div_ceil(16) * 16;
     let mut start = key_lo;
     while start < key_hi {
         let end = (start + block).min(key_hi);
         let rows = reader.block(start, end);
+        let mut ahead: &[f32] = match keys {
+            Keys::F32(k) => &k[end * d..(end + block).min(key_hi) * d],
+            Keys::F16(_) => &[],
+        };
         let mut g0 = 0;
         while g0 < groups {
             let g = if g0 + gw <= groups { gw } else { 1 };
@@ -406,17 +415,28 @@ fn scan_panels(
             while j < end {
                 let c = if j + cw <= end { cw } else { 1 };
                 let tile_keys = &rows[(j - start) * d..(j - start + c) * d];
-                if kernels::panel_tile(isa, pan, g, tile_keys, c, d, &thr, &mut out) {
+                let (now, later) = ahead.split_at(per_tile.min(ahead.len()));
+                kernels::prefetch_l2(now);
+                ahead = later;
+                if kernels::panel_tile(isa, pan, g, tile_keys, c, d, &thr, &mut out, &mut masks) {
                     for ci in 0..c {
-                        let row = &out[ci * g * P..ci * g * P + lanes];
-                        for (lane, (&sc, coll)) in row.iter().zip(colls.iter_mut()).enumerate() {
-                            if !sc.is_finite() {
-                                let (kj, qi) = (j + ci, g0 * P + lane);
-                                return Err(explain_non_finite(rows, start, d, kj, qi));
-                            }
-                            if sc > thr[lane] {
-                                coll.push(sc, j + ci);
-                                thr[lane] = coll.threshold();
+                        for gi in 0..g {
+                            let mut m = masks[ci * g + gi];
+                            while m != 0 {
+                                let lane = gi * P + m.trailing_zeros() as usize;
+                                m &= m - 1;
+                                if lane >= lanes {
+                                    continue; // padding: zero query, NaN only for a bad key
+                                }
+                                let sc = out[ci * g * P + lane];
+                                if !sc.is_finite() {
+                                    let (kj, qi) = (j + ci, g0 * P + lane);
+                                    return Err(explain_non_finite(rows, start, d, kj, qi));
+                                }
+                                if sc > thr[lane] {
+                                    colls[lane].push(sc, j + ci);
+                                    thr[lane] = colls[lane].threshold();
+                                }
                             }
                         }
                     }
@@ -460,9 +480,9 @@ fn topk_in_pool(
             .collect::<Result<_, String>>()?;
         parts.into_iter().flatten().collect()
     } else {
-        // Few queries: threads own disjoint key ranges (several each, for balance), then merge;
+        // Few queries: threads own disjoint key ranges (two each, for balance), then merge;
         // every key is read from memory once whatever the thread count.
-        let parts = (threads * 4).min(n.div_ceil(KEY_BLOCK)).max(1);
+        let parts = (threads * 2).min(n.div_ceil(KEY_BLOCK)).max(1);
         let per_part = n.div_ceil(parts).div_ceil(KEY_BLOCK) * KEY_BLOCK;
         let partial: Vec<Vec<Collector>> = (0..n.div_ceil(per_part))
             .into_par_iter()
