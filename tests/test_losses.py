@@ -133,7 +133,8 @@ def test_graded_distillation_gradient_equals_reference_gradient():
 @pytest.mark.parametrize("seed", range(3))
 def test_graded_distillation_with_one_hot_rewards_is_infonce(seed):
     q, k, _, mask, ids = _batch(seed, pad=False)
-    positive = torch.randint(0, k.shape[1], (k.shape[0],), generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    positive = torch.randint(0, k.shape[1], (k.shape[0],), generator=gen)
     one_hot = F.one_hot(positive, k.shape[1]).float()
     graded = GradedDistillationLoss(TAU, reward_temperature=1e-4)(q, k, one_hot, mask, ids)
     contrastive = ContrastiveLoss(TAU)(q, k, one_hot, mask, ids)
@@ -198,7 +199,7 @@ def test_flat_rewards_weight_every_rank_equally():
 
 
 def test_bad_inputs_name_the_argument():
-    q, k, rewards, mask, ids = _batch(0, pad=False)
+    q, k, rewards, mask, _ = _batch(0, pad=False)
     with pytest.raises(ValueError, match="key_emb"):
         GradedDistillationLoss()(q, k[:, :, :3], rewards, mask)
     with pytest.raises(ValueError, match="rewards"):

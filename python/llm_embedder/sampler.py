@@ -127,7 +127,7 @@ class HomogeneousBatchSampler:
     def state_dict(self) -> Dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
                 "batch_size": self.batch_size, "world_size": self.world_size,
-                "mixed": self.mixed, "num_examples": int(len(self.task_ids))}
+                "mixed": self.mixed, "num_examples": len(self.task_ids)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Continue from a saved position; the batching itself must be configured the same."""

@@ -51,8 +51,15 @@ from .tasks import get_task
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "TaskSpec", "TrainingError", "load_config", "main_train",
-           "plot_training", "train"]
+__all__ = [
+    "TaskSpec",
+    "TrainConfig",
+    "TrainingError",
+    "load_config",
+    "main_train",
+    "plot_training",
+    "train",
+]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
