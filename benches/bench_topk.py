@@ -32,11 +32,11 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable
 
 import numpy as np
-
 from llm_embedder import _native
 
 K = 10
@@ -97,7 +97,7 @@ def probe_bandwidth(threads: int, gib: float) -> float:
     return x.nbytes / t
 
 
-def probe_sgemm(threads: int, size: int) -> Tuple[float, str]:
+def probe_sgemm(threads: int, size: int) -> tuple[float, str]:
     """Peak float32 FLOP/s: best of numpy's and torch's matmul of two size x size matrices."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((size, size), dtype=np.float32)
@@ -147,7 +147,7 @@ class Ours(Peer):
             from llm_embedder import Index
 
             self.index_cls = Index
-        except Exception as exc:  # the Index module may be absent in a partial checkout
+        except (ImportError, AttributeError) as exc:  # absent in a partial checkout
             self.index_cls = None
             self.note = f"llm_embedder.Index unavailable ({exc}); timing _native.topk directly"
 
@@ -201,10 +201,10 @@ class Numpy(Peer):
         out = np.empty((len(queries), K), dtype=np.int64)
         with blas_threads(threads):
             for lo in range(0, len(queries), chunk):
-                s = queries[lo:lo + chunk] @ self.keys.T
+                s = queries[lo : lo + chunk] @ self.keys.T
                 part = np.argpartition(-s, K - 1, axis=1)[:, :K]
                 order = np.argsort(-np.take_along_axis(s, part, 1), axis=1, kind="stable")
-                out[lo:lo + chunk] = np.take_along_axis(part, order, 1)
+                out[lo : lo + chunk] = np.take_along_axis(part, order, 1)
         return out
 
     def close(self) -> None:
@@ -243,8 +243,9 @@ class Hnsw(Peer):
 
         t0 = time.perf_counter()
         self.index = hnswlib.Index(space="ip", dim=keys.shape[1])
-        self.index.init_index(max_elements=len(keys), M=self.m,
-                              ef_construction=self.ef_construction, random_seed=0)
+        self.index.init_index(
+            max_elements=len(keys), M=self.m, ef_construction=self.ef_construction, random_seed=0
+        )
         self.index.add_items(keys, np.arange(len(keys)), num_threads=threads)
         self.index.set_ef(self.ef)
         return time.perf_counter() - t0
@@ -264,12 +265,14 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 # ------------------------------------------------------------------------------------ main
 
 
-def parse_ints(text: str) -> List[int]:
+def parse_ints(text: str) -> list[int]:
     return [int(float(x)) for x in text.split(",") if x]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="small sizes, a minute or so")
     ap.add_argument("--n", type=parse_ints, help="corpus sizes (default 100000,1000000)")
     ap.add_argument("--d", type=parse_ints, help="dimensions (default 384,768)")
@@ -279,8 +282,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--hnsw-m", type=int, default=16)
     ap.add_argument("--hnsw-ef-construction", type=int, default=100)
     ap.add_argument("--hnsw-ef", type=int, default=64)
-    ap.add_argument("--hnsw-max-n", type=int, default=10**9,
-                    help="skip hnswlib above this N (its build dominates the run on 2 cores)")
+    ap.add_argument(
+        "--hnsw-max-n",
+        type=int,
+        default=10**9,
+        help="skip hnswlib above this N (its build dominates the run on 2 cores)",
+    )
     ap.add_argument("--budget", type=float, default=3.0, help="seconds of repeats per cell")
     ap.add_argument("--index-io", action="store_true", help="also time Index add/save/load")
     ap.add_argument("--index-io-n", type=int, default=1_000_000)
@@ -296,7 +303,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ns, ds, qs, ths = args.n or ns, args.d or ds, args.q or qs, args.threads or ths
     wanted = [p.strip() for p in args.peers.split(",") if p.strip()]
 
-    lines: List[str] = []
+    lines: list[str] = []
 
     def say(text: str = "") -> None:
         print(text, flush=True)
@@ -304,15 +311,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     say(f"# bench_topk: exact top-{K} (wall time, best of repeats)")
     say()
-    say(f"machine: {platform.machine()}, {os.cpu_count()} logical CPUs, {platform.processor() or platform.platform()}")
+    say(
+        f"machine: {platform.machine()}, {os.cpu_count()} logical CPUs, {platform.processor() or platform.platform()}"
+    )
     try:
         with open("/proc/loadavg") as fh:
-            say(f"load average at start: {fh.read().split()[0]} (other work on the machine inflates times)")
+            say(
+                f"load average at start: {fh.read().split()[0]} (other work on the machine inflates times)"
+            )
     except OSError:
         pass
     say(f"hnswlib: M={args.hnsw_m}, ef_construction={args.hnsw_ef_construction}, ef={args.hnsw_ef}")
 
-    bound: Dict[int, Tuple[float, float]] = {}
+    bound: dict[int, tuple[float, float]] = {}
     say()
     say("| threads | stream read GB/s | sgemm GFLOP/s (best of) |")
     say("|---:|---:|---:|")
@@ -322,7 +333,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         bound[t] = (bw, peak)
         say(f"| {t} | {bw / 1e9:.1f} | {peak / 1e9:.0f} ({who}) |")
 
-    peers: List[Peer] = []
+    peers: list[Peer] = []
     for name in wanted:
         if name == "ours":
             ours = Ours()
@@ -353,14 +364,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     say()
     say("| N | d | Q | thr | peer | ms | QPS | recall@10 | % of bound | ours faster by |")
     say("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
-    rows: List[dict] = []
+    rows: list[dict] = []
     for n in ns:
         for d in ds:
             centers = np.random.default_rng(1).standard_normal((1024, d)).astype(np.float32)
             keys = make_vectors(n, d, seed=2, centers=centers)
             queries = make_vectors(max(qs), d, seed=3, centers=centers)
             truth = _native.topk(queries, keys, K, threads=max(ths))[1]
-            cell: Dict[Tuple[int, int], Dict[str, float]] = {}
+            cell: dict[tuple[int, int], dict[str, float]] = {}
             for peer in peers:
                 if isinstance(peer, Hnsw) and n > args.hnsw_max_n:
                     continue
@@ -371,14 +382,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     for q in qs:
                         qq = np.ascontiguousarray(queries[:q])
                         max_reps = 50 if q == 1 else 10
-                        secs = best_time(lambda: peer.search(qq, t), args.budget, max_reps)
+                        secs = best_time(
+                            lambda p=peer, x=qq, n=t: p.search(x, n), args.budget, max_reps
+                        )
                         found = peer.search(qq, t)
                         bw, peak = bound[t]
                         t_bound = max(n * d * peer.bytes_per_value / bw, 2.0 * n * d * q / peak)
                         cell.setdefault((q, t), {})[peer.name] = secs
-                        rows.append(dict(n=n, d=d, q=q, t=t, peer=peer.name, secs=secs,
-                                         recall=recall(found, truth[:q]),
-                                         pct=100.0 * t_bound / secs))
+                        rows.append(
+                            {
+                                "n": n,
+                                "d": d,
+                                "q": q,
+                                "t": t,
+                                "peer": peer.name,
+                                "secs": secs,
+                                "recall": recall(found, truth[:q]),
+                                "pct": 100.0 * t_bound / secs,
+                            }
+                        )
                 peer.close()
                 gc.collect()
             for row in rows:
@@ -386,9 +408,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     continue
                 ours_s = cell[(row["q"], row["t"])].get("ours")
                 ratio = f"{row['secs'] / ours_s:.2f}x" if ours_s and row["peer"] != "ours" else ""
-                say(f"| {n} | {d} | {row['q']} | {row['t']} | {row['peer']} | "
+                say(
+                    f"| {n} | {d} | {row['q']} | {row['t']} | {row['peer']} | "
                     f"{row['secs'] * 1e3:.1f} | {row['q'] / row['secs']:.0f} | "
-                    f"{row['recall']:.3f} | {row['pct']:.0f}% | {ratio} |")
+                    f"{row['recall']:.3f} | {row['pct']:.0f}% | {ratio} |"
+                )
             del keys, queries
             gc.collect()
 
@@ -401,7 +425,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def summarize(rows: List[dict], say: Callable[[str], None]) -> None:
+def summarize(rows: list[dict], say: Callable[[str], None]) -> None:
     """The targets of the top-k issue, checked on this run's rows."""
     by = {(r["n"], r["d"], r["q"], r["t"], r["peer"]): r for r in rows}
     say()
@@ -409,7 +433,9 @@ def summarize(rows: List[dict], say: Callable[[str], None]) -> None:
     for (n, d, q, t, peer), r in sorted(by.items()):
         if peer != "ours":
             continue
-        exact = {p: by[(n, d, q, t, p)]["secs"] for p in ("numpy", "faiss") if (n, d, q, t, p) in by}
+        exact = {
+            p: by[(n, d, q, t, p)]["secs"] for p in ("numpy", "faiss") if (n, d, q, t, p) in by
+        }
         best = min(exact.values()) if exact else None
         checks = []
         if q == 1:

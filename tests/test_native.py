@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
-
 from llm_embedder import _native
 
 
@@ -112,7 +113,11 @@ K = np.zeros((5, 4), F32)
         ((Q, K, -3), {}, r"k must be >= 1, got -3"),
         ((Q, K, 6), {}, r"k must be <= the number of keys \(5\), got 6"),
         ((Q, np.zeros((0, 4), F32), 1), {}, r"k must be <= the number of keys \(0\)"),
-        ((np.array([[0, np.nan, 0, 0]], F32), K, 1), {}, r"queries must be finite, found NaN in row 0"),
+        (
+            (np.array([[0, np.nan, 0, 0]], F32), K, 1),
+            {},
+            r"queries must be finite, found NaN in row 0",
+        ),
         ((Q, K, 1), {"threads": 0}, r"threads must be >= 1"),
     ],
 )
@@ -143,7 +148,11 @@ S = np.zeros((2, 3, 4), F32)
         ((T, np.zeros((3, 3, 4), F32)), {}, r"sample_ll must have shape"),
         ((T, S), {"mode": "rank"}, r"mode must be 'position' or 'shift', got \"rank\""),
         ((T, S), {"mode": "shift"}, r"mode='shift' needs baseline"),
-        ((T, S), {"mode": "shift", "baseline": 3}, r"baseline must be a candidate column in \[0, 3\), got 3"),
+        (
+            (T, S),
+            {"mode": "shift", "baseline": 3},
+            r"baseline must be a candidate column in \[0, 3\), got 3",
+        ),
         ((T, S), {"mode": "shift", "baseline": -1}, r"baseline must be .* got -1"),
         ((np.array([[0, np.nan, 0]] * 2, F32), S), {}, r"target_ll must be finite.*flat index 1"),
         ((np.array([[0, 0, np.inf]] * 2, F32), S), {}, r"target_ll must be finite.*inf"),
@@ -175,7 +184,11 @@ LE = np.array([3, 1, 2], np.int64)
         ((TI, LE[:2], 2, 0), {}, r"same length, got 3 and 2"),
         ((TI, LE, 0, 0), {}, r"batch_size must be >= 1, got 0"),
         ((TI, LE, 2, 0), {"bucket_factor": 0}, r"bucket_factor must be >= 1, got 0"),
-        ((TI, LE, 2, 0), {"task_temperature": 0.0}, r"task_temperature must be a finite number > 0"),
+        (
+            (TI, LE, 2, 0),
+            {"task_temperature": 0.0},
+            r"task_temperature must be a finite number > 0",
+        ),
         ((TI, LE, 2, 0), {"task_temperature": float("nan")}, r"task_temperature"),
         ((TI, LE, 2, 0), {"task_temperature": float("inf")}, r"task_temperature"),
         ((TI, np.array([3, -1, 2]), 2, 0), {}, r"lengths must be >= 0, got -1 at index 1"),
@@ -236,3 +249,35 @@ def test_stream_sum_is_the_sum():
     assert _native.stream_sum(x, threads=2) == pytest.approx(float(x.sum(dtype=np.float64)))
     with pytest.raises(ValueError, match="C-contiguous"):
         _native.stream_sum(x[::2])
+
+
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_topk_fallback_kernels_give_the_same_answer(isa, tmp_path):
+    """The AVX2 and portable kernels (chosen at run time on older CPUs) end to end."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import numpy as np\n"
+        "from llm_embedder import _native\n"
+        "rng = np.random.default_rng(0)\n"
+        "keys = rng.integers(-2, 3, (3000, 37)).astype(np.float32)\n"
+        "out = {}\n"
+        "for q in (1, 5, 40, 300):\n"
+        "    queries = rng.integers(-2, 3, (q, 37)).astype(np.float32)\n"
+        "    out[f's{q}'], out[f'i{q}'] = _native.topk(queries, keys, 9)\n"
+        "    out[f'h{q}'] = _native.topk_f16(queries, keys.astype(np.float16), 9)[1]\n"
+        f"np.savez({str(tmp_path / 'out.npz')!r}, **out)\n"
+    )
+    env = {**os.environ, "LLM_EMBEDDER_ISA": isa}
+    subprocess.run([sys.executable, str(script)], check=True, env=env, timeout=120)
+    got = np.load(tmp_path / "out.npz")
+    rng = np.random.default_rng(0)
+    keys = rng.integers(-2, 3, (3000, 37)).astype(np.float32)
+    for q in (1, 5, 40, 300):
+        queries = rng.integers(-2, 3, (q, 37)).astype(np.float32)
+        want_scores, want_idx = reference_topk(queries, keys, 9)
+        np.testing.assert_array_equal(got[f"i{q}"], want_idx)
+        np.testing.assert_array_equal(got[f"h{q}"], want_idx)
+        np.testing.assert_array_equal(got[f"s{q}"], want_scores.astype(np.float32))
