@@ -193,7 +193,7 @@ def test_llm_is_loaded_once_and_in_float32_on_cpu(llm):
 
 
 @pytest.mark.slow
-def test_grouped_kv_reuse_scores_equal_one_pair_per_forward(llm):
+def test_grouped_kv_reuse_scores_equal_one_pair_per_forward(llm, monkeypatch):
     prompts = [("Knowledge: The Panthers defense gave up just 308 points.\n\nQuestion: How many "
                 "points did the Panthers surrender?\n\nAnswer:"),
                "Question: How many points did the Panthers surrender?\n\nAnswer:",
@@ -209,6 +209,10 @@ def test_grouped_kv_reuse_scores_equal_one_pair_per_forward(llm):
     np.testing.assert_allclose(np.concatenate(grouped), naive, atol=1e-4, rtol=0)
     np.testing.assert_allclose(batched, naive, atol=1e-4, rtol=0)
     assert grouped[2][0] == pytest.approx(grouped[2][2], abs=1e-5)  # same output, same score
+    # A tiny logits budget packs each prompt's outputs into several passes over its cache.
+    monkeypatch.setattr(llm, "max_logit_tokens", 6)
+    tight = llm.score_grouped(prompts, outputs)
+    np.testing.assert_allclose(np.concatenate(tight), naive, atol=1e-4, rtol=0)
     assert np.all(naive < 0)
 
 
@@ -322,3 +326,14 @@ def test_icl_candidates_are_mined_demonstrations_without_the_query_itself(llm, s
     assert all(c["id"].startswith(query.subset) for c in record["candidates"][:-1])
     assert all(not c["text"].startswith(query.text) for c in record["candidates"])
     assert all("\n" not in s for s in record["samples"])
+
+
+def test_a_file_labelled_by_another_llm_is_not_appended_to(tmp_path, qa_files):
+    queries, corpus = qa_files
+    out = tmp_path / "o.jsonl"
+    label("qa", queries, corpus, out, method="labels", limit=1, show_progress=False)
+    record = json.loads(out.read_text())
+    record["llm"] = "some-other-llm"
+    out.write_text(json.dumps(record) + "\n")
+    with pytest.raises(DataError, match=r"o\.jsonl:1: labelled by 'some-other-llm'"):
+        label("qa", queries, corpus, out, method="labels", limit=2, show_progress=False)

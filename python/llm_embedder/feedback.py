@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import inspect
 import json
 import math
@@ -346,8 +345,9 @@ class FrozenLLM:
 
         Returns one float32 array per prompt (token-mean log p of each of its outputs), equal
         to :meth:`score` on the flattened pairs up to float rounding. Prompts of similar
-        length are batched (padded right); the KV cache of each prompt batch is expanded over
-        the outputs, which are batched by length. Outputs are appended verbatim.
+        length are batched (padded right) and run once; then all outputs of a prompt are packed
+        into one row that reads the prompt's KV cache, each output masked from the others and
+        positioned right after the prompt. Outputs are appended verbatim.
 
         Example:
             >>> llm.score_grouped(["Review: great film\\nSentiment:"], [[" Positive", " Negative"]])
@@ -371,14 +371,21 @@ class FrozenLLM:
                 groups.setdefault(tuple(p), []).append((i, j, o))
                 cursor += 1
         keys = sorted(groups, key=len, reverse=True)
+        # Output positions a prompt's packed row holds logits for (bounded per pass).
+        packed = {key: min(sum(len(o) + 1 for (_, _, o) in groups[key]), 64) for key in keys}
         batches: List[List[Tuple[int, ...]]] = []
+        widest = 0
         for key in keys:
             # A prompt much shorter than its batch's longest would mostly compute padding.
             if batches and (len(batches[-1]) + 1) * len(batches[-1][0]) <= budget \
-                    and len(key) >= PAD_TOLERANCE * len(batches[-1][0]):
+                    and len(key) >= PAD_TOLERANCE * len(batches[-1][0]) \
+                    and (len(batches[-1]) + 1) * max(widest, packed[key]) \
+                    <= self.max_logit_tokens:
                 batches[-1].append(key)
+                widest = max(widest, packed[key])
             else:
                 batches.append([key])
+                widest = packed[key]
         with torch.inference_mode():
             for batch in batches:
                 self._score_prompt_batch(batch, groups, results, budget)
@@ -387,62 +394,102 @@ class FrozenLLM:
 
     def _score_prompt_batch(self, batch: List[Tuple[int, ...]], groups: Dict, results: List,
                             budget: int) -> None:
+        """Score every output of the prompts in ``batch``: one pass over the prompts, then the
+        outputs of each prompt packed into one row that attends to the prompt's cache."""
         torch = self._torch
         # The prompt's last token goes with the outputs: its logits predict the first output
         # token, so the prompt pass needs no logits at all (the base model suffices).
         prefixes = [list(key[:-1]) for key in batch]
         width = max(len(p) for p in prefixes)
+        n = len(batch)
+        pmask = torch.zeros((n, width), dtype=torch.bool)
         cache = None
         if width > 0:
-            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-            pmask = torch.zeros((len(batch), width), dtype=torch.long)
+            ids = torch.full((n, width), self.pad_id, dtype=torch.long)
             for b, p in enumerate(prefixes):
                 ids[b, :len(p)] = torch.tensor(p, dtype=torch.long)
-                pmask[b, :len(p)] = 1
-            positions = torch.arange(width).unsqueeze(0).expand(len(batch), -1)
+                pmask[b, :len(p)] = True
+            positions = torch.arange(width).unsqueeze(0).expand(n, -1)
             out = self.model.base_model(input_ids=ids.to(self.device),
-                                        attention_mask=pmask.to(self.device),
+                                        attention_mask=pmask.long().to(self.device),
                                         position_ids=positions.to(self.device), use_cache=True)
             cache = out.past_key_values
             self.stats["forward_tokens"] += int(pmask.sum())
-        else:
-            pmask = torch.zeros((len(batch), 0), dtype=torch.long)
-        rows = [(b, i, j, o) for b, key in enumerate(batch) for (i, j, o) in groups[key]]
-        rows.sort(key=lambda r: len(r[3]))
-        chunks: List[List[Tuple[int, int, int, List[int]]]] = []
-        for row in rows:
-            span = width + len(row[3]) + 1
-            if chunks and (len(chunks[-1]) + 1) * span <= 2 * budget \
-                    and (len(chunks[-1]) + 1) * len(row[3]) <= self.max_logit_tokens:
-                chunks[-1].append(row)
-            else:
-                chunks.append([row])
-        for chunk in chunks:
-            index = torch.tensor([r[0] for r in chunk], dtype=torch.long)
-            t = max(len(r[3]) for r in chunk) + 1
-            ids = torch.full((len(chunk), t), self.pad_id, dtype=torch.long)
-            omask = torch.zeros((len(chunk), t), dtype=torch.long)
-            targets = torch.full((len(chunk), t - 1), self.pad_id, dtype=torch.long)
-            tmask = torch.zeros((len(chunk), t - 1))
-            for r, (b, _, _, o) in enumerate(chunk):
-                ids[r, :len(o) + 1] = torch.tensor([batch[b][-1]] + o, dtype=torch.long)
-                omask[r, :len(o) + 1] = 1
-                targets[r, :len(o)] = torch.tensor(o, dtype=torch.long)
-                tmask[r, :len(o)] = 1
-            lengths = torch.tensor([len(prefixes[r[0]]) for r in chunk], dtype=torch.long)
-            positions = lengths.unsqueeze(1) + torch.arange(t).unsqueeze(0)
-            mask = torch.cat([pmask[index], omask], dim=1)
-            kwargs: Dict[str, Any] = {}
+        # Each output becomes a segment [last prompt token] + output; a prompt's segments are
+        # packed into rows of at most ``cap`` tokens, one row per prompt and pass.
+        longest = max(len(o) + 1 for key in batch for (_, _, o) in groups[key])
+        cap = max(longest, self.max_logit_tokens // n)
+        plans: List[List[List[Tuple[int, int, List[int]]]]] = []
+        for key in batch:
+            runs: List[List[Tuple[int, int, List[int]]]] = [[]]
+            used = 0
+            for item in groups[key]:
+                if runs[-1] and used + len(item[2]) + 1 > cap:
+                    runs.append([])
+                    used = 0
+                runs[-1].append(item)
+                used += len(item[2]) + 1
+            plans.append(runs)
+        for k in range(max(len(runs) for runs in plans)):
+            rows = [runs[k] if k < len(runs) else [] for runs in plans]
+            self._score_packed(batch, prefixes, pmask, cache, rows, results)
             if cache is not None:
-                kwargs["past_key_values"] = _select_cache(cache, index.to(self.device))
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                position_ids=positions.to(self.device), use_cache=True,
-                                **kwargs).logits
-            means = self._token_mean(logits[:, :-1], targets.to(self.device),
-                                     tmask.to(self.device)).cpu().numpy()
-            for r, (_, i, j, _) in enumerate(chunk):
-                results[i][j] = means[r]
-            self.stats["forward_tokens"] += int(omask.sum())
+                # Drop this pass's outputs (a negative crop means "remove" in every
+                # transformers version): the prompt cache serves the next pass unchanged.
+                extra = cache.get_seq_length() - width
+                if extra > 0:
+                    cache.crop(-extra)
+
+    def _score_packed(self, batch: List[Tuple[int, ...]], prefixes: List[List[int]], pmask: Any,
+                      cache: Any, rows: List[List[Tuple[int, int, List[int]]]],
+                      results: List) -> None:
+        torch = self._torch
+        n, width = pmask.shape
+        span = max(1, max(sum(len(o) + 1 for (_, _, o) in row) for row in rows))
+        ids = torch.full((n, span), self.pad_id, dtype=torch.long)
+        positions = torch.zeros((n, span), dtype=torch.long)
+        targets = torch.full((n, span), self.pad_id, dtype=torch.long)
+        segment = torch.full((n, span), -1, dtype=torch.long)  # which output a target belongs to
+        allowed = torch.zeros((n, span, width + span), dtype=torch.bool)
+        allowed[:, :, :width] = pmask.unsqueeze(1)
+        owners: List[Tuple[int, int]] = []
+        for b, row in enumerate(rows):
+            start = 0
+            for (i, j, o) in row:
+                length = len(o) + 1
+                stop = start + length
+                ids[b, start:stop] = torch.tensor([batch[b][-1]] + o, dtype=torch.long)
+                positions[b, start:stop] = len(prefixes[b]) + torch.arange(length)
+                # Causal inside the segment, blind to the other outputs packed beside it.
+                allowed[b, start:stop, width + start:width + stop] = torch.ones(
+                    (length, length), dtype=torch.bool).tril()
+                targets[b, start:stop - 1] = torch.tensor(o, dtype=torch.long)
+                segment[b, start:stop - 1] = len(owners)
+                owners.append((i, j))
+                start = stop
+            for pad in range(start, span):  # padding attends to itself: no empty softmax row
+                allowed[b, pad, width + pad] = True
+        mask = torch.zeros(allowed.shape, dtype=self.dtype)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        kwargs: Dict[str, Any] = {"use_cache": cache is not None}
+        if cache is not None:
+            kwargs["past_key_values"] = cache
+        logits = self.model(input_ids=ids.to(self.device),
+                            attention_mask=mask.unsqueeze(1).to(self.device),
+                            position_ids=positions.to(self.device), **kwargs).logits
+        logits = logits.float()
+        picked = logits.gather(-1, targets.to(self.device).unsqueeze(-1)).squeeze(-1)
+        logp = (picked - logits.logsumexp(-1)).flatten().cpu()
+        del logits
+        seg = segment.flatten()
+        keep = seg >= 0
+        sums = torch.zeros(len(owners), dtype=torch.float64).index_add_(
+            0, seg[keep], logp[keep].double())
+        counts = torch.bincount(seg[keep], minlength=len(owners))
+        means = (sums / counts).numpy()
+        for s, (i, j) in enumerate(owners):
+            results[i][j] = means[s]
+        self.stats["forward_tokens"] += int(sum(len(o) + 1 for row in rows for (_, _, o) in row))
 
     # ------------------------------------------------------------------ generation
 
@@ -560,19 +607,6 @@ class FrozenLLM:
         return out
 
 
-def _select_cache(cache: Any, index: Any) -> Any:
-    """A new cache holding rows ``index`` of ``cache`` (which stays untouched for reuse)."""
-    new = copy.copy(cache)
-    if isinstance(getattr(cache, "layers", None), list):  # transformers >= 4.56
-        new.layers = [copy.copy(layer) for layer in cache.layers]
-    else:  # older DynamicCache: lists of tensors
-        for attr in ("key_cache", "value_cache"):
-            if isinstance(getattr(cache, attr, None), list):
-                setattr(new, attr, list(getattr(cache, attr)))
-    new.batch_select_indices(index)
-    return new
-
-
 # ============================================================================ labelling
 
 @dataclass
@@ -592,10 +626,11 @@ class LabelSummary:
     mean_rank_reward: float
     mean_likelihood_reward: float
     top_positive_share: Optional[float]  # queries whose positive gets the top rank reward
-    seconds: float
+    seconds: float  # wall time of the run, loading included
+    setup_seconds: float  # reading data, loading the LLM/embedder (rates below exclude it)
     queries_per_s: float
-    tokens_per_s: float  # LLM tokens (prompt, output and sampled) per second of this run
-    pairs_per_s: float  # (candidate, output) pairs scored per second of this run
+    tokens_per_s: float  # LLM tokens run (prompts, outputs, sampled) per second of labelling
+    pairs_per_s: float  # (candidate, output) pairs scored per second of labelling
 
     def __str__(self) -> str:
         share = "n/a" if self.top_positive_share is None else f"{self.top_positive_share:.3f}"
@@ -610,8 +645,9 @@ class LabelSummary:
             f"  mean rank reward   {self.mean_rank_reward:.4f}",
             f"  mean likelihood    {self.mean_likelihood_reward:.4f}",
             f"  positive on top    {share}",
-            (f"  time               {self.seconds:.1f} s ({self.queries_per_s:.3f} queries/s, "
-             f"{self.tokens_per_s:.0f} tokens/s, {self.pairs_per_s:.1f} pairs/s)"),
+            f"  time               {self.seconds:.1f} s, of which setup {self.setup_seconds:.1f} s",
+            (f"  throughput         {self.queries_per_s:.3f} queries/s, "
+             f"{self.tokens_per_s:.0f} LLM tokens/s, {self.pairs_per_s:.1f} pairs/s"),
         ]
         return "\n".join(lines)
 
@@ -708,9 +744,9 @@ def _load_inputs(queries: Any, corpus: Any, require_answers: bool
     return queries, corpus, q_name, c_name
 
 
-def _existing(out: Path, task: str) -> Dict[str, Dict[str, Any]]:
-    """Records already in ``out`` by query id (the appender has cut a partial last line)."""
-    done: Dict[str, Dict[str, Any]] = {}
+def _existing(out: Path, task: str) -> Dict[str, Tuple[int, Dict[str, Any]]]:
+    """``(line, record)`` already in ``out`` by query id (a partial last line is cut first)."""
+    done: Dict[str, Tuple[int, Dict[str, Any]]] = {}
     if not out.is_file():
         return done
     with out.open("r", encoding="utf-8") as handle:
@@ -726,7 +762,7 @@ def _existing(out: Path, task: str) -> Dict[str, Dict[str, Any]]:
             if record.task != task:
                 raise DataError(out, number, f"field 'task' is {record.task!r} but this run "
                                              f"labels {task!r}: use another output file")
-            done[record.query_id] = obj
+            done[record.query_id] = (number, obj)
     return done
 
 
@@ -806,8 +842,13 @@ def label(task: Union[str, Task], queries: Any, corpus: Any, out: PathLike, *,
         llm_name = "labels" if method == "labels" else (
             frozen.name if frozen is not None else (llm.name if isinstance(llm, FrozenLLM)
                                                     else str(llm or "default")))
+        for number, obj in existing.values():
+            if todo and obj.get("llm") and obj["llm"] != llm_name:
+                raise DataError(out, number, f"labelled by {obj['llm']!r}, but this run uses "
+                                             f"{llm_name!r}: use another output file")
         stats0 = dict(frozen.stats) if frozen is not None else {}
         skipped_no_positive = 0
+        setup = time.perf_counter() - start
         bar = _progress(len(todo), f"label {task.name}", show_progress)
         labelled_now = 0
         try:
@@ -832,7 +873,7 @@ def label(task: Union[str, Task], queries: Any, corpus: Any, out: PathLike, *,
                 labelled_now += 1
                 bar.update(1)
                 if frozen is not None:
-                    spent = time.perf_counter() - start
+                    spent = time.perf_counter() - start - setup
                     tokens = frozen.stats["forward_tokens"] - stats0["forward_tokens"]
                     bar.set_postfix_str(f"{tokens / max(spent, 1e-9):.0f} tok/s", refresh=False)
         finally:
@@ -842,7 +883,7 @@ def label(task: Union[str, Task], queries: Any, corpus: Any, out: PathLike, *,
 
     seconds = time.perf_counter() - start
     summary = _summarise(out, task.name, method, llm_name, {q.id for q in mine}, labelled_now,
-                         len(mine) - len(todo), skipped_no_positive, seconds,
+                         len(mine) - len(todo), skipped_no_positive, seconds, setup,
                          frozen.stats if frozen is not None else {}, stats0)
     if show_progress:
         print(summary, file=sys.stderr)
@@ -912,7 +953,7 @@ def _label_with_llm(llm: FrozenLLM, task: Task, q: Query, candidates: List[Dict[
 
 
 def _summarise(out: Path, task: str, method: str, llm_name: str, ids: set, labelled_now: int,
-               skipped_existing: int, skipped_no_positive: int, seconds: float,
+               skipped_existing: int, skipped_no_positive: int, seconds: float, setup: float,
                stats: Dict[str, int], stats0: Dict[str, int]) -> LabelSummary:
     n = 0
     candidates = samples = 0
@@ -941,6 +982,7 @@ def _summarise(out: Path, task: str, method: str, llm_name: str, ids: set, label
                     with_pos += 1
                     others = [r for c, r in zip(cands, rr) if c["id"] not in pos]
                     top += int(not others or max(pos_r) >= max(others))
+    work = seconds - setup
     tokens = stats.get("forward_tokens", 0) - stats0.get("forward_tokens", 0)
     pairs = stats.get("pairs_scored", 0) - stats0.get("pairs_scored", 0)
     return LabelSummary(
@@ -952,9 +994,10 @@ def _summarise(out: Path, task: str, method: str, llm_name: str, ids: set, label
         mean_rank_reward=rank_sum / rank_count if rank_count else math.nan,
         mean_likelihood_reward=ll_sum / rank_count if rank_count else math.nan,
         top_positive_share=top / with_pos if with_pos else None,
-        seconds=seconds, queries_per_s=labelled_now / seconds if seconds > 0 else 0.0,
-        tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
-        pairs_per_s=pairs / seconds if seconds > 0 else 0.0)
+        seconds=seconds, setup_seconds=setup,
+        queries_per_s=labelled_now / work if work > 0 else 0.0,
+        tokens_per_s=tokens / work if work > 0 else 0.0,
+        pairs_per_s=pairs / work if work > 0 else 0.0)
 
 
 def merge_labelled(shard_files: Sequence[PathLike], out: PathLike) -> int:

@@ -1,0 +1,165 @@
+"""LLM feedback throughput: (candidate, output) pairs scored per second, KV reuse vs naive.
+
+One run, one process, the same inputs for every method:
+
+1. ``label`` labels ``--queries`` real queries end to end (BM25 negatives, N sampled outputs,
+   rewards) with the packaged SmolLM2-135M: queries/s and LLM tokens/s of the whole pipeline.
+2. The (candidate prompt, output) pairs of those labelled queries are scored again by
+   - ``score_grouped``: each candidate prompt once, its KV cache expanded over the outputs
+     (what ``label`` uses), one call per query;
+   - ``score(batch_size=16)``: full prompt+output sequences, padded batches (no reuse);
+   - ``score(batch_size=1)``: the naive reference, one pair per forward pass.
+   The table shows pairs/s, pair-tokens/s (prompt+output tokens the pairs stand for) and the
+   speed-up over the naive loop (target >= 5x on CPU); all methods must agree within 1e-4.
+
+    python benches/bench_label.py                      # qa, 2 queries, 7 negatives, N=8
+    python benches/bench_label.py --queries 4 --write  # also write benches/results_label.md
+    python benches/bench_label.py --task chat --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import List, Tuple
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from llm_embedder.feedback import FrozenLLM, label  # noqa: E402
+from llm_embedder.tasks import get_task  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / ".." / "shared" / "data"
+FOLDERS = {"qa": "qa/xquad", "tool": "tool/gorilla", "chat": "chat/locomo", "icl": "icl/fewshot5"}
+
+
+def pairs_of(llm: FrozenLLM, records: List[dict], task_name: str,
+             max_key_tokens: int) -> List[Tuple[List[str], List[str]]]:
+    """Per query: the candidate prompts and the outputs scored under each, as ``label`` built
+    them (keys cut to ``max_key_tokens``, the task's answer prefix before each output)."""
+    task = get_task(task_name)
+    groups = []
+    for record in records:
+        keys = llm.truncate([c["text"] for c in record["candidates"] if c["id"]], max_key_tokens)
+        prompts = [task.format_prompt(record["query"], k) for k in keys]
+        prompts.append(task.format_prompt(record["query"], None))
+        outputs = [task.answer_prefix + o for o in [record["answer"], *record["samples"]]]
+        groups.append((prompts, outputs))
+    return groups
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="qa", choices=sorted(FOLDERS))
+    parser.add_argument("--queries", type=int, default=2, help="queries labelled and re-scored")
+    parser.add_argument("--num-samples", type=int, default=8)
+    parser.add_argument("--num-negatives", type=int, default=7)
+    parser.add_argument("--max-key-tokens", type=int, default=192)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--write", action="store_true", help="write benches/results_label.md")
+    args = parser.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folder = args.data / FOLDERS[args.task]
+    if not folder.is_dir():
+        sys.exit(f"{folder} not found: pass --data pointing at the shared data folder")
+    llm = FrozenLLM.load(device=args.device)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch threads {torch.get_num_threads()}, device {llm.device}, dtype {llm.dtype}, "
+          f"load average at start {load:.2f}", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "labels.jsonl"
+        summary = label(args.task, folder / "queries.train.jsonl", folder / "corpus.jsonl", out,
+                        llm=llm, num_samples=args.num_samples, num_negatives=args.num_negatives,
+                        max_key_tokens=args.max_key_tokens, limit=args.queries,
+                        show_progress=False)
+        records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    print(summary, flush=True)
+
+    groups = pairs_of(llm, records, args.task, args.max_key_tokens)
+    flat_p = [p for prompts, outputs in groups for p in prompts for _ in outputs]
+    flat_o = [o for prompts, outputs in groups for _ in prompts for o in outputs]
+    n_pairs = len(flat_p)
+    pair_tokens = sum(len(p) + len(o) for p, o in llm.encode_pairs(flat_p, flat_o))
+
+    def grouped() -> np.ndarray:
+        scores = [llm.score_grouped(prompts, [outputs] * len(prompts))
+                  for prompts, outputs in groups]
+        return np.concatenate([np.concatenate(s) for s in scores])
+
+    methods = [("score_grouped (KV reuse, as label)", grouped),
+               ("score, batch 16 (no reuse)", lambda: llm.score(flat_p, flat_o, batch_size=16)),
+               ("score, batch 1 (naive)", lambda: llm.score(flat_p, flat_o, batch_size=1))]
+    results = {}
+    for name, fn in methods:
+        tokens0 = llm.stats["forward_tokens"]
+        start = time.perf_counter()
+        scores = fn()
+        seconds = time.perf_counter() - start
+        results[name] = (scores, seconds, llm.stats["forward_tokens"] - tokens0)
+        print(f"  {name}: {seconds:.1f} s", flush=True)
+
+    naive_scores, naive_s, _ = results["score, batch 1 (naive)"]
+    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    lines = [
+        f"### bench_label: {args.task}, {len(records)} queries, "
+        f"{summary.candidates_per_query:.0f} candidates/query (incl. empty), "
+        f"N={args.num_samples} requested ({summary.samples_per_query:.1f} distinct kept), "
+        f"keys <= {args.max_key_tokens} tokens",
+        "",
+        f"Machine: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, device "
+        f"{llm.device}, {llm.dtype}; load average {load:.2f} at start, {load_end:.2f} at end "
+        f"(other jobs share the CPU when it exceeds the thread count).",
+        "",
+        f"{n_pairs} (candidate, output) pairs = {pair_tokens} prompt+output tokens.",
+        "",
+        "| method | seconds | pairs/s | pair-tokens/s | model tokens run | speed-up vs naive "
+        "| max abs diff vs naive |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, (scores, seconds, ran) in results.items():
+        diff = float(np.max(np.abs(scores - naive_scores)))
+        lines.append(f"| {name} | {seconds:.1f} | {n_pairs / seconds:.2f} | "
+                     f"{pair_tokens / seconds:.0f} | {ran} | {naive_s / seconds:.2f}x | "
+                     f"{diff:.1e} |")
+    lines += [
+        "",
+        f"End to end (`label`, sampling + scoring + rewards): {summary.seconds:.1f} s for "
+        f"{summary.labelled_now} queries = {summary.queries_per_s:.3f} queries/s "
+        f"({summary.seconds / max(summary.labelled_now, 1):.1f} s/query), "
+        f"{summary.tokens_per_s:.0f} LLM tokens/s, {summary.pairs_per_s:.1f} pairs/s.",
+    ]
+    table = "\n".join(lines)
+    print()
+    print(table)
+    worst = max(float(np.max(np.abs(s - naive_scores))) for s, _, _ in results.values())
+    if worst > 1e-4:
+        print(f"ERROR: methods disagree by {worst:.2e} (> 1e-4)", file=sys.stderr)
+        return 1
+    if args.write:
+        path = ROOT / "benches" / "results_label.md"
+        previous = path.read_text(encoding="utf-8") if path.is_file() else \
+            "# bench_label results\n\nWritten by `python benches/bench_label.py --write`.\n"
+        path.write_text(previous.rstrip("\n") + "\n\n" + table + "\n", encoding="utf-8")
+        print(f"\nappended to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
