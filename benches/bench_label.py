@@ -34,7 +34,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from llm_embedder.feedback import FrozenLLM, label  # noqa: E402
 from llm_embedder.tasks import get_task  # noqa: E402
 
@@ -118,19 +117,19 @@ def main() -> int:
     naive_scores, naive_s, _ = results["score, batch 1 (naive)"]
     load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [
-        f"### bench_label: {args.task}, {len(records)} queries, "
-        f"{summary.candidates_per_query:.0f} candidates/query (incl. empty), "
+        (f"### bench_label: {args.task}, {len(records)} queries, "
+         f"{summary.candidates_per_query:.0f} candidates/query (incl. empty), "
         f"N={args.num_samples} requested ({summary.samples_per_query:.1f} distinct kept), "
-        f"keys <= {args.max_key_tokens} tokens",
+        f"keys <= {args.max_key_tokens} tokens"),
         "",
-        f"Machine: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, device "
+        (f"Machine: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, device "
         f"{llm.device}, {llm.dtype}; load average {load:.2f} at start, {load_end:.2f} at end "
-        f"(other jobs share the CPU when it exceeds the thread count).",
+        f"(other jobs share the CPU when it exceeds the thread count)."),
         "",
         f"{n_pairs} (candidate, output) pairs = {pair_tokens} prompt+output tokens.",
         "",
-        "| method | seconds | pairs/s | pair-tokens/s | model tokens run | speed-up vs naive "
-        "| max abs diff vs naive |",
+        ("| method | seconds | pairs/s | pair-tokens/s | model tokens run | speed-up vs naive "
+        "| max abs diff vs naive |"),
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, (scores, seconds, ran) in results.items():
@@ -140,10 +139,11 @@ def main() -> int:
                      f"{diff:.1e} |")
     lines += [
         "",
-        f"End to end (`label`, sampling + scoring + rewards): {summary.seconds:.1f} s for "
-        f"{summary.labelled_now} queries = {summary.queries_per_s:.3f} queries/s "
-        f"({summary.seconds / max(summary.labelled_now, 1):.1f} s/query), "
-        f"{summary.tokens_per_s:.0f} LLM tokens/s, {summary.pairs_per_s:.1f} pairs/s.",
+        (f"End to end (`label`: sampling + scoring + rewards, setup excluded): "
+         f"{summary.seconds - summary.setup_seconds:.1f} s for {summary.labelled_now} queries "
+         f"= {summary.queries_per_s:.3f} queries/s "
+         f"({1 / max(summary.queries_per_s, 1e-9):.1f} s/query), "
+         f"{summary.tokens_per_s:.0f} LLM tokens/s, {summary.pairs_per_s:.1f} pairs/s."),
     ]
     table = "\n".join(lines)
     print()

@@ -508,20 +508,58 @@ class FrozenLLM:
             ids += [i for i in self._newline_ids if i not in ids]
         return ids
 
-    def _generate(self, ids: List[int], config: Any, n: int) -> List[List[int]]:
+    def _pick(self, logits: Any, temperature: Optional[float], top_p: float,
+              generator: Any) -> Any:
+        """Next token per row: argmax when ``temperature`` is None, else nucleus sampling."""
         torch = self._torch
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-        out = self.model.generate(input_ids=input_ids,
-                                  attention_mask=torch.ones_like(input_ids),
-                                  generation_config=config)
-        new = out[:, len(ids):].tolist()
-        stops = set(config.eos_token_id)
-        self.stats["forward_tokens"] += len(ids)
-        for row in new:
-            used = next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
-            self.stats["generated_tokens"] += used
-            self.stats["forward_tokens"] += used
-        return new
+        if temperature is None:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if top_p < 1.0:
+            # The nucleus almost always lies in the top 1024 tokens: sort those only, unless a
+            # flat row needs more.
+            k = min(probs.shape[-1], 1024)
+            values, index = probs.topk(k, dim=-1)
+            if not bool((values.sum(-1) >= top_p).all()):
+                values, index = probs.sort(dim=-1, descending=True)
+            outside = values.cumsum(-1) - values > top_p  # the top token always stays
+            values = values.masked_fill(outside, 0.0)
+            choice = torch.multinomial(values, 1, generator=generator)
+            return index.gather(-1, choice).squeeze(-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    def _continue(self, ids: List[int], n: int, max_new_tokens: int, stop_ids: Sequence[int],
+                  temperature: Optional[float], top_p: float, seed: int) -> List[List[int]]:
+        """``n`` continuations of one prompt: the prompt runs once, its cache is repeated."""
+        torch = self._torch
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        kwargs = {self._keep_kw: 1} if self._keep_kw else {}
+        out = self.model(input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
+                         use_cache=True, **kwargs)
+        cache = out.past_key_values
+        logits = out.logits[:, -1].float()
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+            logits = logits.expand(n, -1)
+        stops = torch.tensor(list(stop_ids), dtype=torch.long, device=self.device)
+        done = torch.zeros(n, dtype=torch.bool, device=self.device)
+        steps = []
+        lengths = [0] * n
+        for _ in range(max_new_tokens):
+            token = self._pick(logits, temperature, top_p, generator)
+            token = torch.where(done, torch.full_like(token, self.pad_id), token)
+            steps.append(token)
+            for r in (~done).nonzero().flatten().tolist():
+                lengths[r] += 1
+            done |= torch.isin(token, stops)
+            if bool(done.all()) or len(steps) == max_new_tokens:
+                break
+            out = self.model(input_ids=token.unsqueeze(1), past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1].float()
+        rows = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(n)]
+        self.stats["forward_tokens"] += len(ids) + sum(lengths)
+        self.stats["generated_tokens"] += sum(lengths)
+        return [row[:length] for row, length in zip(rows, lengths)]
 
     def _decode(self, rows: List[List[int]], stop_ids: Sequence[int],
                 stop_at_newline: bool) -> List[str]:
@@ -548,28 +586,20 @@ class FrozenLLM:
         Example:
             >>> llm.sample(["Question: Who wrote Hamlet?\\n\\nAnswer:"], n=4, seed=1)
         """
-        from transformers import GenerationConfig
-
         torch = self._torch
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         if temperature <= 0:
             raise ValueError("temperature must be > 0 (use generate() for greedy answers)")
         stop_ids = self._stop_ids(stop_at_newline)
-        config = GenerationConfig(do_sample=True, temperature=float(temperature),
-                                  top_p=float(top_p), top_k=0, max_new_tokens=int(max_new_tokens),
-                                  num_return_sequences=int(n), eos_token_id=stop_ids,
-                                  pad_token_id=self.pad_id)
         results = []
-        devices = [self.device] if self.device.type == "cuda" else []
         for k, prompt in enumerate(prompts):
             ids = self._ids([prompt], True)[0]
             if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
                 ids = ids[len(ids) - max_prompt_tokens:]
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(_mix_seed(seed, k))
-                with torch.inference_mode():
-                    rows = self._generate(ids, config, n)
+            with torch.inference_mode():
+                rows = self._continue(ids, n, int(max_new_tokens), stop_ids, float(temperature),
+                                      float(top_p), _mix_seed(seed, k))
             unique: Dict[str, str] = {}
             for text in self._decode(rows, stop_ids, stop_at_newline):
                 if text and _normalise(text) not in unique:
@@ -589,20 +619,15 @@ class FrozenLLM:
             >>> llm.generate(["Question: capital of France?\\n\\nAnswer:"], max_new_tokens=8)
             ['Paris']
         """
-        from transformers import GenerationConfig
-
         torch = self._torch
         stop_ids = self._stop_ids(stop_at_newline)
-        config = GenerationConfig(do_sample=False, max_new_tokens=int(max_new_tokens),
-                                  num_return_sequences=1, eos_token_id=stop_ids,
-                                  pad_token_id=self.pad_id)
         out = []
         with torch.inference_mode():
             for prompt in prompts:
                 ids = self._ids([prompt], True)[0]
                 if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
                     ids = ids[len(ids) - max_prompt_tokens:]
-                rows = self._generate(ids, config, 1)
+                rows = self._continue(ids, 1, int(max_new_tokens), stop_ids, None, 1.0, 0)
                 out.append(self._decode(rows, stop_ids, stop_at_newline)[0])
         return out
 
