@@ -222,6 +222,15 @@ def test_short_run_on_a_real_slice_lowers_the_training_loss(shared_data, tmp_pat
     assert after < 0.8 * before, (before, after)
 
 
+def test_gradient_checkpointing_trains_to_the_same_weights(tiny_config):
+    config = {**tiny_config, "max_steps": 2, "save_steps": 0}
+    plain = train({**config, "output_dir": config["output_dir"] + "-plain"})
+    checkpointed = train({**config, "gradient_checkpointing": True})
+    want, got = _weights(plain), _weights(checkpointed)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -536,8 +536,12 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
         if name.startswith("pooler."):
             param.requires_grad_(False)
     if config.gradient_checkpointing:
-        embedder.model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant: works under DDP with a model used twice per forward (queries, keys).
+        kwargs = {"use_reentrant": False}
+        if hasattr(embedder.model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            embedder.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            embedder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     sampler = HomogeneousBatchSampler(
         [e.task for e in examples],
