@@ -173,8 +173,11 @@ pub fn panel_tile_shape(isa: Isa) -> (usize, usize) {
 /// `masks[key·g + panel]`, the lanes whose score is above its threshold
 /// `thr[panel·16 + lane]` or is not finite; returns whether any mask is non-zero. The caller
 /// visits only flagged lanes, which after the first few tiles are rare.
+///
+/// `ahead` (data needed soon, e.g. the next key block) is prefetched into L2 a cache line per
+/// dimension step, spread through the tile so the requests never pile up.
 #[allow(clippy::too_many_arguments)]
-pub fn panel_tile(
+pub fn panel_tile<T>(
     isa: Isa,
     panels: &[f32],
     g: usize,
@@ -184,12 +187,21 @@ pub fn panel_tile(
     thr: &[f32],
     out: &mut [f32],
     masks: &mut [u16],
+    ahead: &[T],
 ) -> bool {
     let (cw, gw) = panel_tile_shape(isa);
     assert!((c == cw || c == 1) && (g == gw || g == 1));
     assert!(panels.len() >= g * d * PANEL && keys.len() >= c * d);
     assert!(thr.len() >= g * PANEL && out.len() >= c * g * PANEL && masks.len() >= c * g);
     let mp = masks.as_mut_ptr();
+    // Lines of `ahead` the AVX-512 kernel may touch: one per dimension step, never past the end.
+    let (ap, al) = (
+        ahead.as_ptr() as *const i8,
+        std::mem::size_of_val(ahead).div_ceil(64).min(d),
+    );
+    if isa != Isa::Avx512 {
+        prefetch_l2(ahead);
+    }
     assert!(
         isa == Isa::Portable || isa == detect() || (isa == Isa::Avx2 && detect() == Isa::Avx512)
     );
@@ -205,10 +217,10 @@ pub fn panel_tile(
         // detected (asserted above).
         Isa::Avx512 => unsafe {
             match (c, g) {
-                (12, 2) => x86::panel_avx512::<12, 2>(pp, kp, d, tp, op, mp),
-                (12, 1) => x86::panel_avx512::<12, 1>(pp, kp, d, tp, op, mp),
-                (1, 2) => x86::panel_avx512::<1, 2>(pp, kp, d, tp, op, mp),
-                _ => x86::panel_avx512::<1, 1>(pp, kp, d, tp, op, mp),
+                (12, 2) => x86::panel_avx512::<12, 2>(pp, kp, d, tp, op, mp, ap, al),
+                (12, 1) => x86::panel_avx512::<12, 1>(pp, kp, d, tp, op, mp, ap, al),
+                (1, 2) => x86::panel_avx512::<1, 2>(pp, kp, d, tp, op, mp, ap, al),
+                _ => x86::panel_avx512::<1, 1>(pp, kp, d, tp, op, mp, ap, al),
             }
         },
         #[cfg(target_arch = "x86_64")]
@@ -621,7 +633,9 @@ mod x86 {
     ///
     /// # Safety
     /// `panels` holds G·d·16 floats, `k` C·d, `thr` G·16, `out` C·G·16, `masks` C·G;
-    /// AVX-512F.
+    /// `ahead` is only prefetched (`ahead_lines` ≤ d cache lines of 64 bytes, the last
+    /// possibly partial: prefetching never faults); AVX-512F.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn panel_avx512<const C: usize, const G: usize>(
         panels: *const f32,
@@ -630,9 +644,14 @@ mod x86 {
         thr: *const f32,
         out: *mut f32,
         masks: *mut u16,
+        ahead: *const i8,
+        ahead_lines: usize,
     ) -> bool {
         let mut acc = [[_mm512_setzero_ps(); G]; C];
         for p in 0..d {
+            if p < ahead_lines {
+                _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(p * 64));
+            }
             let mut qv = [_mm512_setzero_ps(); G];
             for (g, v) in qv.iter_mut().enumerate() {
                 *v = _mm512_loadu_ps(panels.add(g * d * 16 + p * 16));
@@ -878,7 +897,7 @@ mod tests {
                     let mut masks = vec![0u16; c * g];
                     let high = vec![f32::INFINITY; g * PANEL];
                     assert!(!panel_tile(
-                        isa, &panels, g, &keys, c, d, &high, &mut out, &mut masks
+                        isa, &panels, g, &keys, c, d, &high, &mut out, &mut masks, &queries
                     ));
                     for j in 0..c {
                         for i in 0..g * PANEL {
@@ -896,12 +915,14 @@ mod tests {
                     }
                     let low = vec![f32::NEG_INFINITY; g * PANEL];
                     assert!(panel_tile(
-                        isa, &panels, g, &keys, c, d, &low, &mut out, &mut masks
+                        isa, &panels, g, &keys, c, d, &low, &mut out, &mut masks, &queries
                     ));
                     let mid: Vec<f32> = (0..g * PANEL)
                         .map(|_| (rng.next_f64() as f32 - 0.5) * 0.3)
                         .collect();
-                    panel_tile(isa, &panels, g, &keys, c, d, &mid, &mut out, &mut masks);
+                    panel_tile(
+                        isa, &panels, g, &keys, c, d, &mid, &mut out, &mut masks, &[0u8; 0],
+                    );
                     for j in 0..c {
                         for p in 0..g {
                             for lane in 0..PANEL {
@@ -923,7 +944,7 @@ mod tests {
                         .collect();
                     let panels2 = pack_panels(&q2, full, d);
                     assert!(
-                        panel_tile(isa, &panels2, g, &bad, c, d, &high, &mut out, &mut masks),
+                        panel_tile(isa, &panels2, g, &bad, c, d, &high, &mut out, &mut masks, &q2),
                         "{isa:?} missed -inf"
                     );
                 }

@@ -112,6 +112,15 @@ pub enum Keys<'a> {
     F16(&'a [half::f16]),
 }
 
+impl Keys<'_> {
+    fn bytes_per_value(&self) -> usize {
+        match self {
+            Keys::F32(_) => 4,
+            Keys::F16(_) => 2,
+        }
+    }
+}
+
 /// Hands out key blocks as float32 rows: a sub-slice for float32 keys, a widened copy in a
 /// reused scratch buffer for float16 keys.
 struct BlockReader<'a> {
@@ -388,17 +397,19 @@ fn scan_panels(
     let mut out = vec![0f32; cw * gw * P];
     let mut masks = vec![0u16; cw * gw];
     let mut reader = BlockReader::new(keys, d);
-    // Prefetch the next block of float32 keys spread over this block's tiles (float16 keys are
-    // widened front to back, which the hardware prefetcher already follows).
+    // The next key block is prefetched while this one is scored, spread over its tiles: the
+    // kernel issues at most one 64-byte line per dimension step (d lines per tile).
     let tiles_per_block = block.div_ceil(cw) * groups.div_ceil(gw);
-    let per_tile = (block * d).div_ceil(tiles_per_block).div_ceil(16) * 16;
+    let block_bytes = block * d * keys.bytes_per_value();
+    let per_tile = (block_bytes.div_ceil(tiles_per_block).div_ceil(64) * 64).min(64 * d);
     let mut start = key_lo;
     while start < key_hi {
         let end = (start + block).min(key_hi);
         let rows = reader.block(start, end);
-        let mut ahead: &[f32] = match keys {
-            Keys::F32(k) => &k[end * d..(end + block).min(key_hi) * d],
-            Keys::F16(_) => &[],
+        let next = end * d..(end + block).min(key_hi) * d;
+        let mut ahead: &[u8] = match keys {
+            Keys::F32(k) => bytemuck::cast_slice(&k[next]),
+            Keys::F16(k) => bytemuck::cast_slice(&k[next]),
         };
         let mut g0 = 0;
         while g0 < groups {
@@ -416,9 +427,10 @@ fn scan_panels(
                 let c = if j + cw <= end { cw } else { 1 };
                 let tile_keys = &rows[(j - start) * d..(j - start + c) * d];
                 let (now, later) = ahead.split_at(per_tile.min(ahead.len()));
-                kernels::prefetch_l2(now);
                 ahead = later;
-                if kernels::panel_tile(isa, pan, g, tile_keys, c, d, &thr, &mut out, &mut masks) {
+                if kernels::panel_tile(
+                    isa, pan, g, tile_keys, c, d, &thr, &mut out, &mut masks, now,
+                ) {
                     for ci in 0..c {
                         for gi in 0..g {
                             let mut m = masks[ci * g + gi];
