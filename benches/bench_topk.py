@@ -30,7 +30,6 @@ import gc
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -293,8 +292,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="skip hnswlib above this N (its build dominates the run on 2 cores)",
     )
     ap.add_argument("--budget", type=float, default=3.0, help="seconds of repeats per cell")
-    ap.add_argument("--index-io", action="store_true", help="also time Index add/save/load")
-    ap.add_argument("--index-io-n", type=int, default=1_000_000)
     ap.add_argument("--out", help="also write the table (Markdown) to this file")
     args = ap.parse_args(argv)
 
@@ -423,8 +420,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     summarize(rows, say)
-    if args.index_io:
-        index_io(args.index_io_n, say)
     if args.out:
         with open(args.out, "w") as fh:
             fh.write("\n".join(lines) + "\n")
@@ -455,34 +450,6 @@ def summarize(rows: list[dict], say: Callable[[str], None]) -> None:
         if best is not None:
             checks.append(f"{best / r['secs']:.2f}x best exact peer (target >= 1x)")
         say(f"- N={n} d={d} Q={q} threads={t}: " + "; ".join(checks))
-
-
-def index_io(n: int, say: Callable[[str], None], d: int = 384) -> None:
-    """Index add, save and load times at n x d."""
-    from llm_embedder import Index
-
-    centers = np.random.default_rng(1).standard_normal((1024, d)).astype(np.float32)
-    keys = make_vectors(n, d, seed=4, centers=centers)
-    ids = [f"doc-{i}" for i in range(n)]
-    say()
-    say(f"## Index I/O at {n} x {d}")
-    say("| backend | add s | save s | load s |")
-    say("|---|---:|---:|---:|")
-    with tempfile.TemporaryDirectory() as tmp:
-        index = Index(d, backend="exact")
-        t0 = time.perf_counter()
-        index.add(keys, ids)
-        t_add = time.perf_counter() - t0
-        path = os.path.join(tmp, "exact")
-        t0 = time.perf_counter()
-        index.save(path)
-        t_save = time.perf_counter() - t0
-        del index
-        gc.collect()
-        t0 = time.perf_counter()
-        Index.load(path)
-        t_load = time.perf_counter() - t0
-        say(f"| exact | {t_add:.2f} | {t_save:.2f} | {t_load:.2f} |")
 
 
 if __name__ == "__main__":
