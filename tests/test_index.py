@@ -123,6 +123,8 @@ def test_save_and_load_round_trip(backend, tmp_path):
     # a loaded index keeps growing
     loaded.add(_random(3, 16, seed=7), ["x", "y", "z"])
     assert len(loaded) == 503 and loaded.search(_random(3, 16, seed=7)[1], k=1).ids == [["y"]]
+    with pytest.raises(ValueError, match="already in the index"):
+        loaded.add(_random(1, 16), [ids[10]])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
 
 
@@ -256,6 +258,14 @@ def test_load_names_what_is_missing_or_wrong(tmp_path):
     meta["count"] = 5
     (tmp_path / "ix" / "index.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="ids.json: expected a list of 5 ids"):
+        Index.load(tmp_path / "ix")
+    index.save(tmp_path / "ix")
+    vectors_file = tmp_path / "ix" / "vectors.npy"
+    vectors_file.write_bytes(vectors_file.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="vectors.npy: truncated"):
+        Index.load(tmp_path / "ix")
+    (tmp_path / "ix" / "ids.json").write_text("[1, 2,")
+    with pytest.raises(ValueError, match="ids.json: not valid JSON"):
         Index.load(tmp_path / "ix")
     index.save(tmp_path / "ix")
     (tmp_path / "ix" / "vectors.npy").unlink()

@@ -191,6 +191,31 @@ def _checked_ids(ids: Sequence[Any]) -> List[Id]:
     return [_check_id(value, i) for i, value in enumerate(values)]
 
 
+def _read_matrix(path: Path, rows: int, dim: int) -> npt.NDArray[np.float32]:
+    """Read a float32 [rows, dim] .npy file into a buffer the array owns (so a later add can
+    grow it in place), or raise ValueError naming the file."""
+    with open(path, "rb", buffering=0) as handle:
+        try:
+            major, _ = np.lib.format.read_magic(handle)
+            read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(handle)
+        except ValueError as exc:
+            raise ValueError(f"{path}: not a .npy file ({exc})") from None
+        if dtype != np.float32 or fortran or tuple(shape) != (rows, dim):
+            raise ValueError(f"{path}: expected C-ordered float32 [{rows}, {dim}], got "
+                             f"{dtype} {list(shape)}")
+        data = np.empty((rows, dim), dtype=np.float32)
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            got = handle.readinto(view[done:])
+            if not got:
+                raise ValueError(f"{path}: truncated ({done} of {len(view)} data bytes)")
+            done += got
+    return data
+
+
 # --------------------------------------------------------------------------------------------
 # Index
 # --------------------------------------------------------------------------------------------
@@ -251,7 +276,8 @@ class Index:
         self.ef_search = int(ef_search)
         self.seed = int(seed)
         self._ids: List[Id] = []
-        self._rows: Dict[Id, int] = {}
+        # id -> row, built on first need: a loaded index only searches until it is added to
+        self._row_of: Optional[Dict[Id, int]] = {}
         # exact: rows [0, len) of a buffer with spare capacity, so adds copy amortised O(1)
         self._data = np.empty((0, self.dim), dtype=np.float32)
         self._hnsw: Any = None
@@ -282,7 +308,12 @@ class Index:
         return list(self._ids)
 
     def __contains__(self, item: object) -> bool:
-        return item in self._rows
+        return item in self._rows()
+
+    def _rows(self) -> Dict[Id, int]:
+        if self._row_of is None:
+            self._row_of = {value: i for i, value in enumerate(self._ids)}
+        return self._row_of
 
     def add(self, vectors: Any, ids: Sequence[Id]) -> None:
         """Add ``vectors`` [n, dim] (or one [dim] vector) under ``ids`` (str or int, unique).
@@ -307,8 +338,9 @@ class Index:
                 if value in seen:
                     raise ValueError(f"ids[{i}]={value!r} repeats ids[{seen[value]}]")
                 seen[value] = i
-        if not self._rows.keys().isdisjoint(positions):
-            i = next(i for i, value in enumerate(new_ids) if value in self._rows)
+        rows = self._rows()
+        if not rows.keys().isdisjoint(positions):
+            i = next(i for i, value in enumerate(new_ids) if value in rows)
             raise ValueError(f"ids[{i}]={new_ids[i]!r} is already in the index")
         if matrix.shape[0] == 0:
             return
@@ -318,7 +350,7 @@ class Index:
             self._append_exact(matrix, scale)
         else:
             self._append_hnsw(matrix if scale is None else matrix * scale, start)
-        self._rows.update(zip(new_ids, range(start, start + len(new_ids))))
+        rows.update(zip(new_ids, range(start, start + len(new_ids))))
         self._ids.extend(new_ids)
 
     def _append_exact(self, matrix: npt.NDArray[np.float32],
@@ -326,9 +358,13 @@ class Index:
         n, extra = len(self._ids), matrix.shape[0]
         if n + extra > self._data.shape[0]:
             capacity = max(n + extra, 2 * self._data.shape[0])
-            grown = np.empty((capacity, self.dim), dtype=np.float32)
-            grown[:n] = self._data[:n]
-            self._data = grown
+            try:
+                # realloc grows a large buffer by remapping its pages: no copy, no re-faulting
+                self._data.resize((capacity, self.dim), refcheck=True)
+            except ValueError:  # another array views the buffer, or it does not own its memory
+                grown = np.empty((capacity, self.dim), dtype=np.float32)
+                grown[:n] = self._data[:n]
+                self._data = grown
         if scale is None:
             self._data[n:n + extra] = matrix
         else:  # normalise straight into the buffer: no temporary copy of the batch
@@ -467,23 +503,20 @@ class Index:
         ids_path = root / _IDS_FILE
         if not ids_path.is_file():
             raise FileNotFoundError(f"{ids_path} not found")
-        ids = json.loads(ids_path.read_text(encoding="utf-8"))
+        try:
+            ids = json.loads(ids_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{ids_path}: not valid JSON ({exc})") from None
         if not isinstance(ids, list) or len(ids) != count:
             raise ValueError(f"{ids_path}: expected a list of {count} ids")
         index._ids = _checked_ids(ids)
-        index._rows = {value: i for i, value in enumerate(index._ids)}
-        if len(index._rows) != count:
-            raise ValueError(f"{ids_path}: ids are not unique")
+        index._row_of = None
 
         if index.backend == "exact":
             vectors_path = root / _VECTORS_FILE
             if not vectors_path.is_file():
                 raise FileNotFoundError(f"{vectors_path} not found")
-            data = np.load(vectors_path, allow_pickle=False)
-            if data.dtype != np.float32 or data.shape != (count, index.dim):
-                raise ValueError(f"{vectors_path}: expected float32 [{count}, {index.dim}], "
-                                 f"got {data.dtype} {list(data.shape)}")
-            index._data = np.ascontiguousarray(data)
+            index._data = _read_matrix(vectors_path, count, index.dim)
         else:
             import hnswlib
 
