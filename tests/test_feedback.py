@@ -111,6 +111,27 @@ def test_labels_mode_gives_one_to_positives_and_zero_to_mined_negatives(tmp_path
     assert summary.top_positive_share == 1.0 and summary.candidates_per_query == 7
 
 
+def test_embedder_negatives_are_the_nearest_non_positive_passages(tmp_path, qa_files, minilm):
+    queries, full_corpus = qa_files
+    corpus_path = _slice(full_corpus, tmp_path / "corpus.jsonl", 24)  # holds their positives
+    out = tmp_path / "dense.jsonl"
+    label("qa", queries, corpus_path, out, method="labels", negatives="embedder",
+          embedder=minilm, num_negatives=3, limit=2, show_progress=False)
+    corpus = load_corpus(corpus_path)
+    keys = minilm.encode_keys([p.full_text for p in corpus], task="qa")
+    for record, query in zip(_records(out), load_queries(queries)):
+        scores = keys @ minilm.encode_queries([query.text], task="qa")[0]
+        ranked = [corpus[i].id for i in np.argsort(-scores, kind="stable")]
+        expected = [pid for pid in ranked if pid not in query.positive_ids][:3]
+        assert [c["id"] for c in record["candidates"][1:-1]] == expected
+    both = tmp_path / "both.jsonl"
+    label("qa", queries, corpus_path, both, method="labels", negatives="both",
+          embedder=minilm, num_negatives=4, limit=2, show_progress=False)
+    for record in _records(both):
+        ids = [c["id"] for c in record["candidates"]]
+        assert len(ids) == 1 + 4 + 1 and len(set(ids)) == len(ids)
+
+
 def test_labels_mode_skips_queries_without_positives(tmp_path, shared_data):
     queries = _slice(shared_data / "icl/fewshot5/queries.train.jsonl", tmp_path / "q.jsonl", 3)
     summary = label("icl", queries, shared_data / "icl/fewshot5/corpus.jsonl",
