@@ -281,3 +281,18 @@ def test_topk_fallback_kernels_give_the_same_answer(isa, tmp_path):
         np.testing.assert_array_equal(got[f"i{q}"], want_idx)
         np.testing.assert_array_equal(got[f"h{q}"], want_idx)
         np.testing.assert_array_equal(got[f"s{q}"], want_scores.astype(np.float32))
+
+
+def test_bucket_batches_accepts_any_64_bit_seed():
+    tasks = np.zeros(50, np.int64)
+    lengths = np.arange(50, dtype=np.int64)
+    for seed in (-1, -(2**63), 2**64 - 1):
+        a = _native.bucket_batches(tasks, lengths, 4, seed)
+        b = _native.bucket_batches(tasks, lengths, 4, seed)
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    # -1 and 2**64 - 1 are the same 64 bits
+    a = _native.bucket_batches(tasks, lengths, 4, -1)
+    b = _native.bucket_batches(tasks, lengths, 4, 2**64 - 1)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="seed must fit in 64 bits"):
+        _native.bucket_batches(tasks, lengths, 4, 2**64)

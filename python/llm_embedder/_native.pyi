@@ -35,7 +35,8 @@ def bucket_batches(
     shuffle=True: per task, seeded shuffle, pools of batch_size*bucket_factor sorted by length
     and cut into batches, batches shuffled; tasks interleaved with probability proportional to
     remaining_batches ** (1 / task_temperature). shuffle=False: no randomness, tasks in
-    ascending id order, each sorted by (length, index). Same seed, same batches on every machine.
+    ascending id order, each sorted by (length, index). Same seed, same batches on every machine;
+    any int in [-2**63, 2**64) is a seed (negative ones wrap to their 64 bits).
     """
 
 def topk(

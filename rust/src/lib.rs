@@ -137,7 +137,7 @@ fn py_bucket_batches<'py>(
     task_ids: &Bound<'py, PyAny>,
     lengths: &Bound<'py, PyAny>,
     batch_size: i64,
-    seed: u64,
+    seed: i128,
     shuffle: bool,
     bucket_factor: i64,
     task_temperature: f64,
@@ -154,9 +154,15 @@ fn py_bucket_batches<'py>(
             "bucket_factor must be >= 1, got {bucket_factor}"
         )));
     }
+    if !(-(1i128 << 63)..(1i128 << 64)).contains(&seed) {
+        return Err(value_error(format!(
+            "seed must fit in 64 bits (-2**63 <= seed < 2**64), got {seed}"
+        )));
+    }
     let opts = bucket::BucketOptions {
         batch_size: batch_size as usize,
-        seed,
+        // Negative seeds wrap to their two's-complement bits: every int64 or uint64 is a seed.
+        seed: seed.rem_euclid(1i128 << 64) as u64,
         shuffle,
         bucket_factor: bucket_factor as usize,
         task_temperature,

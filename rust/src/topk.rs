@@ -1,11 +1,18 @@
 //! Exact inner-product top-k without materialising the Q×N score matrix.
 //!
-//! Keys are scanned in blocks; a block's scores against a tile of queries land in a small
-//! scratch buffer and are folded into one bounded collector per query. Threads split the keys
-//! (few queries: every thread streams a disjoint part of the keys once) or the queries (many
-//! queries: every thread owns whole queries, no merge needed).
+//! Keys are scanned in cache-sized blocks and every score is folded at once into one bounded
+//! collector per query. Two kernel families (rust/src/kernels.rs):
 //!
-//! Order: scores descending, ties broken by the lower key index.
+//! * few queries (< [`PANEL_FROM_QUERIES`]): row kernels — one sequential pass per key at
+//!   Q = 1 (memory-bound), small register tiles of queries × keys otherwise; a block's scores
+//!   go through a small scratch buffer;
+//! * many queries: panel kernels — queries packed 16 to a vector, key elements broadcast, the
+//!   threshold test done in registers, only flagged lanes looked at (compute-bound, at the
+//!   machine's sgemm rate).
+//!
+//! Threads split the keys (Q ≤ 256: each key is read from memory once, per-thread collectors
+//! are merged) or the queries (larger Q: no merge). Keys are checked for NaN/inf through the
+//! scores of the same pass. Order: scores descending, ties broken by the lower key index.
 
 use crate::kernels;
 use rayon::prelude::*;
@@ -14,8 +21,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// Keys per block: a block of 256 keys × 768 dims is 768 KiB, which stays in a 1 MiB L2
-/// while every query tile passes over it.
+/// Keys per block of the row kernels (and the key-split granularity): 256 keys × 768 dims is
+/// 768 KiB, which stays in a 1 MiB L2 while every query tile passes over it.
 const KEY_BLOCK: usize = 256;
 
 #[inline]
