@@ -14,6 +14,9 @@ Downstream, with the frozen LLM and a per-task query budget (``max_llm_queries``
   zero-shot; the LLM classifies by scoring every option and picking the most likely;
 - tools: nDCG@5 of the retrieval itself (no LLM step).
 
+The retrieved entries reach the LLM as a set in corpus order (chronological for dialogue turns),
+so systems that retrieve the same entries share one scored prompt.
+
 Systems: ``none`` (no retrieval, downstream only), ``random``, ``bm25``, ``base`` (the packaged
 encoder with the task instructions), ``base_noinstr`` (the same encoder without instructions,
 which is sometimes the stronger baseline: both are reported) and ``trained``.
@@ -297,16 +300,21 @@ def _encode(model: Any, texts: List[str], task: str, side: str, instructions: bo
 
 def rank_dense(data: TaskData, model: Any, depth: int, *, instructions: bool = True,
                batch_size: int = 64, query_max_length: int = 128,
-               key_max_length: int = 256) -> List[np.ndarray]:
+               key_max_length: int = 256,
+               store: Optional[Dict[str, Any]] = None) -> List[np.ndarray]:
     """Cosine ranking with an encoder (normalised vectors), within each query's pool.
 
     Only corpus entries in some query's pool are encoded (e.g. only the test conversations).
+    ``store`` (a dict) receives those entries' ``ids`` and key ``vectors``, for reuse.
     """
     needed = np.unique(np.concatenate(data.pools))
     encoded = _encode(model, [data.corpus[j].full_text for j in needed], data.task, "key",
                       instructions, batch_size, key_max_length)
     keys = np.zeros((len(data.corpus), encoded.shape[1]), dtype=np.float32)
     keys[needed] = encoded
+    if store is not None:
+        store["ids"] = [data.corpus[j].id for j in needed]
+        store["vectors"] = encoded
     queries = _encode(model, [q.text for q in data.queries], data.task, "query", instructions,
                       batch_size, query_max_length)
     out: List[Optional[np.ndarray]] = [None] * len(data.queries)
@@ -347,9 +355,10 @@ def _llm_queries(data: TaskData, budget: Optional[int], seed: int) -> List[int]:
 
 
 def _context(data: TaskData, ranking: np.ndarray, k: int) -> str:
-    # Most relevant entry last, i.e. closest to the question (helps small LMs most).
-    texts = [data.corpus[j].full_text for j in ranking[:k]]
-    return "\n".join(reversed(texts))
+    # The top-k *set* in corpus order: chronological for dialogue turns, and two systems that
+    # retrieve the same entries give the same prompt, which is scored once (the LLM is the
+    # slow part on a CPU). The metric then measures what is retrieved, not how it is sorted.
+    return "\n".join(data.corpus[j].full_text for j in sorted(int(j) for j in ranking[:k]))
 
 
 def _score_unique(llm: Any, pairs: List[Tuple[str, str]]) -> Dict[Tuple[str, str], float]:
@@ -458,7 +467,8 @@ def evaluate(model_or_path: Any = None, tasks: Optional[Sequence[str]] = None,
              max_llm_queries: Union[None, int, Mapping[str, int]] = 100,
              exact_match_answers: bool = True,
              downstream_systems: Optional[Sequence[str]] = None, device: Optional[str] = None,
-             batch_size: int = 64, seed: int = 0, verbose: bool = True) -> Results:
+             batch_size: int = 64, seed: int = 0, verbose: bool = True,
+             keep_vectors: Optional[Dict[str, Dict[str, Any]]] = None) -> Results:
     """Evaluate retrieval systems per task on held-out queries; returns
     ``{task: {system: {metric: value}}}`` plus ``{"average": {system: {"primary": value}}}``.
 
@@ -466,7 +476,9 @@ def evaluate(model_or_path: Any = None, tasks: Optional[Sequence[str]] = None,
     system). ``systems`` picks among ``random``, ``bm25``, ``base``, ``base_noinstr``,
     ``trained``; downstream metrics add ``none`` (no retrieval). ``max_llm_queries`` caps the
     queries per task that the LLM sees (None: all; a mapping: per task). ``k`` overrides the
-    downstream context size (default qa 3, chat 3, icl 4).
+    downstream context size (default qa 3, chat 3, icl 4). ``keep_vectors`` (a dict) receives
+    per task the ``ids`` and key ``vectors`` the trained model computed, to build an index
+    without encoding the corpus again.
 
     Example:
         >>> results = evaluate("quickstart_out/model", tasks=["qa", "tool"], downstream=False)
@@ -509,9 +521,12 @@ def evaluate(model_or_path: Any = None, tasks: Optional[Sequence[str]] = None,
                 rankings[system] = rank_bm25(split, depth)
             else:
                 model = models["trained" if system == "trained" else "base"]
+                store = None
+                if keep_vectors is not None and system == "trained":
+                    store = keep_vectors.setdefault(task, {})
                 rankings[system] = rank_dense(split, model, depth,
                                               instructions=system != "base_noinstr",
-                                              batch_size=batch_size)
+                                              batch_size=batch_size, store=store)
         positives = [q.positive_ids for q in split.queries]
         task_results: Dict[str, Dict[str, float]] = {}
         for system, ranking in rankings.items():

@@ -58,8 +58,9 @@ from .evaluate import (
 from .tasks import get_task
 
 TASK_ORDER = ("qa", "tool", "chat", "icl")
-# Rough characters per SmolLM2 token on English text; only used to split the LLM budget.
-CHARS_PER_TOKEN = 4.0
+# Rough characters per SmolLM2 token on these texts (timestamps, code and labels tokenise
+# densely); only used to split the LLM budget between queries, deterministically.
+CHARS_PER_TOKEN = 3.0
 
 
 @dataclass
@@ -76,22 +77,22 @@ class QuickstartConfig:
 
     tasks: Tuple[str, ...] = TASK_ORDER
     label_token_budget: Dict[str, int] = field(default_factory=lambda: {
-        "qa": 30_000, "tool": 20_000, "chat": 30_000, "icl": 60_000})
+        "qa": 12_000, "tool": 10_000, "chat": 13_000, "icl": 38_000})
     max_llm_label_queries: Optional[int] = None
     max_label_only: Optional[int] = None
     num_samples: int = 4
     num_negatives: int = 7
-    max_steps: int = 60
-    batch_size: int = 16
-    group_size: int = 4
-    lr: float = 5e-5
+    max_steps: int = 36
+    batch_size: int = 24
+    group_size: int = 3
+    lr: float = 8e-5
     query_max_length: int = 64
     key_max_length: int = 128
     max_test_queries: Optional[int] = None
     max_pool: Optional[int] = None
     max_llm_queries: Dict[str, int] = field(default_factory=lambda: {
-        "qa": 40, "chat": 60, "icl": 40})
-    downstream_systems: Optional[Tuple[str, ...]] = ("random", "bm25", "base", "trained")
+        "qa": 8, "chat": 30, "icl": 24})
+    downstream_systems: Optional[Tuple[str, ...]] = None  # None: every system
     eval_batch_size: int = 64
 
     @classmethod
@@ -104,17 +105,17 @@ class QuickstartConfig:
         """All bundled data, more steps, every downstream query (meant for a GPU)."""
         return cls(label_token_budget={t: 10**9 for t in TASK_ORDER}, num_samples=8,
                    max_steps=600, batch_size=32, group_size=8, lr=3e-5, query_max_length=128,
-                   key_max_length=256, max_llm_queries={"qa": 10**9, "chat": 10**9,
-                                                        "icl": 10**9},
+                   key_max_length=256, max_llm_queries={},  # {}: every test query
                    downstream_systems=None)
 
     @classmethod
     def tiny(cls) -> "QuickstartConfig":
-        """A smoke-test run: a few queries per task, two training steps (about a minute)."""
-        return cls(label_token_budget={t: 10**9 for t in TASK_ORDER}, max_llm_label_queries=2,
-                   max_label_only=6, num_samples=2, num_negatives=3, max_steps=2, batch_size=4,
-                   group_size=4, query_max_length=32, key_max_length=64, max_test_queries=12,
-                   max_pool=40, max_llm_queries={"qa": 2, "chat": 2, "icl": 2},
+        """A smoke-test run: 1 LLM-labelled + 6 label-only queries per task, two training steps,
+    8 test queries over small pools (a few minutes on 2 cores)."""
+        return cls(label_token_budget={t: 10**9 for t in TASK_ORDER}, max_llm_label_queries=1,
+                   max_label_only=6, num_samples=2, num_negatives=2, max_steps=2, batch_size=4,
+                   group_size=3, query_max_length=32, key_max_length=64, max_test_queries=8,
+                   max_pool=16, max_llm_queries={"qa": 1, "chat": 1, "icl": 1},
                    downstream_systems=("bm25", "trained"))
 
 
@@ -141,12 +142,15 @@ class _Stages:
             self.timings.setdefault(name, {})["skipped"] = True
             return None
         _say(f"== {name}")
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         value = body()
         seconds = round(time.perf_counter() - start, 1)
-        self.timings[name] = {"seconds": seconds, "skipped": False}
+        # CPU seconds of this process (all its threads): on a busy machine wall time says
+        # little, CPU time says what the stage costs.
+        cpu_seconds = round(time.process_time() - cpu, 1)
+        self.timings[name] = {"seconds": seconds, "cpu_seconds": cpu_seconds, "skipped": False}
         atomic_write_json(self.path, self.timings)
-        _say(f"   {name} took {seconds:.1f} s")
+        _say(f"   {name} took {seconds:.1f} s ({cpu_seconds:.1f} CPU s)")
         return value
 
 
@@ -328,6 +332,8 @@ def train_config(out: Path, cfg: QuickstartConfig, seed: int,
         "lr": cfg.lr, "seed": seed, "resume": True, "reward": "rank",
         "batching": "homogeneous", "self_paced": True,
         "query_max_length": cfg.query_max_length, "key_max_length": cfg.key_max_length,
+        # checkpoints a killed run resumes from (three per run)
+        "save_steps": max(1, cfg.max_steps // 3),
     }
     if device is not None:
         config["device"] = device
@@ -351,12 +357,44 @@ def _evaluate(out: Path, cfg: QuickstartConfig, plan: Mapping[str, Mapping[str, 
               get_llm: Callable[[], Any], seed: int, device: Optional[str]) -> Dict[str, Any]:
     data = {task: {"corpus": plan[task]["corpus"], "test": plan[task]["test"]}
             for task in cfg.tasks}
+    vectors: Dict[str, Dict[str, Any]] = {}
     results = evaluate(out / "model", tasks=list(cfg.tasks), data=data, systems=list(SYSTEMS),
                        llm=get_llm(), downstream=True, max_llm_queries=cfg.max_llm_queries,
                        downstream_systems=cfg.downstream_systems, device=device,
-                       batch_size=cfg.eval_batch_size, seed=seed)
+                       batch_size=cfg.eval_batch_size, seed=seed, keep_vectors=vectors)
+    # The trained model's key vectors: the index and the examples reuse them instead of
+    # encoding the corpora again (the tool corpus alone is ~270k tokens).
+    for task, stored in vectors.items():
+        _save_vectors(out / "vectors" / f"{task}.npz", stored["ids"], stored["vectors"])
     atomic_write_json(out / "results.json", results)
     return results
+
+
+def _save_vectors(path: Path, ids: Sequence[str], vectors: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, ids=np.asarray(ids, dtype=object).astype(str), vectors=vectors)
+    os.replace(tmp, path)
+
+
+def _load_vectors(out: Path, task: str) -> Optional[Dict[str, np.ndarray]]:
+    path = out / "vectors" / f"{task}.npz"
+    if not path.is_file():
+        return None
+    with np.load(path) as data:
+        ids = [str(i) for i in data["ids"]]
+        return dict(zip(ids, np.asarray(data["vectors"], dtype=np.float32)))
+
+
+def _key_vectors(out: Path, model: Any, task: str, passages: Sequence[Passage]) -> np.ndarray:
+    """Trained key vectors of ``passages``: saved ones when the evaluate stage left them."""
+    saved = _load_vectors(out, task) or {}
+    missing = [p for p in passages if p.id not in saved]
+    if missing:
+        fresh = model.encode_keys([p.full_text for p in missing], task=task,
+                                  show_progress_bar=False)
+        saved.update(zip([p.id for p in missing], fresh))
+    return np.stack([saved[p.id] for p in passages]).astype(np.float32)
 
 
 def _build_index(out: Path, plan: Mapping[str, Mapping[str, Any]], device: Optional[str]) -> None:
@@ -365,7 +403,7 @@ def _build_index(out: Path, plan: Mapping[str, Mapping[str, Any]], device: Optio
 
     model = Embedder.from_pretrained(out / "model", device=device)
     corpus = load_corpus(plan["qa"]["corpus"])
-    keys = model.encode_keys([p.full_text for p in corpus], task="qa", show_progress_bar=False)
+    keys = _key_vectors(out, model, "qa", corpus)
     index = Index(keys.shape[1])
     index.add(keys, [p.id for p in corpus])
     index.save(out / "index")
@@ -377,7 +415,7 @@ def _build_index(out: Path, plan: Mapping[str, Mapping[str, Any]], device: Optio
 
 def _examples(out: Path, cfg: QuickstartConfig, plan: Mapping[str, Mapping[str, Any]],
               get_llm: Callable[[], Any], device: Optional[str]) -> List[Dict[str, Any]]:
-    """One test query per task: top-3 results of the trained model and the LLM's answer."""
+    """One test query per task: top results of the trained model and the LLM's answer."""
     from .embedder import Embedder
     from .index import Index
 
@@ -392,30 +430,35 @@ def _examples(out: Path, cfg: QuickstartConfig, plan: Mapping[str, Mapping[str, 
             index = Index.load(out / "index")  # the saved index, as a user would reload it
         else:
             pool = [corpus[j] for j in candidate_pool(query, corpus)]
-            keys = model.encode_keys([p.full_text for p in pool], task=task,
-                                     show_progress_bar=False)
+            keys = _key_vectors(out, model, task, pool)
             index = Index(keys.shape[1])
             index.add(keys, [p.id for p in pool])
         by_id = {p.id: p for p in corpus}
-        k = min(3 if task != "icl" else 4, len(index))
+        k = min(4 if task == "icl" else 3, len(index))
         ids, scores = index.search(model.encode_queries([query.text], task=task,
                                                         show_progress_bar=False), k=k)
         hits = [{"id": pid, "score": float(s), "text": by_id[pid].full_text,
                  "positive": pid in query.positive_ids} for pid, s in zip(ids[0], scores[0])]
-        context = "\n".join(h["text"] for h in reversed(hits))
+        context = "\n".join(by_id[h["id"]].full_text for h in
+                            sorted(hits, key=lambda h: _corpus_position(corpus, h["id"])))
         entry: Dict[str, Any] = {"task": task, "query": query.text, "gold": query.answers,
                                  "hits": hits}
         if task == "icl" and query.options:
             prompt = t.format_prompt(query.text, context)
-            scores_ = llm.score_grouped([prompt], [[t.answer_prefix + o for o in query.options]])
-            entry["llm_answer"] = query.options[int(np.argmax(np.asarray(scores_[0])))]
+            option_scores = llm.score_grouped([prompt],
+                                              [[t.answer_prefix + o for o in query.options]])
+            entry["llm_answer"] = query.options[int(np.argmax(np.asarray(option_scores[0])))]
         elif task in ("qa", "chat"):
-            generated = llm.generate([t.format_prompt(query.text, context)], max_new_tokens=16)
-            entry["llm_answer"] = generated[0].strip().splitlines()[0] if generated[0].strip() \
-                else ""
+            entry["llm_answer"] = llm.generate([t.format_prompt(query.text, context)],
+                                               max_new_tokens=16)[0]
         shown.append(entry)
     atomic_write_json(out / "examples.json", shown)
     return shown
+
+
+def _corpus_position(corpus: Sequence[Passage], pid: str) -> int:
+    # Same context order as the evaluation: corpus order (chronological for dialogue turns).
+    return next(i for i, p in enumerate(corpus) if p.id == pid)
 
 
 def _print_examples(shown: Sequence[Mapping[str, Any]]) -> str:
@@ -538,11 +581,12 @@ def _report(out: Path, cfg: QuickstartConfig, results: Mapping[str, Any],
     for task, p in plan.items():
         label_rows.append(f"| {task} | {p['llm_queries']} | {p['label_only_queries']} | "
                           f"{p['estimated_llm_tokens']:,} | {p['test_queries']} |")
-    timing_rows = ["| stage | seconds |", "|---|---:|"]
+    timing_rows = ["| stage | wall s | CPU s |", "|---|---:|---:|"]
     for name, t in timings.items():
-        timing_rows.append(f"| {name} | {t.get('seconds', '-')} |")
+        timing_rows.append(f"| {name} | {t.get('seconds', '-')} | {t.get('cpu_seconds', '-')} |")
     total = sum(t.get("seconds", 0) for t in timings.values())
-    timing_rows.append(f"| total | {total:.1f} |")
+    total_cpu = sum(t.get("cpu_seconds", 0) for t in timings.values())
+    timing_rows.append(f"| total | {total:.1f} | {total_cpu:.1f} |")
     md = [results_markdown(results, title="llm-embedder quickstart"
                            + (" (--full)" if full else "")),
           "## Trained vs base (primary metric)", "", "```", verdict_text(v), "```", "",

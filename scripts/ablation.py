@@ -1,0 +1,179 @@
+"""Ablations of DESIGN.md §7 on the same labelled data and seed, evaluated on the test slices.
+
+Variants (each changes one thing from the full method, which is ``rank+graded+homog+paced``):
+
+| variant | reward | loss | batches | lr |
+|---|---|---|---|---|
+| full | rank-aware | graded (qa/tool/icl), KL (chat) | homogeneous | self-paced |
+| likelihood | likelihood | as full | homogeneous | self-paced |
+| kl | rank-aware | KL for every task | homogeneous | self-paced |
+| contrastive | rank-aware (top one = positive) | contrastive, all tasks | homogeneous | self-paced |
+| mixed | rank-aware | as full | mixed tasks per batch | self-paced |
+| fixed_lr | rank-aware | as full | homogeneous | fixed |
+
+The labelled files come from a quickstart run (``--from quickstart_out``: its ``labels/``), so
+run the quickstart first; ``--llm-only`` trains on the LLM-labelled queries alone (the only ones
+where likelihood and rank-aware rewards differ: label-only queries carry 1/0 rewards either
+way). Every variant trains with the quickstart's sizes and seed unless ``--steps`` says
+otherwise, is evaluated with the same test queries (downstream LLM metrics included unless
+``--no-downstream``), and one table is printed and written to ``OUT/ablation.md`` (+ JSON).
+Resumable: finished variants are skipped.
+
+Usage:
+    python scripts/ablation.py --from quickstart_out --out ablation_out [--steps 60]
+        [--variants full likelihood kl ...] [--llm-only] [--no-downstream] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+from llm_embedder.data import atomic_write_json, atomic_write_text
+from llm_embedder.evaluate import PRIMARY_METRICS, evaluate
+from llm_embedder.quickstart import QuickstartConfig, train_config
+
+VARIANTS: Dict[str, Dict[str, Any]] = {
+    "full": {},
+    "likelihood": {"reward": "likelihood"},
+    "kl": {"loss": "kl"},
+    "contrastive": {"loss": "contrastive"},
+    "mixed": {"batching": "mixed"},
+    "fixed_lr": {"self_paced": False},
+}
+DESCRIPTIONS = {
+    "full": "rank-aware reward, graded/KL, homogeneous, self-paced",
+    "likelihood": "likelihood reward instead of rank-aware",
+    "kl": "KL distillation for every task instead of graded",
+    "contrastive": "contrastive (top-rewarded candidate as positive) instead of graded",
+    "mixed": "mixed-task batches instead of homogeneous",
+    "fixed_lr": "fixed lr instead of self-paced",
+}
+
+
+def variant_config(source: Path, out: Path, name: str, cfg: QuickstartConfig, seed: int,
+                   device: Optional[str], steps: Optional[int], llm_only: bool) -> Dict[str, Any]:
+    """The quickstart's training config with the variant's one change."""
+    config = train_config(source, cfg, seed, device)
+    config["output_dir"] = str(out / name / "train")
+    config["resume"] = True
+    config["plot"] = False
+    if steps is not None:
+        config["max_steps"] = steps
+    for task, spec in config["tasks"].items():
+        if llm_only:
+            llm_file = source / "labels" / f"{task}.llm.jsonl"
+            if not llm_file.is_file():
+                raise SystemExit(f"--llm-only: {llm_file} not found (no LLM labels for {task})")
+            spec["file"] = str(llm_file)
+        if not Path(spec["file"]).is_file():
+            raise SystemExit(f"{spec['file']} not found: run the quickstart first "
+                             f"(llm-embedder quickstart --out {source})")
+    change = VARIANTS[name]
+    if "loss" in change:
+        config["loss"] = change["loss"]
+    for key in ("reward", "batching", "self_paced"):
+        if key in change:
+            config[key] = change[key]
+    return config
+
+
+def table(rows: Mapping[str, Mapping[str, Any]], tasks: List[str], markdown: bool) -> str:
+    header = ["variant", *[f"{t} ({PRIMARY_METRICS[t]})" for t in tasks], "average",
+              "train s"]
+    lines = []
+    for name, row in rows.items():
+        cells = [name]
+        for t in tasks:
+            value = row["results"].get(t, {}).get("trained", {}).get(PRIMARY_METRICS[t])
+            cells.append("-" if value is None else f"{value:.3f}")
+        avg = row["results"].get("average", {}).get("trained", {}).get("primary")
+        cells.append("-" if avg is None else f"{avg:.3f}")
+        cells.append(f"{row.get('train_seconds', 0):.0f}")
+        lines.append(cells)
+    if markdown:
+        out = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+        out += ["| " + " | ".join(c) + " |" for c in lines]
+        return "\n".join(out)
+    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                              for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines)])
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--from", dest="source", default="quickstart_out",
+                        help="a finished quickstart folder (its labels/ and data/ are reused)")
+    parser.add_argument("--out", default="ablation_out")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=None, help="training steps per variant")
+    parser.add_argument("--llm-only", action="store_true",
+                        help="train on the LLM-labelled queries only")
+    parser.add_argument("--no-downstream", action="store_true", help="skip the LLM metrics "
+                        "(icl then has no metric)")
+    parser.add_argument("--max-llm-queries", type=int, default=None,
+                        help="downstream queries per task (default: the quickstart's)")
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+
+    from llm_embedder.train import train
+
+    source, out = Path(args.source), Path(args.out)
+    saved = source / "config.json"
+    if not saved.is_file():
+        parser.error(f"{saved} not found: run `llm-embedder quickstart --out {source}` first")
+    fingerprint = json.loads(saved.read_text())
+    cfg = QuickstartConfig(**{k: tuple(v) if isinstance(v, list) else v
+                              for k, v in fingerprint["config"].items()})
+    seed = int(fingerprint["seed"])
+    plan = json.loads((source / "data" / "plan.json").read_text())
+    tasks = [t for t in cfg.tasks if t in plan]
+    data = {t: {"corpus": plan[t]["corpus"], "test": plan[t]["test"]} for t in tasks}
+    budget: Any = args.max_llm_queries if args.max_llm_queries is not None \
+        else cfg.max_llm_queries
+
+    llm = None
+    if not args.no_downstream:
+        from llm_embedder.feedback import FrozenLLM
+
+        llm = FrozenLLM.load(None, device=args.device)
+
+    rows: Dict[str, Dict[str, Any]] = {}
+    for name in args.variants:
+        done = out / name / "results.json"
+        if done.is_file():
+            rows[name] = json.loads(done.read_text())
+            print(f"== {name}: done earlier, skipped")
+            continue
+        print(f"== {name}: {DESCRIPTIONS[name]}", flush=True)
+        config = variant_config(source, out, name, cfg, seed, args.device, args.steps,
+                                args.llm_only)
+        start = time.perf_counter()
+        model_dir = train(config)
+        train_seconds = time.perf_counter() - start
+        results = evaluate(model_dir, tasks=tasks, data=data, systems=["trained"], llm=llm,
+                           downstream=not args.no_downstream, max_llm_queries=budget,
+                           device=args.device, seed=seed)
+        rows[name] = {"variant": name, "description": DESCRIPTIONS[name], "config": config,
+                      "train_seconds": train_seconds, "results": results}
+        atomic_write_json(done, rows[name])
+    print()
+    print(table(rows, tasks, markdown=False))
+    md = ["# Ablations (DESIGN.md §7)", "",
+          f"Labelled data: {'LLM-labelled queries only' if args.llm_only else 'as the quickstart'}"
+          f" from `{source}`; seed {seed}; primary metric of each task for the trained model.",
+          "", table(rows, tasks, markdown=True), "",
+          *[f"- **{n}**: {DESCRIPTIONS[n]}" for n in rows], ""]
+    atomic_write_text(out / "ablation.md", "\n".join(md))
+    atomic_write_json(out / "ablation.json", rows)
+    print(f"\nwritten {out / 'ablation.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
