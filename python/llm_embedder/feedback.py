@@ -659,21 +659,27 @@ class LabelSummary:
 
     def __str__(self) -> str:
         share = "n/a" if self.top_positive_share is None else f"{self.top_positive_share:.3f}"
+        skipped = (f", {self.skipped_no_positive} without positives skipped"
+                   if self.skipped_no_positive else "")
         lines = [
             f"label {self.task} ({self.method}, llm={self.llm}) -> {self.out}",
-            f"  queries            {self.queries} ({self.labelled_now} new, "
-            f"{self.skipped_existing} already there"
-            + (f", {self.skipped_no_positive} without positives skipped"
-               if self.skipped_no_positive else "") + ")",
+            (f"  queries            {self.queries} ({self.labelled_now} new, "
+             f"{self.skipped_existing} already there{skipped})"),
             f"  candidates/query   {self.candidates_per_query:.2f}",
-            f"  samples/query      {self.samples_per_query:.2f}",
-            f"  mean rank reward   {self.mean_rank_reward:.4f}",
-            f"  mean likelihood    {self.mean_likelihood_reward:.4f}",
+        ]
+        if self.method == "llm":
+            lines += [f"  samples/query      {self.samples_per_query:.2f}",
+                      f"  mean rank reward   {self.mean_rank_reward:.4f}",
+                      f"  mean likelihood    {self.mean_likelihood_reward:.4f}"]
+        lines += [
             f"  positive on top    {share}",
             f"  time               {self.seconds:.1f} s, of which setup {self.setup_seconds:.1f} s",
-            (f"  throughput         {self.queries_per_s:.3f} queries/s, "
-             f"{self.tokens_per_s:.0f} LLM tokens/s, {self.pairs_per_s:.1f} pairs/s"),
         ]
+        if self.method == "llm":
+            lines.append(f"  throughput         {self.queries_per_s:.3f} queries/s, "
+                         f"{self.tokens_per_s:.0f} LLM tokens/s, {self.pairs_per_s:.1f} pairs/s")
+        else:
+            lines.append(f"  throughput         {self.queries_per_s:.1f} queries/s")
         return "\n".join(lines)
 
     def to_dict(self) -> Dict[str, Any]:
