@@ -9,8 +9,10 @@ One run, one process, the same inputs for every method:
      (what ``label`` uses), one call per query;
    - ``score(batch_size=16)``: full prompt+output sequences, padded batches (no reuse);
    - ``score(batch_size=1)``: the naive reference, one pair per forward pass.
-   The table shows pairs/s, pair-tokens/s (prompt+output tokens the pairs stand for) and the
-   speed-up over the naive loop (target >= 5x on CPU); all methods must agree within 1e-4.
+   The methods alternate query by query (so a change in machine load hits all alike). The
+   table shows wall and CPU (process) seconds, pairs/s, pair-tokens/s (prompt+output tokens
+   the pairs stand for) and the speed-up over the naive loop (target >= 5x on CPU); all
+   methods must agree within 1e-4.
 
     python benches/bench_label.py                      # qa, 2 queries, 7 negatives, N=8
     python benches/bench_label.py --queries 4 --write  # also write benches/results_label.md
@@ -97,46 +99,58 @@ def main() -> int:
     n_pairs = len(flat_p)
     pair_tokens = sum(len(p) + len(o) for p, o in llm.encode_pairs(flat_p, flat_o))
 
-    def grouped() -> np.ndarray:
-        scores = [llm.score_grouped(prompts, [outputs] * len(prompts))
-                  for prompts, outputs in groups]
-        return np.concatenate([np.concatenate(s) for s in scores])
+    # Methods alternate query by query, so a change in machine load hits them alike; CPU time
+    # (process time) is reported beside wall time because other jobs may share the cores.
+    methods = {
+        "score_grouped (KV reuse, as label)":
+            lambda prompts, outputs: np.concatenate(
+                llm.score_grouped(prompts, [outputs] * len(prompts))),
+        "score, batch 16 (no reuse)":
+            lambda prompts, outputs: llm.score([p for p in prompts for _ in outputs],
+                                               outputs * len(prompts), batch_size=16),
+        "score, batch 1 (naive)":
+            lambda prompts, outputs: llm.score([p for p in prompts for _ in outputs],
+                                               outputs * len(prompts), batch_size=1),
+    }
+    parts = {name: [] for name in methods}
+    wall = dict.fromkeys(methods, 0.0)
+    cpu = dict.fromkeys(methods, 0.0)
+    ran = dict.fromkeys(methods, 0)
+    for q, (prompts, outputs) in enumerate(groups):
+        for name, fn in methods.items():
+            tokens0 = llm.stats["forward_tokens"]
+            w0, c0 = time.perf_counter(), time.process_time()
+            parts[name].append(fn(prompts, outputs))
+            wall[name] += time.perf_counter() - w0
+            cpu[name] += time.process_time() - c0
+            ran[name] += llm.stats["forward_tokens"] - tokens0
+            print(f"  query {q}: {name}: {wall[name]:.1f} s so far", flush=True)
+    results = {name: (np.concatenate(parts[name]), wall[name], cpu[name], ran[name])
+               for name in methods}
 
-    methods = [("score_grouped (KV reuse, as label)", grouped),
-               ("score, batch 16 (no reuse)", lambda: llm.score(flat_p, flat_o, batch_size=16)),
-               ("score, batch 1 (naive)", lambda: llm.score(flat_p, flat_o, batch_size=1))]
-    results = {}
-    for name, fn in methods:
-        tokens0 = llm.stats["forward_tokens"]
-        start = time.perf_counter()
-        scores = fn()
-        seconds = time.perf_counter() - start
-        results[name] = (scores, seconds, llm.stats["forward_tokens"] - tokens0)
-        print(f"  {name}: {seconds:.1f} s", flush=True)
-
-    naive_scores, naive_s, _ = results["score, batch 1 (naive)"]
+    naive_scores, naive_s, naive_cpu, _ = results["score, batch 1 (naive)"]
     load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [
         (f"### bench_label: {args.task}, {len(records)} queries, "
          f"{summary.candidates_per_query:.0f} candidates/query (incl. empty), "
-        f"N={args.num_samples} requested ({summary.samples_per_query:.1f} distinct kept), "
-        f"keys <= {args.max_key_tokens} tokens"),
+         f"N={args.num_samples} requested ({summary.samples_per_query:.1f} distinct kept), "
+         f"keys <= {args.max_key_tokens} tokens"),
         "",
         (f"Machine: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, device "
-        f"{llm.device}, {llm.dtype}; load average {load:.2f} at start, {load_end:.2f} at end "
-        f"(other jobs share the CPU when it exceeds the thread count)."),
+         f"{llm.device}, {llm.dtype}; load average {load:.2f} at start, {load_end:.2f} at end "
+         f"(other jobs share the CPU when it exceeds the thread count)."),
         "",
         f"{n_pairs} (candidate, output) pairs = {pair_tokens} prompt+output tokens.",
         "",
-        ("| method | seconds | pairs/s | pair-tokens/s | model tokens run | speed-up vs naive "
-        "| max abs diff vs naive |"),
-        "|---|---:|---:|---:|---:|---:|---:|",
+        ("| method | wall s | CPU s | pairs/s | pair-tokens/s | model tokens run "
+         "| speed-up vs naive (wall) | (CPU) | max abs diff vs naive |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, (scores, seconds, ran) in results.items():
+    for name, (scores, seconds, cpu_s, tokens_run) in results.items():
         diff = float(np.max(np.abs(scores - naive_scores)))
-        lines.append(f"| {name} | {seconds:.1f} | {n_pairs / seconds:.2f} | "
-                     f"{pair_tokens / seconds:.0f} | {ran} | {naive_s / seconds:.2f}x | "
-                     f"{diff:.1e} |")
+        lines.append(f"| {name} | {seconds:.1f} | {cpu_s:.1f} | {n_pairs / seconds:.2f} | "
+                     f"{pair_tokens / seconds:.0f} | {tokens_run} | {naive_s / seconds:.2f}x | "
+                     f"{naive_cpu / cpu_s:.2f}x | {diff:.1e} |")
     lines += [
         "",
         (f"End to end (`label`: sampling + scoring + rewards, setup excluded): "
@@ -148,7 +162,7 @@ def main() -> int:
     table = "\n".join(lines)
     print()
     print(table)
-    worst = max(float(np.max(np.abs(s - naive_scores))) for s, _, _ in results.values())
+    worst = max(float(np.max(np.abs(r[0] - naive_scores))) for r in results.values())
     if worst > 1e-4:
         print(f"ERROR: methods disagree by {worst:.2e} (> 1e-4)", file=sys.stderr)
         return 1
