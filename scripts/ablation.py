@@ -7,7 +7,7 @@ Variants (each changes one thing from the full method, which is ``rank+graded+ho
 | full | rank-aware | graded (qa/tool/icl), KL (chat) | homogeneous | self-paced |
 | likelihood | likelihood | as full | homogeneous | self-paced |
 | kl | rank-aware | KL for every task | homogeneous | self-paced |
-| contrastive | rank-aware (top one = positive) | contrastive, all tasks | homogeneous | self-paced |
+| contrastive | rank-aware (top = positive) | contrastive, all tasks | homogeneous | self-paced |
 | mixed | rank-aware | as full | mixed tasks per batch | self-paced |
 | fixed_lr | rank-aware | as full | homogeneous | fixed |
 
@@ -87,13 +87,14 @@ def table(rows: Mapping[str, Mapping[str, Any]], tasks: List[str], markdown: boo
               "train s"]
     lines = []
     for name, row in rows.items():
+        system = row.get("system", "trained")
         cells = [name]
         for t in tasks:
-            value = row["results"].get(t, {}).get("trained", {}).get(PRIMARY_METRICS[t])
+            value = row["results"].get(t, {}).get(system, {}).get(PRIMARY_METRICS[t])
             cells.append("-" if value is None else f"{value:.3f}")
-        avg = row["results"].get("average", {}).get("trained", {}).get("primary")
+        avg = row["results"].get("average", {}).get(system, {}).get("primary")
         cells.append("-" if avg is None else f"{avg:.3f}")
-        cells.append(f"{row.get('train_seconds', 0):.0f}")
+        cells.append(f"{row['train_seconds']:.0f}" if "train_seconds" in row else "-")
         lines.append(cells)
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
@@ -118,6 +119,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "(icl then has no metric)")
     parser.add_argument("--max-llm-queries", type=int, default=None,
                         help="downstream queries per task (default: the quickstart's)")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="leave out the BM25 and base-encoder reference rows")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
 
@@ -144,6 +147,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         llm = FrozenLLM.load(None, device=args.device)
 
     rows: Dict[str, Dict[str, Any]] = {}
+    if not args.no_baselines:
+        done = out / "baselines.json"
+        if done.is_file():
+            baseline = json.loads(done.read_text())
+        else:
+            print("== baselines: BM25 and the base encoder with and without instructions")
+            baseline = evaluate(None, tasks=tasks, data=data,
+                                systems=["bm25", "base", "base_noinstr"], llm=llm,
+                                downstream=not args.no_downstream, max_llm_queries=budget,
+                                device=args.device, seed=seed)
+            atomic_write_json(done, baseline)
+        for system, label in (("bm25", "(BM25)"), ("base", "(base, instr.)"),
+                              ("base_noinstr", "(base, no instr.)")):
+            rows[label] = {"system": system, "results": baseline}
     for name in args.variants:
         done = out / name / "results.json"
         if done.is_file():
@@ -168,7 +185,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"Labelled data: {'LLM-labelled queries only' if args.llm_only else 'as the quickstart'}"
           f" from `{source}`; seed {seed}; primary metric of each task for the trained model.",
           "", table(rows, tasks, markdown=True), "",
-          *[f"- **{n}**: {DESCRIPTIONS[n]}" for n in rows], ""]
+          *[f"- **{n}**: {DESCRIPTIONS[n]}" for n in rows if n in DESCRIPTIONS], ""]
     atomic_write_text(out / "ablation.md", "\n".join(md))
     atomic_write_json(out / "ablation.json", rows)
     print(f"\nwritten {out / 'ablation.md'}")

@@ -1,6 +1,5 @@
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,9 @@ from llm_embedder.evaluate import (
     downstream_icl,
     exact_match,
     first_line,
+    evaluate,
     load_task_data,
+    main_eval,
     mrr_at_k,
     ndcg_at_k,
     normalize_answer,
@@ -26,8 +27,6 @@ from llm_embedder.evaluate import (
     results_markdown,
     retrieval_metrics,
 )
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -256,3 +255,81 @@ def test_load_task_data_reads_a_folder_in_the_shared_layout(tmp_path):
         json.dumps({"id": "q", "text": "x", "answers": ["a"], "positive_ids": ["missing"]}) + "\n")
     with pytest.raises(ValueError, match="positive ids not in"):
         load_task_data("qa", tmp_path)
+
+
+def _tiny_layout(root, shared_data, tasks=("qa", "chat")):
+    """A few real test queries per task and a corpus cut to their pools' first entries plus
+    their positives, laid out like the shared data."""
+    from llm_embedder.data import BUNDLED_TASK_DIRS, candidate_pool, iter_jsonl
+
+    for task in tasks:
+        src = shared_data / BUNDLED_TASK_DIRS[task]
+        dst = root / BUNDLED_TASK_DIRS[task]
+        dst.mkdir(parents=True)
+        queries = [obj for _, obj in iter_jsonl(src / "queries.test.jsonl")][:6]
+        corpus_rows = [obj for _, obj in iter_jsonl(src / "corpus.jsonl")]
+        corpus = load_task_data(task, shared_data).corpus
+        keep = set()
+        for q in queries:
+            query = Query(id=q["id"], text=q["text"], group=q.get("group"))
+            pool = candidate_pool(query, corpus)
+            keep.update(corpus[j].id for j in pool[:15])
+            keep.update(q["positive_ids"])
+        (dst / "corpus.jsonl").write_text("".join(
+            json.dumps(r) + "\n" for r in corpus_rows if r["id"] in keep))
+        (dst / "queries.test.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    return root
+
+
+def test_evaluate_ranks_real_slices_with_bm25_and_the_base_encoder(tmp_path, shared_data,
+                                                                   minilm):
+    root = _tiny_layout(tmp_path, shared_data)
+    results = evaluate(minilm, tasks=["qa", "chat"], data=root, base_model=minilm,
+                       downstream=False, verbose=False)
+    assert set(results) == {"qa", "chat", "average"}
+    for task in ("qa", "chat"):
+        assert set(results[task]) == {"random", "bm25", "base", "base_noinstr", "trained"}
+        for metrics in results[task].values():
+            assert set(metrics) == set(RETRIEVAL_METRICS)
+            assert all(0.0 <= v <= 1.0 for v in metrics.values())
+        # the same model as "trained" and "base" must give the same numbers
+        assert results[task]["trained"] == results[task]["base"]
+    # real retrieval is far above chance on knowledge questions
+    assert results["qa"]["bm25"]["ndcg@10"] > results["qa"]["random"]["ndcg@10"] + 0.3
+    assert results["qa"]["base_noinstr"]["recall@10"] > 0.8
+    assert results["average"]["bm25"]["primary"] == pytest.approx(
+        (results["qa"]["bm25"]["ndcg@10"] + results["chat"]["bm25"]["recall@5"]) / 2)
+
+
+def test_main_eval_writes_json_and_markdown(tmp_path, shared_data, capsys):
+    root = _tiny_layout(tmp_path / "data", shared_data, tasks=("qa",))
+    out = tmp_path / "eval.json"
+    assert main_eval(tasks=["qa"], data=str(root), downstream=False, out=str(out),
+                     systems=["random", "bm25"]) == 0
+    saved = json.loads(out.read_text())
+    assert set(saved["qa"]) == {"random", "bm25"}
+    assert "| qa (ndcg@10) |" in out.with_suffix(".md").read_text()
+    assert "qa (ndcg@10)" in capsys.readouterr().out
+
+
+def test_evaluate_rejects_unknown_systems_and_a_missing_trained_model():
+    with pytest.raises(ValueError, match="unknown systems"):
+        evaluate(None, tasks=["qa"], systems=["bm42"], downstream=False)
+    with pytest.raises(ValueError, match="needs model_or_path"):
+        evaluate(None, tasks=["qa"], systems=["trained"], downstream=False)
+
+
+@pytest.mark.slow
+def test_real_llm_answers_better_with_the_gold_passage_than_without():
+    from llm_embedder.feedback import FrozenLLM
+
+    data = load_task_data("qa")
+    i = next(i for i, q in enumerate(data.queries) if len(q.answers[0]) < 30)
+    gold = next(j for j, p in enumerate(data.corpus) if p.id in data.queries[i].positive_ids)
+    rankings = {"gold": [None] * len(data.queries)}
+    rankings["gold"][i] = np.array([gold])
+    out = downstream_answers(data, rankings, FrozenLLM.load(device="cpu"), k=1, query_ids=[i],
+                             exact=True, max_new_tokens=12)
+    assert out["gold"]["answer_ll"] > out["none"]["answer_ll"]
+    assert out["gold"]["answer_ppl"] < out["none"]["answer_ppl"]
+    assert out["gold"]["em"] in (0.0, 1.0)

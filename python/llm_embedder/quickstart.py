@@ -618,10 +618,10 @@ def run_quickstart(out_dir: str = "quickstart_out", full: bool = False,
         >>> results = run_quickstart("quickstart_out")
         >>> results["average"]["trained"]["primary"]
     """
-    import torch
-
     if sum([full, tiny, config is not None]) > 1:
         raise ValueError("pass at most one of full=True, tiny=True, config=...")
+    import torch
+
     cfg = config or (QuickstartConfig.full() if full else QuickstartConfig.tiny() if tiny
                      else QuickstartConfig.default())
     unknown = [t for t in cfg.tasks if t not in TASK_ORDER]

@@ -1,0 +1,141 @@
+import json
+
+import numpy as np
+import pytest
+
+from llm_embedder.data import Passage, Query, bundled_task_files, load_corpus, load_queries
+from llm_embedder.quickstart import (
+    QuickstartConfig,
+    _pick_training_queries,
+    _shrink_pools,
+    estimate_label_tokens,
+    plot_results,
+    run_quickstart,
+    train_config,
+    verdict,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- fast
+
+
+def test_llm_budget_picks_queries_across_subtasks_and_labels_the_rest_with_positives():
+    files = bundled_task_files("chat")
+    corpus, train = load_corpus(files["corpus"]), load_queries(files["train"])
+    cfg = QuickstartConfig(label_token_budget={"chat": 20_000})
+    llm, rest, tokens = _pick_training_queries("chat", train, corpus, cfg, seed=0)
+    assert 0 < len(llm) < len(train) and tokens <= 20_000
+    assert len({q.group for q in llm}) == 3  # every training conversation is represented
+    assert not {q.id for q in llm} & {q.id for q in rest}
+    assert len(llm) + len(rest) == len(train)  # every chat query has a positive
+    again, _, _ = _pick_training_queries("chat", train, corpus, cfg, seed=0)
+    assert [q.id for q in again] == [q.id for q in llm]  # deterministic
+
+
+def test_icl_has_no_label_only_queries_and_a_zero_budget_labels_nothing_with_the_llm():
+    files = bundled_task_files("icl")
+    corpus, train = load_corpus(files["corpus"]), load_queries(files["train"])
+    cfg = QuickstartConfig(label_token_budget={"icl": 0})
+    llm, rest, tokens = _pick_training_queries("icl", train, corpus, cfg, seed=0)
+    assert llm == [] and rest == [] and tokens == 0
+
+
+def test_label_token_estimate_grows_with_candidates_samples_and_text():
+    q = Query(id="q", text="Who won?", answers=["Denver"], positive_ids=["p"])
+    base = estimate_label_tokens("qa", q, 600.0, 7, 4, 6.0)
+    assert estimate_label_tokens("qa", q, 600.0, 3, 4, 6.0) < base
+    assert estimate_label_tokens("qa", q, 600.0, 7, 8, 6.0) > base
+    assert estimate_label_tokens("qa", q, 900.0, 7, 4, 6.0) > base
+
+
+def test_shrunk_pools_keep_every_positive_and_stay_within_groups():
+    corpus = [Passage(id=f"{g}-{i}", text="t", group=g) for g in ("a", "b") for i in range(30)]
+    queries = [Query(id="q", text="x", positive_ids=["b-29"], group="b")]
+    small = _shrink_pools(corpus, queries, 5)
+    assert {p.id for p in small} == {"b-0", "b-1", "b-2", "b-3", "b-4", "b-29"}
+
+
+def test_training_config_uses_graded_distillation_and_kl_for_chat(tmp_path):
+    config = train_config(tmp_path, QuickstartConfig.default(), seed=3, device="cpu")
+    losses = {task: spec["loss"] for task, spec in config["tasks"].items()}
+    assert losses == {"qa": "graded", "tool": "graded", "chat": "kl", "icl": "graded"}
+    assert config["reward"] == "rank" and config["batching"] == "homogeneous"
+    assert config["self_paced"] is True and config["seed"] == 3 and config["resume"] is True
+
+
+def test_verdict_compares_trained_with_the_better_base_encoder():
+    results = {
+        "tool": {"base": {"ndcg@5": 0.10}, "base_noinstr": {"ndcg@5": 0.12},
+                 "bm25": {"ndcg@5": 0.14}, "trained": {"ndcg@5": 0.30}},
+        "qa": {"base": {"ndcg@10": 0.86}, "base_noinstr": {"ndcg@10": 0.94},
+               "trained": {"ndcg@10": 0.93}},
+    }
+    v = verdict(results)
+    assert v["tool"]["best_base"] == "base_noinstr" and v["tool"]["beats_base"]
+    assert v["tool"]["delta"] == pytest.approx(0.18) and v["tool"]["beats_bm25"]
+    assert v["qa"]["best_base"] == "base_noinstr" and not v["qa"]["beats_base"]
+
+
+def test_plot_writes_a_png(tmp_path):
+    results = {"tool": {"bm25": {"ndcg@5": 0.2}, "trained": {"ndcg@5": 0.3}},
+               "average": {"bm25": {"primary": 0.2}, "trained": {"primary": 0.3}}}
+    plot_results(results, tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_only_one_configuration_at_a_time(tmp_path):
+    with pytest.raises(ValueError, match="at most one"):
+        run_quickstart(str(tmp_path), full=True, tiny=True)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_tiny_quickstart_runs_end_to_end_and_resumes(tmp_path, capsys):
+    from llm_embedder import Embedder, Index
+
+    out = tmp_path / "qs"
+    results = run_quickstart(str(out), tiny=True, device="cpu")
+    printed = capsys.readouterr().out
+
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == results
+    for task in ("qa", "tool", "chat"):
+        assert {"base", "base_noinstr", "trained", "bm25", "random"} <= set(saved[task])
+        for system in ("base", "trained", "bm25"):
+            assert set(saved[task][system]) >= {"recall@1", "recall@5", "mrr@10", "ndcg@10"}
+    assert set(saved["qa"]["none"]) == {"answer_ll", "answer_ppl", "em"}
+    assert {"answer_ll", "em"} <= set(saved["qa"]["trained"])
+    assert "answer_ppl" in saved["chat"]["trained"]
+    assert {"none", "random", "bm25", "trained"} <= set(saved["icl"])
+    assert all(0 <= saved["icl"][s]["accuracy"] <= 1 for s in saved["icl"])
+    assert "trained" in saved["average"] and "bm25" in saved["average"]
+    for task, by_system in saved.items():
+        for metrics in by_system.values():
+            assert all(isinstance(v, float) and np.isfinite(v) for v in metrics.values()), task
+
+    md = (out / "results.md").read_text()
+    assert "| tool (ndcg@5) |" in md and "## Stage timings" in md and "label-only" in md
+    assert (out / "results.png").read_bytes()[:8] == PNG_MAGIC
+    assert "task (metric)" in printed and "[qa]" in printed and "[icl]" in printed
+
+    model = Embedder.from_pretrained(out / "model", device="cpu")
+    index = Index.load(out / "index")
+    ids, _ = index.search(model.encode_queries(["What powers a steam engine?"], task="qa"), k=2)
+    assert len(ids[0]) == 2
+    labelled = [json.loads(line) for line in (out / "labels" / "qa.jsonl").read_text().splitlines()]
+    methods = {r["method"] for r in labelled}
+    assert methods == {"llm", "labels"}  # LLM-labelled and label-only queries, merged
+
+    # A second run finds every stage done and only reprints the report.
+    timings = json.loads((out / "timings.json").read_text())
+    again = run_quickstart(str(out), tiny=True, device="cpu")
+    assert again == results
+    assert "already done" in capsys.readouterr().out
+    assert json.loads((out / "timings.json").read_text())["train"]["seconds"] == \
+        timings["train"]["seconds"]
+    with pytest.raises(ValueError, match="another configuration"):
+        run_quickstart(str(out), device="cpu")
