@@ -110,9 +110,11 @@ class QuickstartConfig:
 
     @classmethod
     def tiny(cls) -> "QuickstartConfig":
-        """A smoke-test run: 1 LLM-labelled + 6 label-only queries per task, two training steps,
-    8 test queries over small pools (a few minutes on 2 cores)."""
-        return cls(label_token_budget={t: 10**9 for t in TASK_ORDER}, max_llm_label_queries=1,
+        """A smoke-test run: 1 LLM-labelled (not for tools) + 6 label-only queries per task,
+        two training steps, 8 test queries over small pools (a few minutes on 2 cores)."""
+        # tools: label-only (their long API-call outputs make LLM labelling the slowest)
+        return cls(label_token_budget={"qa": 10**9, "tool": 0, "chat": 10**9, "icl": 10**9},
+                   max_llm_label_queries=1,
                    max_label_only=6, num_samples=2, num_negatives=2, max_steps=2, batch_size=4,
                    group_size=3, query_max_length=32, key_max_length=64, max_test_queries=8,
                    max_pool=16, max_llm_queries={"qa": 1, "chat": 1, "icl": 1},
