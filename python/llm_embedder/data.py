@@ -98,15 +98,19 @@ def iter_jsonl(path: PathLike) -> Iterator[Tuple[int, Dict[str, Any]]]:
         raise DataError(path, None, "file not found")
     with path.open("r", encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(path, number, f"invalid JSON ({err.msg} at column {err.colno})")
-            if not isinstance(obj, dict):
-                raise DataError(path, number, f"expected a JSON object, got {type(obj).__name__}")
-            yield number, obj
+            if line.strip():
+                yield number, parse_json_object(line, path, number)
+
+
+def parse_json_object(line: str, path: PathLike, number: int) -> Dict[str, Any]:
+    """One JSONL line as a dict; DataError naming file and line otherwise."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(path, number, f"invalid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(obj, dict):
+        raise DataError(path, number, f"expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def _string(obj: Dict[str, Any], name: str, path: PathLike, line: int, *,
@@ -226,7 +230,8 @@ def parse_labelled(obj: Dict[str, Any], path: PathLike, line: int) -> LabelledQu
     for i, cand in enumerate(candidates):
         if not isinstance(cand, dict) or not isinstance(cand.get("id"), str) \
                 or not isinstance(cand.get("text"), str):
-            raise DataError(path, line, f"candidates[{i}] must be an object with string 'id' and 'text'")
+            raise DataError(path, line,
+                            f"candidates[{i}] must be an object with string 'id' and 'text'")
     n = len(candidates)
     return LabelledQuery(
         query_id=_string(obj, "query_id", path, line),
@@ -256,15 +261,8 @@ def load_labelled(path: PathLike) -> List[LabelledQuery]:
     raw = path.read_bytes()
     complete = raw if raw.endswith(b"\n") else raw[: raw.rfind(b"\n") + 1]
     for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(path, number, f"invalid JSON ({err.msg} at column {err.colno})")
-        if not isinstance(obj, dict):
-            raise DataError(path, number, "expected a JSON object")
-        records.append(parse_labelled(obj, path, number))
+        if line.strip():
+            records.append(parse_labelled(parse_json_object(line, path, number), path, number))
     if not records:
         raise DataError(path, None, "no labelled queries in file")
     return records

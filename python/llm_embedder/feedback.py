@@ -39,6 +39,7 @@ from .data import (
     Query,
     atomic_write_text,
     candidate_pool,
+    iter_jsonl,
     load_corpus,
     load_queries,
     parse_labelled,
@@ -780,20 +781,13 @@ def _existing(out: Path, task: str) -> Dict[str, Tuple[int, Dict[str, Any]]]:
     done: Dict[str, Tuple[int, Dict[str, Any]]] = {}
     if not out.is_file():
         return done
-    with out.open("r", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(out, number, f"invalid JSON ({err.msg}); the labelled file is "
-                                             f"damaged beyond its last line") from err
-            record = parse_labelled(obj, out, number)
-            if record.task != task:
-                raise DataError(out, number, f"field 'task' is {record.task!r} but this run "
-                                             f"labels {task!r}: use another output file")
-            done[record.query_id] = (number, obj)
+    # A partial last line was cut by JsonlAppender; damage anywhere else is an error here.
+    for number, obj in iter_jsonl(out):
+        record = parse_labelled(obj, out, number)
+        if record.task != task:
+            raise DataError(out, number, f"field 'task' is {record.task!r} but this run "
+                                         f"labels {task!r}: use another output file")
+        done[record.query_id] = (number, obj)
     return done
 
 
