@@ -187,6 +187,23 @@ class Ours(Peer):
         self.index = self.keys = None
 
 
+class OursTopk(Peer):
+    """The native kernel on the very array the numpy peer reads (no Index, no copy): where the
+    Index's own buffer happens to sit in slower memory, the two ``ours`` rows differ."""
+
+    name = "ours-topk"
+
+    def build(self, keys: np.ndarray, threads: int) -> float:
+        self.keys = keys
+        return 0.0
+
+    def search(self, queries: np.ndarray, threads: int) -> np.ndarray:
+        return _native.topk(queries, self.keys, K, threads=threads)[1]
+
+    def close(self) -> None:
+        self.keys = None
+
+
 class OursF16(Peer):
     name = "ours-f16"
     bytes_per_value = 2
@@ -331,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--d", type=parse_ints, help="dimensions (default 384,768)")
     ap.add_argument("--q", type=parse_ints, help="query counts (default 1,64,1024)")
     ap.add_argument("--threads", type=parse_ints, help="thread counts (default 1,2)")
-    ap.add_argument("--peers", default="ours,ours-f16,numpy,faiss,hnswlib")
+    ap.add_argument("--peers", default="ours,ours-topk,ours-f16,numpy,faiss,hnswlib")
     ap.add_argument("--hnsw-m", type=int, default=16)
     ap.add_argument("--hnsw-ef-construction", type=int, default=100)
     ap.add_argument("--hnsw-ef", type=int, default=64)
@@ -398,6 +415,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             peers.append(ours)
             if ours.note:
                 say(f"\nnote: {ours.note}")
+        elif name == "ours-topk":
+            peers.append(OursTopk())
         elif name == "ours-f16":
             peers.append(OursF16())
         elif name == "numpy":

@@ -54,7 +54,8 @@ impl Collector {
             k,
             cap,
             threshold: f32::NEG_INFINITY,
-            buf: Vec::with_capacity(cap),
+            // grown on demand: a large k rarely fills its buffer in every key range
+            buf: Vec::with_capacity(cap.min(1024)),
         }
     }
 
