@@ -131,8 +131,9 @@ def _say(message: str) -> None:
 class _Stages:
     """Runs named stages once; records their wall time in ``timings.json``."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, llm_tokens: Callable[[], int] = lambda: 0):
         self.out = out
+        self.llm_tokens = llm_tokens
         self.path = out / "timings.json"
         self.timings: Dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() \
             else {}
@@ -144,13 +145,15 @@ class _Stages:
             self.timings.setdefault(name, {})["skipped"] = True
             return None
         _say(f"== {name}")
-        start, cpu = time.perf_counter(), time.process_time()
+        start, cpu, tokens = time.perf_counter(), time.process_time(), self.llm_tokens()
         value = body()
         seconds = round(time.perf_counter() - start, 1)
         # CPU seconds of this process (all its threads): on a busy machine wall time says
         # little, CPU time says what the stage costs.
         cpu_seconds = round(time.process_time() - cpu, 1)
-        self.timings[name] = {"seconds": seconds, "cpu_seconds": cpu_seconds, "skipped": False}
+        # Tokens through the frozen LLM: what the stage costs independent of the machine.
+        self.timings[name] = {"seconds": seconds, "cpu_seconds": cpu_seconds,
+                              "llm_tokens": self.llm_tokens() - tokens, "skipped": False}
         atomic_write_json(self.path, self.timings)
         _say(f"   {name} took {seconds:.1f} s ({cpu_seconds:.1f} CPU s)")
         return value
@@ -583,12 +586,14 @@ def _report(out: Path, cfg: QuickstartConfig, results: Mapping[str, Any],
     for task, p in plan.items():
         label_rows.append(f"| {task} | {p['llm_queries']} | {p['label_only_queries']} | "
                           f"{p['estimated_llm_tokens']:,} | {p['test_queries']} |")
-    timing_rows = ["| stage | wall s | CPU s |", "|---|---:|---:|"]
+    timing_rows = ["| stage | wall s | CPU s | LLM tokens |", "|---|---:|---:|---:|"]
     for name, t in timings.items():
-        timing_rows.append(f"| {name} | {t.get('seconds', '-')} | {t.get('cpu_seconds', '-')} |")
+        timing_rows.append(f"| {name} | {t.get('seconds', '-')} | {t.get('cpu_seconds', '-')} "
+                           f"| {t.get('llm_tokens', '-')} |")
     total = sum(t.get("seconds", 0) for t in timings.values())
     total_cpu = sum(t.get("cpu_seconds", 0) for t in timings.values())
-    timing_rows.append(f"| total | {total:.1f} | {total_cpu:.1f} |")
+    total_tokens = sum(t.get("llm_tokens", 0) for t in timings.values())
+    timing_rows.append(f"| total | {total:.1f} | {total_cpu:.1f} | {total_tokens} |")
     md = [results_markdown(results, title="llm-embedder quickstart"
                            + (" (--full)" if full else "")),
           "## Trained vs base (primary metric)", "", "```", verdict_text(v), "```", "",
@@ -662,7 +667,8 @@ def run_quickstart(out_dir: str = "quickstart_out", full: bool = False,
     total_start = time.perf_counter()
     kind = "full" if full else "tiny" if tiny else "custom" if config else "default"
     _say(f"llm-embedder quickstart -> {out.resolve()}  ({kind} configuration, device {device})")
-    stages = _Stages(out)
+    stages = _Stages(out, lambda: int(getattr(loaded["llm"], "stats", {}).get(
+        "forward_tokens", 0)) if loaded["llm"] is not None else 0)
     plan_path = out / "data" / "plan.json"
     stages.run("prepare", plan_path.is_file, lambda: _prepare(out, cfg, seed))
     plan = json.loads(plan_path.read_text())
