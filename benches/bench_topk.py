@@ -23,7 +23,7 @@ chunks so the score matrix stays under 256 MB), ``faiss`` (``IndexFlatIP``) and 
 
 Usage:
     python benches/bench_topk.py --quick            # ~1 minute smoke run
-    python benches/bench_topk.py                    # N in {100k, 1M}, d in {384, 768}, Q in {1, 64, 1024}
+    python benches/bench_topk.py                    # N 100k/1M, d 384/768, Q 1/64/1024
     python benches/bench_topk.py --n 100000 --d 768 --q 1,64 --threads 1 --out table.md
 """
 
@@ -380,7 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(f"# bench_topk: exact top-{K} (best of repeats, peers called in turns)")
     say()
     say(
-        f"machine: {platform.machine()}, {os.cpu_count()} logical CPUs, {platform.processor() or platform.platform()}"
+        f"machine: {platform.machine()}, {os.cpu_count()} logical CPUs, "
+        f"{platform.processor() or platform.platform()}"
     )
     try:
         with open("/proc/loadavg") as fh:

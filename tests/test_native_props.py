@@ -56,7 +56,9 @@ def test_rank_reward_golden_case_by_hand():
     target = np.array([[-1.0, -0.5]], np.float32)
     samples = np.array([[[-2.0, -1.0, 0.0, np.nan], [-2.0, -3.0, -1.0, -4.0]]], np.float32)
     got = _native.rank_aware_reward(target, samples)
-    sig = lambda x: 1.0 / (1.0 + math.exp(-x))
+    def sig(x):
+        return 1.0 / (1.0 + math.exp(-x))
+
     want0 = (4 - 2.5 + sig(-1.0)) / 4
     want1 = (5 - 1 + sig(0.5)) / 5  # best of all four samples: rank 1
     np.testing.assert_allclose(got, [[want0, want1]], rtol=0, atol=1e-7)
