@@ -136,6 +136,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     seed = int(fingerprint["seed"])
     plan = json.loads((source / "data" / "plan.json").read_text())
     tasks = [t for t in cfg.tasks if t in plan]
+    if args.no_downstream:  # icl has no positives: without the LLM it has no metric at all
+        tasks = [t for t in tasks if t != "icl"]
     data = {t: {"corpus": plan[t]["corpus"], "test": plan[t]["test"]} for t in tasks}
     budget: Any = args.max_llm_queries if args.max_llm_queries is not None \
         else cfg.max_llm_queries
