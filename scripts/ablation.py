@@ -19,15 +19,24 @@ otherwise, is evaluated with the same test queries (downstream LLM metrics inclu
 ``--no-downstream``), and one table is printed and written to ``OUT/ablation.md`` (+ JSON).
 Resumable: finished variants are skipped.
 
+The default quickstart LLM-labels only a few queries per task on a CPU, too few for the reward
+variants to differ. ``--label-budget qa=150000 chat=200000 ...`` (LLM tokens per task) first
+labels a larger set into ``OUT/source`` with the quickstart's query choice (same seed, so the
+quickstart's LLM labels from ``--from`` are copied in and not paid for twice); the variants then
+train on that.
+
 Usage:
     python scripts/ablation.py --from quickstart_out --out ablation_out [--steps 60]
         [--variants full likelihood kl ...] [--llm-only] [--no-downstream] [--device cpu]
+        [--label-budget TASK=TOKENS ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,7 +44,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from llm_embedder.data import atomic_write_json, atomic_write_text
 from llm_embedder.evaluate import PRIMARY_METRICS, evaluate
-from llm_embedder.quickstart import QuickstartConfig, train_config
+from llm_embedder.quickstart import QuickstartConfig, label_training_data, train_config
 
 VARIANTS: Dict[str, Dict[str, Any]] = {
     "full": {},
@@ -82,6 +91,42 @@ def variant_config(source: Path, out: Path, name: str, cfg: QuickstartConfig, se
     return config
 
 
+def parse_budgets(items: List[str]) -> Dict[str, int]:
+    """``["qa=150000", "chat=2e5"]`` -> ``{"qa": 150000, "chat": 200000}``."""
+    budgets: Dict[str, int] = {}
+    for item in items:
+        task, sep, value = item.partition("=")
+        try:
+            tokens = int(float(value))
+        except ValueError:
+            tokens = -1
+        if not sep or not task or tokens < 0:
+            raise SystemExit(f"--label-budget wants TASK=TOKENS (e.g. chat=200000), got {item!r}")
+        budgets[task] = tokens
+    return budgets
+
+
+def labelled_source(source: Path, out: Path, cfg: QuickstartConfig, seed: int,
+                    budgets: Mapping[str, int], device: Optional[str]) -> Path:
+    """``OUT/source``: the quickstart's data with ``budgets`` LLM tokens per task, labelled."""
+    unknown = sorted(set(budgets) - set(cfg.tasks))
+    if unknown:
+        raise SystemExit(f"--label-budget: unknown task(s) {unknown}; tasks: {list(cfg.tasks)}")
+    bigger = dataclasses.replace(cfg, label_token_budget={**cfg.label_token_budget, **budgets})
+    target = out / "source"
+    labels = target / "labels"
+    if not (labels / "summary.json").is_file():
+        # Same seed, same stratified order: the quickstart's LLM-labelled queries are a prefix
+        # of the larger set, so its labels are reused (the labeller skips ids already there).
+        labels.mkdir(parents=True, exist_ok=True)
+        for task in cfg.tasks:
+            done, mine = source / "labels" / f"{task}.llm.jsonl", labels / f"{task}.llm.jsonl"
+            if done.is_file() and not mine.exists():
+                shutil.copyfile(done, mine)
+    label_training_data(target, bigger, seed=seed, device=device)
+    return target
+
+
 def table(rows: Mapping[str, Mapping[str, Any]], tasks: List[str], markdown: bool) -> str:
     header = ["variant", *[f"{t} ({PRIMARY_METRICS[t]})" for t in tasks], "average",
               "train s"]
@@ -121,6 +166,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="downstream queries per task (default: the quickstart's)")
     parser.add_argument("--no-baselines", action="store_true",
                         help="leave out the BM25 and base-encoder reference rows")
+    parser.add_argument("--label-budget", nargs="+", default=None, metavar="TASK=TOKENS",
+                        help="first LLM-label a larger set (tokens per task) into OUT/source")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
 
@@ -134,6 +181,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = QuickstartConfig(**{k: tuple(v) if isinstance(v, list) else v
                               for k, v in fingerprint["config"].items()})
     seed = int(fingerprint["seed"])
+    if args.label_budget:
+        source = labelled_source(source, out, cfg, seed, parse_budgets(args.label_budget),
+                                 args.device)
+        fingerprint = json.loads((source / "config.json").read_text())
+        cfg = QuickstartConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in fingerprint["config"].items()})
     plan = json.loads((source / "data" / "plan.json").read_text())
     tasks = [t for t in cfg.tasks if t in plan]
     if args.no_downstream:  # icl has no positives: without the LLM it has no metric at all
@@ -183,9 +236,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         atomic_write_json(done, rows[name])
     print()
     print(table(rows, tasks, markdown=False))
+    counts = ", ".join(f"{t} {plan[t]['llm_queries']} LLM-labelled"
+                       + ("" if args.llm_only else f" + {plan[t]['label_only_queries']} label-only")
+                       for t in cfg.tasks if t in plan)
+    steps = args.steps if args.steps is not None else cfg.max_steps
     md = ["# Ablations (DESIGN.md §7)", "",
-          f"Labelled data: {'LLM-labelled queries only' if args.llm_only else 'as the quickstart'}"
-          f" from `{source}`; seed {seed}; primary metric of each task for the trained model.",
+          f"Training queries: {counts}"
+          f" (from `{source}`); {steps} steps of batch {cfg.batch_size}; seed {seed}; primary "
+          "metric of each task for the trained model.",
           "", table(rows, tasks, markdown=True), "",
           *[f"- **{n}**: {DESCRIPTIONS[n]}" for n in rows if n in DESCRIPTIONS], ""]
     atomic_write_text(out / "ablation.md", "\n".join(md))

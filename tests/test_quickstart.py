@@ -9,6 +9,7 @@ from llm_embedder.quickstart import (
     _pick_training_queries,
     _shrink_pools,
     estimate_label_tokens,
+    label_training_data,
     plot_results,
     run_quickstart,
     train_config,
@@ -139,3 +140,24 @@ def test_tiny_quickstart_runs_end_to_end_and_resumes(tmp_path, capsys):
         timings["train"]["seconds"]
     with pytest.raises(ValueError, match="another configuration"):
         run_quickstart(str(out), device="cpu")
+
+
+@pytest.mark.slow
+def test_label_training_data_runs_only_the_labelling_stages_and_resumes(tmp_path, capsys):
+    cfg = QuickstartConfig(tasks=("chat",), label_token_budget={"chat": 10**9},
+                           max_llm_label_queries=1, max_label_only=3, num_samples=2,
+                           num_negatives=2)
+    out = tmp_path / "source"
+    plan = label_training_data(out, cfg, device="cpu")
+    assert plan["chat"]["llm_queries"] == 1 and plan["chat"]["label_only_queries"] == 3
+    rows = [json.loads(line) for line in (out / "labels" / "chat.jsonl").read_text().splitlines()]
+    assert sorted(r["method"] for r in rows) == ["labels", "labels", "labels", "llm"]
+    assert not (out / "model").exists() and not (out / "results.json").exists()
+
+    before = (out / "labels" / "chat.jsonl").read_bytes()
+    capsys.readouterr()
+    assert label_training_data(out, cfg, device="cpu") == plan
+    assert "already done" in capsys.readouterr().out
+    assert (out / "labels" / "chat.jsonl").read_bytes() == before
+    with pytest.raises(ValueError, match="another configuration"):
+        label_training_data(out, QuickstartConfig(tasks=("chat",)), device="cpu")

@@ -32,7 +32,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -632,6 +632,71 @@ def _report(out: Path, cfg: QuickstartConfig, results: Mapping[str, Any],
 # ----------------------------------------------------------------------------- entry point
 
 
+def _claim_folder(out: Path, cfg: QuickstartConfig, seed: int) -> None:
+    """Record the configuration in ``out/config.json``; refuse a folder made with another one
+    (its stages would be skipped as done although they answer another question)."""
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = {"config": asdict(cfg), "seed": seed}
+    saved = out / "config.json"
+    if saved.is_file():
+        previous = json.loads(saved.read_text())
+        if previous != json.loads(json.dumps(fingerprint)):
+            raise ValueError(f"{out} holds a quickstart run with another configuration "
+                             f"({saved}); pass another --out or delete that folder")
+    else:
+        atomic_write_json(saved, fingerprint)
+
+
+def _lazy_llm(llm: Any, device: Optional[str]) -> Tuple[Callable[[], Any], Callable[[], int]]:
+    """(get_llm, tokens so far): the frozen LLM is loaded on first use only."""
+    loaded: Dict[str, Any] = {"llm": llm}
+
+    def get_llm() -> Any:
+        if loaded["llm"] is None:
+            from .feedback import FrozenLLM
+
+            start = time.perf_counter()
+            loaded["llm"] = FrozenLLM.load(None, device=device)
+            _say(f"   frozen LLM {getattr(loaded['llm'], 'name', '')} loaded in "
+                 f"{time.perf_counter() - start:.1f} s")
+        return loaded["llm"]
+
+    def tokens() -> int:
+        current = loaded["llm"]
+        return int(getattr(current, "stats", {}).get("forward_tokens", 0)) if current else 0
+
+    return get_llm, tokens
+
+
+def _prepare_and_label(out: Path, cfg: QuickstartConfig, stages: "_Stages",
+                       get_llm: Callable[[], Any], seed: int,
+                       device: Optional[str]) -> Dict[str, Any]:
+    plan_path = out / "data" / "plan.json"
+    stages.run("prepare", plan_path.is_file, lambda: _prepare(out, cfg, seed))
+    plan = json.loads(plan_path.read_text())
+    stages.run("label", lambda: all((out / "labels" / f"{t}.jsonl").is_file() for t in cfg.tasks),
+               lambda: _label(out, cfg, plan, get_llm, seed, device))
+    return plan
+
+
+def label_training_data(out_dir: Union[str, Path], config: QuickstartConfig, seed: int = 0,
+                        device: Optional[str] = None, llm: Any = None) -> Dict[str, Any]:
+    """Only the quickstart's first two stages (pick queries, label them) into ``out_dir``.
+
+    ``out_dir`` then serves as a labelled source for ``scripts/ablation.py --from``: e.g. a
+    larger ``label_token_budget`` gives the ablation enough LLM-labelled queries for the reward
+    variants to differ. Resumable like the quickstart; returns the data plan.
+    """
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(out_dir)
+    _claim_folder(out, config, seed)
+    get_llm, tokens = _lazy_llm(llm, device)
+    return _prepare_and_label(out, config, _Stages(out, tokens), get_llm, seed, device)
+
+
 def run_quickstart(out_dir: str = "quickstart_out", full: bool = False,
                    device: Optional[str] = None, seed: int = 0, *, tiny: bool = False,
                    config: Optional[QuickstartConfig] = None, llm: Any = None) -> Dict[str, Any]:
@@ -659,41 +724,16 @@ def run_quickstart(out_dir: str = "quickstart_out", full: bool = False,
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fingerprint = {"config": asdict(cfg), "seed": seed}
-    saved = out / "config.json"
-    if saved.is_file():
-        previous = json.loads(saved.read_text())
-        if previous != json.loads(json.dumps(fingerprint)):
-            raise ValueError(f"{out} holds a quickstart run with another configuration "
-                             f"({saved}); pass another --out or delete that folder")
-    else:
-        atomic_write_json(saved, fingerprint)
+    _claim_folder(out, cfg, seed)
     if device == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
-
-    loaded: Dict[str, Any] = {"llm": llm}
-
-    def get_llm() -> Any:
-        if loaded["llm"] is None:
-            from .feedback import FrozenLLM
-
-            start = time.perf_counter()
-            loaded["llm"] = FrozenLLM.load(None, device=device)
-            _say(f"   frozen LLM {getattr(loaded['llm'], 'name', '')} loaded in "
-                 f"{time.perf_counter() - start:.1f} s")
-        return loaded["llm"]
+    get_llm, llm_tokens = _lazy_llm(llm, device)
 
     total_start = time.perf_counter()
     kind = "full" if full else "tiny" if tiny else "custom" if config else "default"
     _say(f"llm-embedder quickstart -> {out.resolve()}  ({kind} configuration, device {device})")
-    stages = _Stages(out, lambda: int(getattr(loaded["llm"], "stats", {}).get(
-        "forward_tokens", 0)) if loaded["llm"] is not None else 0)
-    plan_path = out / "data" / "plan.json"
-    stages.run("prepare", plan_path.is_file, lambda: _prepare(out, cfg, seed))
-    plan = json.loads(plan_path.read_text())
-    stages.run("label", lambda: all((out / "labels" / f"{t}.jsonl").is_file() for t in cfg.tasks),
-               lambda: _label(out, cfg, plan, get_llm, seed, device))
+    stages = _Stages(out, llm_tokens)
+    plan = _prepare_and_label(out, cfg, stages, get_llm, seed, device)
     stages.run("train", lambda: (out / "model" / "config.json").is_file(),
                lambda: _train(out, cfg, seed, device))
     stages.run("evaluate", (out / "results.json").is_file,
@@ -711,5 +751,6 @@ def run_quickstart(out_dir: str = "quickstart_out", full: bool = False,
     return results
 
 
-__all__ = ["QuickstartConfig", "estimate_label_tokens", "plot_results", "run_quickstart",
+__all__ = ["QuickstartConfig", "estimate_label_tokens", "label_training_data",
+           "plot_results", "run_quickstart",
            "train_config", "verdict"]
