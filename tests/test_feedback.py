@@ -111,6 +111,31 @@ def test_labels_mode_gives_one_to_positives_and_zero_to_mined_negatives(tmp_path
     assert summary.top_positive_share == 1.0 and summary.candidates_per_query == 7
 
 
+def test_labels_mode_passes_over_negatives_that_contain_the_answer(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    rows = [{"id": "gold", "text": "The Eiffel Tower was completed in March 1889 in Paris."},
+            {"id": "also", "text": "Paris saw the Eiffel Tower finished in March 1889."},
+            {"id": "near", "text": "The Eiffel Tower in Paris is 330 metres tall."},
+            {"id": "far", "text": "Paris hosts the Louvre and the Eiffel Tower."},
+            {"id": "off", "text": "Bread is baked from flour, water and yeast."}]
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    queries = tmp_path / "q.jsonl"
+    queries.write_text(json.dumps({"id": "q", "text": "When was the Eiffel Tower in Paris "
+                                   "completed?", "answers": ["March 1889"],
+                                   "positive_ids": ["gold"]}) + "\n", encoding="utf-8")
+
+    def candidate_ids(**kwargs):
+        out = tmp_path / f"{len(list(tmp_path.iterdir()))}.jsonl"
+        label("qa", queries, corpus, out, method="labels", num_negatives=3,
+              show_progress=False, **kwargs)
+        return [c["id"] for c in _records(out)[0]["candidates"]]
+
+    filtered = candidate_ids()
+    assert filtered[0] == "gold" and "also" not in filtered  # holds the answer: no negative
+    assert sorted(filtered[1:4]) == ["far", "near", "off"] and filtered[4] == ""  # still 3
+    assert "also" in candidate_ids(skip_answer_negatives=False)
+
+
 def test_embedder_negatives_are_the_nearest_non_positive_passages(tmp_path, qa_files, minilm):
     queries, full_corpus = qa_files
     corpus_path = _slice(full_corpus, tmp_path / "corpus.jsonl", 24)  # holds their positives

@@ -29,6 +29,9 @@ def _add_label(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embedder", default=None, help="encoder for --negatives embedder|both")
     p.add_argument("--method", default="llm", choices=["llm", "labels"],
                    help="llm: rewards from the frozen LLM; labels: 1 for positives, 0 otherwise")
+    p.add_argument("--keep-answer-negatives", action="store_true",
+                   help="--method labels: keep mined negatives that contain the answer (by "
+                        "default they are passed over as likely unlabelled positives)")
     p.add_argument("--limit", type=int, default=None, help="label at most this many queries")
     p.add_argument("--shard", type=int, default=0)
     p.add_argument("--num-shards", type=int, default=1)
@@ -50,7 +53,8 @@ def _run_label(args: argparse.Namespace) -> int:
     label(args.task, args.queries, args.corpus, args.out, llm=args.llm, embedder=embedder,
           num_samples=args.num_samples, num_negatives=args.num_negatives,
           negatives=args.negatives, limit=args.limit, shard=args.shard,
-          num_shards=args.num_shards, method=args.method, seed=args.seed, device=args.device)
+          num_shards=args.num_shards, method=args.method, seed=args.seed, device=args.device,
+          skip_answer_negatives=not args.keep_answer_negatives)
     return 0
 
 
