@@ -82,12 +82,7 @@ def variant_config(source: Path, out: Path, name: str, cfg: QuickstartConfig, se
         if not Path(spec["file"]).is_file():
             raise SystemExit(f"{spec['file']} not found: run the quickstart first "
                              f"(llm-embedder quickstart --out {source})")
-    change = VARIANTS[name]
-    if "loss" in change:
-        config["loss"] = change["loss"]
-    for key in ("reward", "batching", "self_paced"):
-        if key in change:
-            config[key] = change[key]
+    config.update(VARIANTS[name])
     return config
 
 

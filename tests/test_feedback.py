@@ -290,6 +290,19 @@ def test_sampling_is_seeded_deduplicated_and_stops_at_newline(llm):
 
 
 @pytest.mark.slow
+def test_kv_cache_reuse_uses_the_installed_transformers_cache_argument(llm):
+    """transformers 5 renamed ``past_key_values`` to ``cache``; the old name warns on every
+    forward of a labelling run (and is to be removed)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        llm.sample(["Question: Name a colour.\n\nAnswer:"], 2, max_new_tokens=4, seed=3)
+        llm.score_grouped(["Question: Name a colour.\n\nAnswer:"], [[" red", " blue"]])
+
+
+@pytest.mark.slow
 def test_label_writes_candidates_rewards_and_samples(reference, qa_files):
     out, summary = reference
     records = _records(out)

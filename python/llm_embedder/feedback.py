@@ -131,6 +131,8 @@ class FrozenLLM:
         params = inspect.signature(model.forward).parameters
         self._keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params),
                              None)
+        # transformers 5.x renamed the KV cache `past_key_values` -> `cache` (the old name warns)
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._newline_ids: Optional[List[int]] = None
         #: Running counters: real (non-pad) tokens through the model, and scored pairs.
         self.stats = {"forward_tokens": 0, "pairs_scored": 0, "generated_tokens": 0}
@@ -414,7 +416,7 @@ class FrozenLLM:
             out = self.model.base_model(input_ids=ids.to(self.device),
                                         attention_mask=pmask.long().to(self.device),
                                         position_ids=positions.to(self.device), use_cache=True)
-            cache = out.past_key_values
+            cache = getattr(out, self._cache_kw)
             self.stats["forward_tokens"] += int(pmask.sum())
         # Each output becomes a segment [last prompt token] + output; a prompt's segments are
         # packed into rows of at most ``cap`` tokens, one row per prompt and pass.
@@ -474,7 +476,7 @@ class FrozenLLM:
         mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
         kwargs: Dict[str, Any] = {"use_cache": cache is not None}
         if cache is not None:
-            kwargs["past_key_values"] = cache
+            kwargs[self._cache_kw] = cache
         logits = self.model(input_ids=ids.to(self.device),
                             attention_mask=mask.unsqueeze(1).to(self.device),
                             position_ids=positions.to(self.device), **kwargs).logits
@@ -537,7 +539,7 @@ class FrozenLLM:
         kwargs = {self._keep_kw: 1} if self._keep_kw else {}
         out = self.model(input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
                          use_cache=True, **kwargs)
-        cache = out.past_key_values
+        cache = getattr(out, self._cache_kw)
         logits = out.logits[:, -1].float()
         if n > 1:
             cache.batch_repeat_interleave(n)
@@ -555,7 +557,8 @@ class FrozenLLM:
             done |= torch.isin(token, stops)
             if bool(done.all()) or len(steps) == max_new_tokens:
                 break
-            out = self.model(input_ids=token.unsqueeze(1), past_key_values=cache, use_cache=True)
+            out = self.model(input_ids=token.unsqueeze(1), use_cache=True,
+                             **{self._cache_kw: cache})
             logits = out.logits[:, -1].float()
         rows = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(n)]
         self.stats["forward_tokens"] += len(ids) + sum(lengths)
