@@ -36,7 +36,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from llm_embedder.feedback import FrozenLLM, label  # noqa: E402
+from llm_embedder.llm import FrozenLLM
+from llm_embedder.label import label  # noqa: E402
 from llm_embedder.tasks import get_task  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

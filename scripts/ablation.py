@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from llm_embedder.data import atomic_write_json, atomic_write_text
+from llm_embedder.io import atomic_write_json, atomic_write_text
 from llm_embedder.evaluate import PRIMARY_METRICS, evaluate
 from llm_embedder.quickstart import QuickstartConfig, label_training_data, train_config
 
@@ -198,7 +198,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     llm = None
     if not args.no_downstream:
-        from llm_embedder.feedback import FrozenLLM
+        from llm_embedder.llm import FrozenLLM
 
         llm = FrozenLLM.load(None, device=args.device)
 

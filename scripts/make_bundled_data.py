@@ -1,4 +1,4 @@
-"""Cut the real-data slices shipped inside the package (python/llm_embedder/data/).
+"""Cut the real-data slices shipped inside the package (python/llm_embedder/bundled/).
 
 Deterministic: no randomness except one seeded shuffle for tools, so re-running on the same
 source gives byte-identical files. The source is ../shared/data (see its PROVENANCE.md); the
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Dict, List
 
 ROOT = Path(__file__).resolve().parents[1]
-DEST = ROOT / "python" / "llm_embedder" / "data"
+DEST = ROOT / "python" / "llm_embedder" / "bundled"
 
 TOOL_TRAIN = 600
 CHAT_TRAIN_GROUPS = ("locomo30", "locomo26", "locomo42")

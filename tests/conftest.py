@@ -30,3 +30,11 @@ def minilm():
     from llm_embedder import Embedder
 
     return Embedder.from_pretrained(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def llm():
+    """The packaged SmolLM2 frozen LLM on CPU, loaded once per session."""
+    from llm_embedder.llm import FrozenLLM
+
+    return FrozenLLM.load(device="cpu")

@@ -5,15 +5,14 @@ import pytest
 
 from llm_embedder.data import (
     DataError,
-    JsonlAppender,
     Passage,
     Query,
-    atomic_write_text,
     candidate_pool,
     load_corpus,
     load_labelled,
     load_queries,
 )
+from llm_embedder.io import JsonlAppender, atomic_write_text
 
 
 def write(path, lines):

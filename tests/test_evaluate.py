@@ -321,7 +321,7 @@ def test_evaluate_rejects_unknown_systems_and_a_missing_trained_model():
 
 @pytest.mark.slow
 def test_real_llm_answers_better_with_the_gold_passage_than_without():
-    from llm_embedder.feedback import FrozenLLM
+    from llm_embedder.llm import FrozenLLM
 
     data = load_task_data("qa")
     i = next(i for i, q in enumerate(data.queries) if len(q.answers[0]) < 30)

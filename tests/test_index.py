@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llm_embedder import Index
-from llm_embedder.index import SearchResult, atomic_directory
+from llm_embedder.index import SearchResult
+from llm_embedder.io import atomic_directory
 
 BACKENDS = ["exact", "hnsw"]
 
@@ -161,9 +162,9 @@ def test_atomic_directory_creates_and_cleans_up(tmp_path):
 
 
 def test_atomic_directory_without_renameat2_still_replaces(tmp_path, monkeypatch):
-    import llm_embedder.index as index_module
+    import llm_embedder.io as io_module
 
-    monkeypatch.setattr(index_module, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(io_module, "_exchange", lambda a, b: False)
     for version in ("1", "2"):
         with atomic_directory(tmp_path / "out") as tmp:
             (tmp / "v.txt").write_text(version)

@@ -23,8 +23,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "Embedder": ".embedder",
     "Index": ".index",
-    "label": ".feedback",
-    "FrozenLLM": ".feedback",
+    "label": ".label",
+    "FrozenLLM": ".llm",
     "train": ".train",
     "TrainConfig": ".train",
     "evaluate": ".evaluate",

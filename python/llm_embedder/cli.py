@@ -43,7 +43,7 @@ def _add_label(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_label(args: argparse.Namespace) -> int:
-    from .feedback import label
+    from .label import label
 
     embedder = None
     if args.negatives in ("embedder", "both"):
@@ -66,7 +66,7 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    from .feedback import merge_labelled
+    from .label import merge_labelled
 
     merge_labelled(args.shards, args.out)
     print(f"merged {len(args.shards)} shard(s) into {args.out}")

@@ -1,4 +1,4 @@
-"""JSONL schemas (DESIGN.md §2), loading with file:line errors, and atomic file writes.
+"""JSONL schemas (DESIGN.md §2), loading with file:line errors, the bundled data slices.
 
 Every loader validates each line and raises :class:`DataError` naming the file, the line number
 and the field, so a bad record is found in seconds rather than as a crash deep in training.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -281,70 +280,6 @@ def candidate_pool(query: Query, corpus: Sequence[Passage]) -> List[int]:
     return list(range(len(corpus)))
 
 
-# ----------------------------------------------------------------------------- atomic writes
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-
-def write_jsonl(path: PathLike, records: Sequence[Dict[str, Any]]) -> None:
-    """Write a whole JSONL file atomically."""
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-
-class JsonlAppender:
-    """Appends one JSON object a line, flushed and fsynced, for resumable outputs.
-
-    On open, a trailing partial line (left by a kill mid-write) is cut off, so the file always
-    ends on a complete record and a later run never trips over a broken line.
-    """
-
-    def __init__(self, path: PathLike):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            raw = self.path.read_bytes()
-            if raw and not raw.endswith(b"\n"):
-                with self.path.open("r+b") as handle:
-                    handle.truncate(raw.rfind(b"\n") + 1)
-        self._handle = self.path.open("a", encoding="utf-8")
-
-    def append(self, record: Dict[str, Any]) -> None:
-        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-
-    def close(self) -> None:
-        self._handle.close()
-
-    def __enter__(self) -> "JsonlAppender":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
 # ----------------------------------------------------------------------------- bundled data
 
 BUNDLED_TASK_DIRS = {"qa": "qa/xquad", "tool": "tool/gorilla", "chat": "chat/locomo",
@@ -353,7 +288,7 @@ BUNDLED_TASK_DIRS = {"qa": "qa/xquad", "tool": "tool/gorilla", "chat": "chat/loc
 
 def bundled_data_dir() -> Path:
     """Folder of the real-data slices shipped inside the package (for the quickstart)."""
-    return Path(__file__).resolve().parent / "data"
+    return Path(__file__).resolve().parent / "bundled"
 
 
 def bundled_task_files(task: str) -> Dict[str, Path]:

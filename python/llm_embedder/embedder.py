@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .index import atomic_directory
+from .io import atomic_directory
 from .tasks import TASKS, Side, get_task
 
 logger = logging.getLogger(__name__)

@@ -39,12 +39,11 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .io import atomic_write_json, atomic_write_text
 from .data import (
     BUNDLED_TASK_DIRS,
     Passage,
     Query,
-    atomic_write_json,
-    atomic_write_text,
     bundled_task_files,
     candidate_pool,
     load_corpus,
@@ -449,7 +448,7 @@ def _load_embedder(model: Any, device: Optional[str]) -> Any:
 
 def _load_llm(llm: Any, device: Optional[str]) -> Any:
     if llm is None or isinstance(llm, (str, Path)):
-        from .feedback import FrozenLLM
+        from .llm import FrozenLLM
 
         return FrozenLLM.load(None if llm is None else str(llm), device=device)
     return llm

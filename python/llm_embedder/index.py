@@ -18,19 +18,16 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import (Any, Dict, Iterator, List, Literal, NamedTuple, Optional, Sequence, Tuple,
+from typing import (Any, Dict, List, Literal, NamedTuple, Optional, Sequence, Tuple,
                     Union)
 
 import numpy as np
 import numpy.typing as npt
+
+from .io import atomic_directory
 
 Id = Union[str, int]
 PathLike = Union[str, "os.PathLike[str]"]
@@ -55,80 +52,6 @@ class SearchResult(NamedTuple):
 
     ids: List[List[Id]]
     scores: npt.NDArray[np.float32]
-
-
-# --------------------------------------------------------------------------------------------
-# Atomic folders (shared with Embedder.save_pretrained)
-# --------------------------------------------------------------------------------------------
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for folder, _, files in os.walk(root):
-        for name in files:
-            _fsync_path(Path(folder) / name)
-        _fsync_path(Path(folder))
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2); False where the system cannot."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                          ctypes.c_uint]
-    renameat2.restype = ctypes.c_int
-    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b),
-                     _RENAME_EXCHANGE) == 0
-
-
-@contextlib.contextmanager
-def atomic_directory(path: PathLike) -> Iterator[Path]:
-    """Build a folder under a temporary sibling name and swap it in only once it is complete.
-
-    Files written into the yielded folder are fsynced, then the folder replaces ``path``
-    (atomically where the OS has ``renameat2``; otherwise the old folder is moved aside first, so
-    at every instant one complete version exists on disk). An exception inside the block removes
-    the temporary folder and leaves ``path`` untouched.
-
-    Example:
-        >>> with atomic_directory("out/model") as tmp:
-        ...     (tmp / "config.json").write_text("{}")
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        if not path.exists():
-            os.rename(tmp, path)
-        elif _exchange(tmp, path):
-            shutil.rmtree(tmp)  # now holds the old version
-        else:
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.rename(path, old / "previous")
-            os.rename(tmp, path)
-            shutil.rmtree(old)
-        _fsync_path(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------

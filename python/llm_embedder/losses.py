@@ -18,7 +18,7 @@ rank (:func:`gather_with_grad`), serve as extra negatives when ``in_batch_negati
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -258,6 +258,11 @@ class KLDistillationLoss(_ScoreMixin):
             (rewards.float() / self.teacher_temperature).masked_fill(~mask, _NEG_INF), dim=1)
         kl = torch.xlogy(teacher, teacher) - teacher * log_student
         return self._reduce(kl.sum(dim=1))
+
+
+#: The loss registry: name -> loss class (an ``nn.Module``). See ``register_loss``.
+LOSSES: Dict[str, type] = {"graded": GradedDistillationLoss, "kl": KLDistillationLoss,
+                           "contrastive": ContrastiveLoss}
 
 
 def build_loss(name: str, *, temperature: float = 0.01, reward_temperature: float = 0.1,

