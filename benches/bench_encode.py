@@ -89,7 +89,10 @@ def main(argv: List[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from sentence_transformers import SentenceTransformer
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        sys.exit("the peer needs sentence-transformers: pip install '.[bench]'")
 
     texts = load_texts(args.data.resolve(), args.n, args.seed)
     ours = Embedder.from_pretrained(device=args.device)

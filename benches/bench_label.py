@@ -36,8 +36,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from llm_embedder.llm import FrozenLLM
-from llm_embedder.label import label  # noqa: E402
+from llm_embedder.label import LabelConfig, label  # noqa: E402
+from llm_embedder.llm import FrozenLLM  # noqa: E402
 from llm_embedder.tasks import get_task  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,10 +87,11 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "labels.jsonl"
+        config = LabelConfig(num_samples=args.num_samples, num_negatives=args.num_negatives,
+                             max_key_tokens=args.max_key_tokens, limit=args.queries,
+                             show_progress=False)
         summary = label(args.task, folder / "queries.train.jsonl", folder / "corpus.jsonl", out,
-                        llm=llm, num_samples=args.num_samples, num_negatives=args.num_negatives,
-                        max_key_tokens=args.max_key_tokens, limit=args.queries,
-                        show_progress=False)
+                        llm=llm, config=config)
         records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     print(summary, flush=True)
 

@@ -7,7 +7,7 @@ ours is. The bound is measured in the same run:
 
     time >= max(N * d * bytes / stream_bandwidth, 2 * N * d * Q / sgemm_peak)
 
-with the streaming-read bandwidth from a one-pass sum (``_native.stream_sum``) and the sgemm
+with the streaming-read bandwidth from a one-pass sum (``_native.bench.stream_sum``) and the sgemm
 peak from the best of numpy's and torch's matmul at that thread count, probed before and after.
 
 Clocks: single-threaded rows (and probes) are timed in process CPU time, which on a shared
@@ -15,7 +15,7 @@ machine equals the wall time an idle core would give (descheduled time does not 
 stalls do); multi-threaded rows in wall time, which other work on the machine inflates.
 
 Peers: ``ours`` (``llm_embedder.Index(backend="exact")``, falling back to ``_native.topk`` when
-the Index is unavailable), ``ours-f16`` (``_native.topk_f16`` over float16 keys: half the
+the Index is unavailable), ``ours-f16`` (``_native.bench.topk_f16`` over float16 keys: half the
 bytes, recall reported against float32), ``numpy`` (float32 matmul + argpartition, queries in
 chunks so the score matrix stays under 256 MB), ``faiss`` (``IndexFlatIP``) and ``hnswlib``
 (approximate; build parameters in the header). Install the peers with
@@ -107,7 +107,7 @@ def probe_bandwidth(threads: int, gib: float) -> float:
     """Streaming-read bandwidth in bytes/s: best of repeated one-pass sums of a large array."""
     x = np.ones(int(gib * (1 << 30)) // 4, dtype=np.float32)
     t = best_time(
-        lambda: _native.stream_sum(x, threads=threads), 2.0, 8, single_thread=threads == 1
+        lambda: _native.bench.stream_sum(x, threads=threads), 2.0, 8, single_thread=threads == 1
     )
     return x.nbytes / t
 
@@ -214,7 +214,7 @@ class OursF16(Peer):
         return time.perf_counter() - t0
 
     def search(self, queries: np.ndarray, threads: int) -> np.ndarray:
-        return _native.topk_f16(queries, self.keys, K, threads=threads)[1]
+        return _native.bench.topk_f16(queries, self.keys, K, threads=threads)[1]
 
     def close(self) -> None:
         self.keys = None

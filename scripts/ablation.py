@@ -1,4 +1,4 @@
-"""Ablations of DESIGN.md §7 on the same labelled data and seed, evaluated on the test slices.
+"""Ablations of the method on the same labelled data and seed, evaluated on the test slices.
 
 Variants (each changes one thing from the full method, which is ``rank+graded+homog+paced``):
 
@@ -26,10 +26,14 @@ labels a larger set into ``OUT/source`` with the quickstart's query choice (same
 quickstart's LLM labels from ``--from`` are copied in and not paid for twice); the variants then
 train on that.
 
+Any registered loss or reward is a variant too: ``--variants loss=NAME reward=NAME`` (names
+in ``llm_embedder.losses.LOSSES`` / ``llm_embedder.label.REWARDS``, e.g. one added with
+``register_loss`` / ``register_reward``) trains the full method with that one thing changed.
+
 Usage:
     python scripts/ablation.py --from quickstart_out --out ablation_out [--steps 60]
-        [--variants full likelihood kl ...] [--llm-only] [--no-downstream] [--device cpu]
-        [--label-budget TASK=TOKENS ...]
+        [--variants full likelihood kl loss=NAME reward=NAME ...] [--llm-only]
+        [--no-downstream] [--device cpu] [--label-budget TASK=TOKENS ...]
 """
 
 from __future__ import annotations
@@ -43,9 +47,12 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+from llm_embedder.evaluate import RETRIEVAL_METRICS, EvalConfig, evaluate, primary_metric
 from llm_embedder.io import atomic_write_json, atomic_write_text
-from llm_embedder.evaluate import PRIMARY_METRICS, evaluate
+from llm_embedder.label import REWARDS
+from llm_embedder.losses import LOSSES
 from llm_embedder.quickstart import QuickstartConfig, label_training_data, train_config
+from llm_embedder.train import TrainConfig
 
 VARIANTS: Dict[str, Dict[str, Any]] = {
     "full": {},
@@ -57,7 +64,7 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     # Not a §7 variant: the rank-aware reward's within-query spread is ~1/5 of the likelihood
     # reward's on the bundled LLM labels (std 0.11-0.29 vs 0.5-1.7, every task), so at the
     # shared T = 0.1 its teacher is far flatter. This gives it a teacher of similar sharpness.
-    "rank_sharp": {"reward_temperature": 0.02, "kl_temperature": 0.02},
+    "rank_sharp": {"teacher_temperature": 0.02},
 }
 DESCRIPTIONS = {
     "full": "rank-aware reward, graded/KL, homogeneous, self-paced",
@@ -68,6 +75,38 @@ DESCRIPTIONS = {
     "fixed_lr": "fixed lr instead of self-paced",
     "rank_sharp": "rank-aware reward with teacher temperature 0.02 instead of 0.1",
 }
+
+
+#: ``--variants KIND=NAME``: which registry holds NAME for each kind.
+REGISTRIES: Dict[str, Mapping[str, Any]] = {"loss": LOSSES, "reward": REWARDS}
+
+
+def variant_change(name: str) -> Dict[str, Any]:
+    """The one setting variant ``name`` changes: a named variant, or ``loss=NAME`` /
+    ``reward=NAME`` for any registered loss or reward.
+
+    Example:
+        >>> variant_change("loss=kl")
+        {'loss': 'kl'}
+    """
+    if name in VARIANTS:
+        return dict(VARIANTS[name])
+    kind, sep, value = name.partition("=")
+    if not sep or kind not in REGISTRIES:
+        raise SystemExit(f"unknown variant {name!r}: one of {list(VARIANTS)}, or "
+                         f"loss=NAME / reward=NAME")
+    if value not in REGISTRIES[kind]:
+        raise SystemExit(f"variant {name!r}: no {kind} {value!r} is registered; registered: "
+                         f"{sorted(REGISTRIES[kind])}")
+    return {kind: value}
+
+
+def describe(name: str) -> str:
+    """One line saying what variant ``name`` changes."""
+    if name in DESCRIPTIONS:
+        return DESCRIPTIONS[name]
+    ((kind, value),) = variant_change(name).items()
+    return f"{kind} {value!r} instead of the full method's"
 
 
 def variant_config(source: Path, out: Path, name: str, cfg: QuickstartConfig, seed: int,
@@ -88,7 +127,7 @@ def variant_config(source: Path, out: Path, name: str, cfg: QuickstartConfig, se
         if not Path(spec["file"]).is_file():
             raise SystemExit(f"{spec['file']} not found: run the quickstart first "
                              f"(llm-embedder quickstart --out {source})")
-    config.update(VARIANTS[name])
+    config.update(variant_change(name))
     return config
 
 
@@ -129,14 +168,14 @@ def labelled_source(source: Path, out: Path, cfg: QuickstartConfig, seed: int,
 
 
 def table(rows: Mapping[str, Mapping[str, Any]], tasks: List[str], markdown: bool) -> str:
-    header = ["variant", *[f"{t} ({PRIMARY_METRICS[t]})" for t in tasks], "average",
+    header = ["variant", *[f"{t} ({primary_metric(t)})" for t in tasks], "average",
               "train s"]
     lines = []
     for name, row in rows.items():
         system = row.get("system", "trained")
         cells = [name]
         for t in tasks:
-            value = row["results"].get(t, {}).get(system, {}).get(PRIMARY_METRICS[t])
+            value = row["results"].get(t, {}).get(system, {}).get(primary_metric(t))
             cells.append("-" if value is None else f"{value:.3f}")
         avg = row["results"].get("average", {}).get(system, {}).get("primary")
         cells.append("-" if avg is None else f"{avg:.3f}")
@@ -157,7 +196,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--from", dest="source", default="quickstart_out",
                         help="a finished quickstart folder (its labels/ and data/ are reused)")
     parser.add_argument("--out", default="ablation_out")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                        help=f"among {list(VARIANTS)}, or loss=NAME / reward=NAME of any "
+                             f"registered loss or reward")
     parser.add_argument("--steps", type=int, default=None, help="training steps per variant")
     parser.add_argument("--llm-only", action="store_true",
                         help="train on the LLM-labelled queries only")
@@ -171,6 +212,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="first LLM-label a larger set (tokens per task) into OUT/source")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
+    for name in args.variants:
+        variant_change(name)  # an unknown name fails now, not after hours of training
 
     from llm_embedder.train import train
 
@@ -179,22 +222,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not saved.is_file():
         parser.error(f"{saved} not found: run `llm-embedder quickstart --out {source}` first")
     fingerprint = json.loads(saved.read_text())
-    cfg = QuickstartConfig(**{k: tuple(v) if isinstance(v, list) else v
-                              for k, v in fingerprint["config"].items()})
+    cfg = QuickstartConfig.load(fingerprint["config"])
     seed = int(fingerprint["seed"])
     if args.label_budget:
         source = labelled_source(source, out, cfg, seed, parse_budgets(args.label_budget),
                                  args.device)
         fingerprint = json.loads((source / "config.json").read_text())
-        cfg = QuickstartConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                  for k, v in fingerprint["config"].items()})
+        cfg = QuickstartConfig.load(fingerprint["config"])
     plan = json.loads((source / "data" / "plan.json").read_text())
     tasks = [t for t in cfg.tasks if t in plan]
-    if args.no_downstream:  # icl has no positives: without the LLM it has no metric at all
-        tasks = [t for t in tasks if t != "icl"]
+    if args.no_downstream:  # a task judged by the LLM (icl) has no metric without it
+        tasks = [t for t in tasks if primary_metric(t) in RETRIEVAL_METRICS]
     data = {t: {"corpus": plan[t]["corpus"], "test": plan[t]["test"]} for t in tasks}
     budget: Any = args.max_llm_queries if args.max_llm_queries is not None \
         else cfg.max_llm_queries
+    eval_config = EvalConfig.load({"tasks": tasks, "data": data,
+                                   "downstream": not args.no_downstream,
+                                   "max_llm_queries": budget, "device": args.device,
+                                   "seed": seed})
 
     llm = None
     if not args.no_downstream:
@@ -209,10 +254,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             baseline = json.loads(done.read_text())
         else:
             print("== baselines: BM25 and the base encoder with and without instructions")
-            baseline = evaluate(None, tasks=tasks, data=data,
-                                systems=["bm25", "base", "base_noinstr"], llm=llm,
-                                downstream=not args.no_downstream, max_llm_queries=budget,
-                                device=args.device, seed=seed)
+            baseline = evaluate(None, config=eval_config, llm=llm,
+                                systems=["bm25", "base", "base_noinstr"])
             atomic_write_json(done, baseline)
         for system, label in (("bm25", "(BM25)"), ("base", "(base, instr.)"),
                               ("base_noinstr", "(base, no instr.)")):
@@ -223,16 +266,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             rows[name] = json.loads(done.read_text())
             print(f"== {name}: done earlier, skipped")
             continue
-        print(f"== {name}: {DESCRIPTIONS[name]}", flush=True)
+        print(f"== {name}: {describe(name)}", flush=True)
         config = variant_config(source, out, name, cfg, seed, args.device, args.steps,
                                 args.llm_only)
         start = time.perf_counter()
-        model_dir = train(config)
+        model_dir = train(TrainConfig.load(config))
         train_seconds = time.perf_counter() - start
-        results = evaluate(model_dir, tasks=tasks, data=data, systems=["trained"], llm=llm,
-                           downstream=not args.no_downstream, max_llm_queries=budget,
-                           device=args.device, seed=seed)
-        rows[name] = {"variant": name, "description": DESCRIPTIONS[name], "config": config,
+        results = evaluate(model_dir, config=eval_config, llm=llm, systems=["trained"])
+        rows[name] = {"variant": name, "description": describe(name), "config": config,
                       "train_seconds": train_seconds, "results": results}
         atomic_write_json(done, rows[name])
     print()
@@ -241,12 +282,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                        + ("" if args.llm_only else f" + {plan[t]['label_only_queries']} label-only")
                        for t in cfg.tasks if t in plan)
     steps = args.steps if args.steps is not None else cfg.max_steps
-    md = ["# Ablations (DESIGN.md §7)", "",
+    md = ["# Ablations", "",
           f"Training queries: {counts}"
           f" (from `{source}`); {steps} steps of batch {cfg.batch_size}; seed {seed}; primary "
           "metric of each task for the trained model.",
           "", table(rows, tasks, markdown=True), "",
-          *[f"- **{n}**: {DESCRIPTIONS[n]}" for n in rows if n in DESCRIPTIONS], ""]
+          *[f"- **{n}**: {describe(n)}" for n in rows if "variant" in rows[n]], ""]
     atomic_write_text(out / "ablation.md", "\n".join(md))
     atomic_write_json(out / "ablation.json", rows)
     print(f"\nwritten {out / 'ablation.md'}")

@@ -4,7 +4,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-
 from llm_embedder.quickstart import QuickstartConfig
 from llm_embedder.train import TrainConfig
 
@@ -63,3 +62,21 @@ def test_llm_only_trains_on_the_llm_labelled_files_and_names_a_missing_one(ablat
     (source / "labels" / "tool.llm.jsonl").unlink()
     with pytest.raises(SystemExit, match="tool.llm.jsonl"):
         ablation.variant_config(source, tmp_path / "out", "full", cfg, 0, "cpu", None, True)
+
+
+def test_any_registered_loss_or_reward_is_a_variant(ablation, source, tmp_path):
+    from llm_embedder.label import REWARDS
+    from llm_embedder.losses import LOSSES
+
+    cfg = QuickstartConfig.default()
+    full = ablation.variant_config(source, tmp_path / "out", "full", cfg, 0, "cpu", None, False)
+    for name in [f"loss={n}" for n in LOSSES] + [f"reward={n}" for n in REWARDS]:
+        config = ablation.variant_config(source, tmp_path / "out", name, cfg, 0, "cpu", None,
+                                         False)
+        kind, value = name.split("=")
+        assert config[kind] == value
+        assert {k for k in full if k != "output_dir" and full[k] != config[k]} <= {kind}
+        assert value in ablation.describe(name)
+    for bad, match in (("loss=mse", "no loss 'mse' is registered"), ("speed=2", "unknown")):
+        with pytest.raises(SystemExit, match=match):
+            ablation.variant_change(bad)

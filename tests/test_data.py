@@ -1,5 +1,4 @@
 import json
-import os
 
 import pytest
 
@@ -12,7 +11,6 @@ from llm_embedder.data import (
     load_labelled,
     load_queries,
 )
-from llm_embedder.io import JsonlAppender, atomic_write_text
 
 
 def write(path, lines):
@@ -106,23 +104,76 @@ def test_malformed_labelled_line_is_named(tmp_path, overrides, message):
         load_labelled(path)
 
 
-def test_appender_truncates_partial_line_left_by_a_kill(tmp_path):
-    path = tmp_path / "out.jsonl"
-    path.write_text('{"a": 1}\n{"a": 2, "b"')
-    with JsonlAppender(path) as out:
-        out.append({"a": 3})
-    assert [json.loads(x) for x in path.read_text().splitlines()] == [{"a": 1}, {"a": 3}]
+# ----------------------------------------------------------------------------- bad inputs
+
+_QUERY = {"id": "q1", "text": "who?", "answers": ["x"], "positive_ids": ["a"]}
+_PASSAGE = {"id": "a", "text": "alpha"}
 
 
-def test_atomic_write_leaves_old_file_when_writing_fails(tmp_path, monkeypatch):
-    path = tmp_path / "f.txt"
-    atomic_write_text(path, "old")
+@pytest.mark.parametrize("loader,record,message", [
+    ("queries", {**_QUERY, "answers": [True, 3]},
+     ":1: field 'answers'[0] must be a string, got bool true"),
+    ("queries", {**_QUERY, "answers": ["x", None]},
+     ":1: field 'answers'[1] must be a string, got NoneType null"),
+    ("queries", {**_QUERY, "answers": {"text": "x"}},
+     ":1: field 'answers' must be a list of strings, got dict {\"text\": \"x\"}"),
+    ("queries", {**_QUERY, "id": 7}, ":1: field 'id' must be a string, got int 7"),
+    ("queries", {**_QUERY, "id": ["q1"]}, ":1: field 'id' must be a string, got list [\"q1\"]"),
+    ("queries", {**_QUERY, "positive_ids": [1.5]},
+     ":1: field 'positive_ids'[0] must be a string, got float 1.5"),
+    ("queries", {**_QUERY, "options": ["yes", False]},
+     ":1: field 'options'[1] must be a string, got bool false"),
+    ("corpus", {**_PASSAGE, "id": 1.5}, ":1: field 'id' must be a string, got float 1.5"),
+    ("corpus", {**_PASSAGE, "id": True}, ":1: field 'id' must be a string, got bool true"),
+    ("corpus", {**_PASSAGE, "group": [1]}, ":1: field 'group' must be a string, got list [1]"),
+    ("labelled", json.loads(labelled_line("q1", query_id=3)),
+     ":1: field 'query_id' must be a string, got int 3"),
+    ("labelled", json.loads(labelled_line("q1", samples=["a", True])),
+     ":1: field 'samples'[1] must be a string, got bool true"),
+    ("labelled", json.loads(labelled_line("q1", positive_ids=[False])),
+     ":1: field 'positive_ids'[0] must be a string, got bool false"),
+])
+def test_values_of_the_wrong_type_name_file_line_and_field(tmp_path, loader, record, message):
+    path = write(tmp_path / f"{loader}.jsonl", [json.dumps(record)])
+    load = {"queries": load_queries, "corpus": load_corpus, "labelled": load_labelled}[loader]
+    with pytest.raises(DataError) as info:
+        load(path)
+    assert str(info.value) == f"{path}{message}"
 
-    def fail(*args, **kwargs):
-        raise OSError("disk full")
 
-    monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(OSError):
-        atomic_write_text(path, "new")
-    assert path.read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+@pytest.mark.parametrize("loader,first", [
+    ("queries", json.dumps(_QUERY)),
+    ("corpus", json.dumps(_PASSAGE)),
+    ("labelled", labelled_line("q1")),
+])
+def test_bytes_that_are_not_utf8_name_file_line_and_column(tmp_path, loader, first):
+    path = tmp_path / f"{loader}.jsonl"
+    path.write_bytes(first.encode() + b'\n{"id": "caf\xe9", "text": "x"}\n')
+    load = {"queries": load_queries, "corpus": load_corpus, "labelled": load_labelled}[loader]
+    with pytest.raises(DataError) as info:
+        load(path)
+    assert str(info.value) == (f"{path}:2: not UTF-8 text (byte 0xe9 at column 12): save the "
+                               f"file as UTF-8")
+
+
+def test_integer_passage_ids_and_answers_read_as_their_digits(tmp_path):
+    corpus = write(tmp_path / "c.jsonl", [json.dumps({"id": 12, "text": "x", "group": 3})])
+    assert (load_corpus(corpus)[0].id, load_corpus(corpus)[0].group) == ("12", "3")
+    queries = write(tmp_path / "q.jsonl", [json.dumps({**_QUERY, "answers": [1889],
+                                                       "positive_ids": [12]})])
+    assert load_queries(queries)[0].answers == ["1889"]
+    assert load_queries(queries)[0].positive_ids == ["12"]
+
+
+def test_labelled_file_keeps_one_record_per_query_id(tmp_path):
+    path = write(tmp_path / "l.jsonl", [labelled_line("q1"), labelled_line("q2"),
+                                        labelled_line("q1")])
+    assert [r.query_id for r in load_labelled(path)] == ["q1", "q2"]
+
+
+def test_labelled_file_with_a_query_labelled_differently_twice_is_an_error(tmp_path):
+    path = write(tmp_path / "l.jsonl", [labelled_line("q1"), labelled_line("q2"),
+                                        labelled_line("q1", rank_rewards=[0.9, 0.1])])
+    with pytest.raises(DataError, match=r"l\.jsonl:3: query 'q1' is labelled again, "
+                                        r"differently from line 1"):
+        load_labelled(path)

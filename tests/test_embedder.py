@@ -14,9 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import llm_embedder.embedder as embedder_module
 from llm_embedder import TASKS, Embedder
 from llm_embedder.data import load_corpus
 from llm_embedder.embedder import default_model_path
+from llm_embedder.io import FolderNotOursError
 
 TEXTS = [
     "Who won Super Bowl 50?",
@@ -218,14 +220,37 @@ def test_bert_folder_without_pooling_config_uses_cls(tmp_path):
     assert model.pooling == "cls"
 
 
-def test_save_replaces_an_existing_folder_atomically(minilm, tmp_path):
-    target = tmp_path / "model"
-    target.mkdir()
+def test_save_replaces_an_earlier_saved_model_atomically(minilm, tmp_path):
+    target = minilm.save_pretrained(tmp_path / "model")
     (target / "stale.txt").write_text("old")
     minilm.save_pretrained(target)
     assert not (target / "stale.txt").exists()
     assert (target / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_save_refuses_a_folder_of_user_files(minilm, tmp_path):
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    with pytest.raises(FolderNotOursError, match=f"{target}.*not a saved model.*overwrite"):
+        minilm.save_pretrained(target)
+    assert sorted(p.name for p in target.iterdir()) == ["notes.txt"]
+    assert (target / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+    minilm.save_pretrained(target, overwrite=True)
+    assert not (target / "notes.txt").exists() and (target / "llm_embedder.json").is_file()
+
+
+def test_save_into_an_empty_folder_or_a_sentence_transformers_folder(minilm, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (minilm.save_pretrained(empty) / "model.safetensors").is_file()
+    st_folder = tmp_path / "st"
+    st_folder.mkdir()
+    for name in ("config.json", "modules.json"):
+        shutil.copy(default_model_path() / name, st_folder / name)
+    assert (minilm.save_pretrained(st_folder) / "llm_embedder.json").is_file()
 
 
 def test_interrupted_save_leaves_the_old_folder(minilm, tmp_path, monkeypatch):
@@ -276,7 +301,7 @@ def test_bad_batch_size_and_max_length(minilm):
 
 
 def test_missing_folder_and_missing_files_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no model folder"):
+    with pytest.raises(FileNotFoundError, match="no such model folder: .*absent"):
         Embedder.from_pretrained(tmp_path / "absent")
     with pytest.raises(FileNotFoundError, match="config.json"):
         Embedder.from_pretrained(tmp_path)
@@ -288,7 +313,70 @@ def test_missing_folder_and_missing_files_are_named(tmp_path):
 def test_unknown_hub_id_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="no-such-org/no-such-model.*HF_HUB_OFFLINE"):
-        Embedder.from_pretrained("no-such-org/no-such-model")
+        Embedder.from_pretrained("no-such-org/no-such-model", allow_hub=True)
+    with pytest.raises(FileNotFoundError, match="no-such-org/no-such-model.*HF_HUB_OFFLINE"):
+        Embedder.from_pretrained("hf:no-such-org/no-such-model")
+
+
+@pytest.mark.parametrize("name", ["no-such-model", "no-such-org/no-such-model"])
+def test_missing_path_is_not_taken_for_a_hub_id(monkeypatch, name):
+    def no_hub(repo_id):
+        raise AssertionError(f"asked the hub for {repo_id!r}")
+
+    monkeypatch.setattr(embedder_module, "_download", no_hub)
+    with pytest.raises(FileNotFoundError, match=f"no such model folder: {name}.*allow_hub"):
+        Embedder.from_pretrained(name)
+
+
+def test_hub_ids_load_when_opted_in(monkeypatch):
+    asked = []
+
+    def fake_hub(repo_id):
+        asked.append(repo_id)
+        return default_model_path()
+
+    monkeypatch.setattr(embedder_module, "_download", fake_hub)
+    assert Embedder.from_pretrained("org/model", device="cpu", allow_hub=True).dim == 384
+    assert Embedder.from_pretrained("hf:org/other", device="cpu").dim == 384
+    assert asked == ["org/model", "org/other"]
+    with pytest.raises(ValueError, match="hf:"):
+        Embedder.from_pretrained("hf:")
+
+
+def _model_folder(folder: Path, names: tuple[str, ...]) -> Path:
+    """A model folder holding links to the named files of the packaged MiniLM."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        os.symlink(default_model_path() / name, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("module_type,path", [
+    ("sentence_transformers.models.Transformer", "../outside"),
+    ("sentence_transformers.models.Transformer", "../../etc"),
+    ("sentence_transformers.models.Transformer", "/etc"),
+    ("sentence_transformers.models.Pooling", "../outside/1_Pooling"),
+])
+def test_modules_json_paths_that_escape_the_folder_are_refused(tmp_path, module_type, path):
+    # a complete model one level up, which an escaping path would otherwise load silently
+    outside = _model_folder(tmp_path / "outside", ("config.json", "model.safetensors",
+                                                   "tokenizer.json", "tokenizer_config.json",
+                                                   "vocab.txt", "special_tokens_map.json"))
+    shutil.copytree(default_model_path() / "1_Pooling", outside / "1_Pooling")
+    root = _model_folder(tmp_path / "model", ("config.json", "model.safetensors",
+                                              "tokenizer.json", "tokenizer_config.json",
+                                              "vocab.txt", "special_tokens_map.json"))
+    (root / "modules.json").write_text(json.dumps([{"idx": 0, "name": "0", "path": path,
+                                                    "type": module_type}]))
+    with pytest.raises(ValueError, match=f"modules.json.*{path}.*outside"):
+        Embedder.from_pretrained(root, device="cpu")
+
+
+def test_folder_without_tokenizer_files_names_them(tmp_path):
+    root = _model_folder(tmp_path, ("config.json", "model.safetensors"))
+    with pytest.raises(FileNotFoundError,
+                       match="no tokenizer files in .*tokenizer.json.*vocab.txt"):
+        Embedder.from_pretrained(root, device="cpu")
 
 
 def test_missing_default_package_names_what_to_install(monkeypatch):

@@ -3,23 +3,23 @@ import math
 
 import numpy as np
 import pytest
-
 from llm_embedder.data import Passage, Query
 from llm_embedder.evaluate import (
-    PRIMARY_METRICS,
     RETRIEVAL_METRICS,
+    EvalConfig,
     TaskData,
     average_primary,
     downstream_answers,
-    downstream_icl,
+    downstream_choice,
+    evaluate,
     exact_match,
     first_line,
-    evaluate,
     load_task_data,
     main_eval,
     mrr_at_k,
     ndcg_at_k,
     normalize_answer,
+    primary_metric,
     primary_table,
     rank_dense,
     rank_random,
@@ -27,7 +27,6 @@ from llm_embedder.evaluate import (
     results_markdown,
     retrieval_metrics,
 )
-
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -95,7 +94,7 @@ def test_average_uses_each_tasks_primary_metric_and_only_complete_systems():
     avg = average_primary(results)
     assert avg["trained"]["primary"] == pytest.approx((0.9 + 0.4 + 0.7) / 3)
     assert "bm25" not in avg and "none" not in avg  # missing a task: no average
-    assert PRIMARY_METRICS["qa"] == "ndcg@10"
+    assert primary_metric("qa") == "ndcg@10" and primary_metric("gone") is None
 
 
 def test_tables_render_every_system_and_the_average():
@@ -230,7 +229,7 @@ def test_icl_accuracy_picks_the_most_likely_option_per_system():
                      options=["Negative", "Positive"], subset="sst2")]
     data = TaskData.build("icl", corpus, queries)
     rankings = {"good": [np.array([0, 1])], "bad": [np.array([1, 0])]}
-    out = downstream_icl(data, rankings, FakeLLM(), k=1, query_ids=[0])
+    out = downstream_choice(data, rankings, FakeLLM(), k=1, query_ids=[0])
     assert out["good"]["accuracy"] == 1.0 and out["bad"]["accuracy"] == 0.0
     assert set(out) == {"none", "good", "bad", "random"}
 
@@ -310,6 +309,55 @@ def test_main_eval_writes_json_and_markdown(tmp_path, shared_data, capsys):
     assert set(saved["qa"]) == {"random", "bm25"}
     assert "| qa (ndcg@10) |" in out.with_suffix(".md").read_text()
     assert "qa (ndcg@10)" in capsys.readouterr().out
+
+
+def test_eval_out_named_md_gets_markdown_and_the_json_beside_it(tmp_path, shared_data):
+    # Regression (issue 13 item 2): `eval --out results.md` wrote JSON into results.md.
+    root = _tiny_layout(tmp_path / "data", shared_data, tasks=("qa",))
+    out = tmp_path / "results.md"
+    main_eval(tasks=["qa"], data=str(root), downstream=False, out=str(out),
+              systems=["random"], verbose=False)
+    assert out.read_text().startswith("# Evaluation") and "| qa (ndcg@10) |" in out.read_text()
+    assert set(json.loads((tmp_path / "results.json").read_text())["qa"]) == {"random"}
+
+
+@pytest.mark.parametrize("values,key", [
+    ({"k": 0}, "'k'"),
+    ({"k": {"qa": 0}}, "'k'"),
+    ({"systems": ["bm42"]}, "'systems'"),
+    ({"downstream_systems": ["bm42"]}, "'downstream_systems'"),
+    ({"batch_size": "32"}, "'batch_size'"),
+    ({"tasks": ["nope"]}, "'tasks'"),
+    ({"max_llm_queries": -1}, "'max_llm_queries'"),
+    ({"downstream": "yes"}, "'downstream'"),
+    ({"learning_rate": 1}, "learning_rate"),
+])
+def test_eval_config_names_the_bad_key(values, key):
+    from llm_embedder.config import ConfigError
+
+    with pytest.raises(ConfigError, match=key):
+        EvalConfig.load(values)
+
+
+def test_context_size_comes_from_the_task_unless_k_overrides_it():
+    from llm_embedder.tasks import get_task
+
+    icl, qa = get_task("icl"), get_task("qa")
+    assert EvalConfig().context_size(icl) == 4 and EvalConfig().context_size(qa) == 3
+    assert EvalConfig(k=5).context_size(icl) == 5
+    assert EvalConfig(k={"qa": 7}).context_size(qa) == 7
+    assert EvalConfig(k={"qa": 7}).context_size(icl) == 4
+    assert EvalConfig(max_llm_queries={"qa": 2}).llm_budget(icl) is None
+
+
+def test_evaluate_reads_a_config_file_and_keywords_win_over_it(tmp_path):
+    config = tmp_path / "eval.yaml"
+    config.write_text("tasks: [tool]\nsystems: [random]\ndownstream: false\n"
+                      "max_queries: 5\nverbose: false\n")
+    results = evaluate(None, config=str(config))
+    assert set(results) == {"tool", "average"} and set(results["tool"]) == {"random"}
+    again = evaluate(None, config=str(config), systems=["bm25"])
+    assert set(again["tool"]) == {"bm25"}
 
 
 def test_evaluate_rejects_unknown_systems_and_a_missing_trained_model():

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +15,7 @@ from hypothesis import strategies as st
 
 from llm_embedder import Index
 from llm_embedder.index import SearchResult
-from llm_embedder.io import atomic_directory
+from llm_embedder.io import FolderNotOursError
 
 BACKENDS = ["exact", "hnsw"]
 
@@ -148,30 +152,6 @@ def test_save_replaces_an_index_and_a_failed_save_keeps_the_old_one(tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ix"]
 
 
-def test_atomic_directory_creates_and_cleans_up(tmp_path):
-    with atomic_directory(tmp_path / "out") as tmp:
-        (tmp / "a.txt").write_text("1")
-        assert not (tmp_path / "out").exists()
-    assert (tmp_path / "out" / "a.txt").read_text() == "1"
-    with pytest.raises(RuntimeError):
-        with atomic_directory(tmp_path / "out") as tmp:
-            (tmp / "b.txt").write_text("2")
-            raise RuntimeError("boom")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-
-
-def test_atomic_directory_without_renameat2_still_replaces(tmp_path, monkeypatch):
-    import llm_embedder.io as io_module
-
-    monkeypatch.setattr(io_module, "_exchange", lambda a, b: False)
-    for version in ("1", "2"):
-        with atomic_directory(tmp_path / "out") as tmp:
-            (tmp / "v.txt").write_text(version)
-    assert (tmp_path / "out" / "v.txt").read_text() == "2"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-
-
 # ---- errors ----------------------------------------------------------------------------------
 
 
@@ -272,3 +252,86 @@ def test_load_names_what_is_missing_or_wrong(tmp_path):
     (tmp_path / "ix" / "vectors.npy").unlink()
     with pytest.raises(FileNotFoundError, match="vectors.npy"):
         Index.load(tmp_path / "ix")
+
+
+# ---- issue 13: nothing lost, no silent wrong answer ------------------------------------------
+
+
+def _small(backend: str = "exact") -> Index:
+    index = Index(4, backend=backend)
+    index.add(np.eye(4, dtype=np.float32), ["a", "b", "c", "d"])
+    return index
+
+
+def test_save_refuses_a_folder_of_user_files_and_names_it(tmp_path):
+    folder = tmp_path / "mydata"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(FolderNotOursError, match=r"mydata is a non-empty folder that is not a "
+                                                 r"saved index.*overwrite=True"):
+        _small().save(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mydata"]
+    # a folder whose index.json is someone else's format is not ours either
+    (folder / "index.json").write_text(json.dumps({"format": "faiss"}))
+    with pytest.raises(FolderNotOursError):
+        _small().save(folder)
+    _small().save(folder, overwrite=True)
+    assert Index.load(folder).ids == ["a", "b", "c", "d"]
+
+
+def test_save_into_an_empty_folder_or_over_an_index_needs_no_overwrite(tmp_path):
+    (tmp_path / "empty").mkdir()
+    _small().save(tmp_path / "empty")
+    _small("hnsw").save(tmp_path / "empty")  # replaces our own exact index
+    assert Index.load(tmp_path / "empty").backend == "hnsw"
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.parametrize("then", ["save", "load"])
+def test_temporaries_of_a_killed_save_are_removed_by_the_next_save_or_load(tmp_path, then):
+    _small().save(tmp_path / "ix")
+    killed = tmp_path / f".ix.{_dead_pid()}.0123abcd.tmp"  # what kill -9 mid-save leaves
+    killed.mkdir()
+    (killed / "vectors.npy").write_bytes(b"0" * 4096)
+    running = tmp_path / f".ix.{os.getpid()}.89abcdef.tmp"  # a live writer's: kept
+    running.mkdir()
+    if then == "save":
+        _small().save(tmp_path / "ix")
+    else:
+        Index.load(tmp_path / "ix")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ix", running.name])
+
+
+def test_saved_folders_honour_the_umask(tmp_path):
+    saved = os.umask(0o022)
+    try:
+        _small().save(tmp_path / "ix")
+    finally:
+        os.umask(saved)
+    assert stat.S_IMODE((tmp_path / "ix").stat().st_mode) == 0o755
+    for name in ("index.json", "ids.json", "vectors.npy"):
+        assert stat.S_IMODE((tmp_path / "ix" / name).stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_load_refuses_duplicate_ids(tmp_path, backend):
+    _small(backend).save(tmp_path / "ix")
+    (tmp_path / "ix" / "ids.json").write_text(json.dumps(["a", "b", "a", "d"]))
+    with pytest.raises(ValueError, match=r"ids.json: ids\[2\]='a' repeats ids\[0\]"):
+        Index.load(tmp_path / "ix")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overflowing_inner_products_are_an_error_on_every_backend(backend):
+    vectors = np.full((10, 4), 1e20, dtype=np.float32)  # finite, but <v, v> overflows float32
+    index = Index(4, backend=backend, metric="ip")
+    index.add(vectors, list(range(10)))
+    with pytest.raises(ValueError, match=r"inner product of queries row 0 and keys row \d+ "
+                                         r"overflows float32"):
+        index.search(vectors[:2], k=3)

@@ -6,15 +6,20 @@ with N=3 samples and short keys, so they stay small on a 2-core CPU.
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-from llm_embedder.data import DataError, load_corpus, load_queries
-from llm_embedder.label import label, merge_labelled
-from llm_embedder.llm import FrozenLLM
+from llm_embedder.config import ConfigError
+from llm_embedder.data import DataError, load_corpus, load_labelled, load_queries
+from llm_embedder.io import OutputLockedError
+from llm_embedder.label import REWARDS, LabelConfig, Reward, label, merge_labelled
+from llm_embedder.llm import LLMBackend
 from llm_embedder.tasks import get_task
 
 # A small labelling configuration shared by every LLM test (and its reference run).
@@ -49,7 +54,7 @@ def _records(path: Path):
 
 
 def _rank_reward_reference(target: float, samples: np.ndarray) -> float:
-    """DESIGN.md §3 in plain Python (independent of the native kernel)."""
+    """docs/method.md's rank-aware reward in plain Python (independent of the native kernel)."""
     n = len(samples)
     rank = 1 + np.sum(samples > target) + 0.5 * np.sum(samples == target)
     gap = target - samples.max() if n else 0.0
@@ -78,6 +83,7 @@ def test_unknown_positive_id_is_named(tmp_path, shared_data):
     with pytest.raises(DataError, match="positive id 'nope' is not in the corpus"):
         label("qa", queries, shared_data / "qa/xquad/corpus.jsonl", tmp_path / "o.jsonl",
               method="labels", show_progress=False)
+    assert not (tmp_path / "o.jsonl").exists()  # nothing written before the inputs check out
 
 
 def test_bad_arguments_are_rejected(tmp_path, qa_files):
@@ -229,7 +235,7 @@ def test_label_writes_candidates_rewards_and_samples(reference, qa_files):
         assert record["answer"] == query.answers[0]
         assert len(record["likelihood_rewards"]) == len(record["rank_rewards"]) == m
         assert all(0 < r < 1 for r in record["rank_rewards"])
-        assert record["rank_rewards_shift"][-1] == 0.0
+        assert "rank_rewards_shift" not in record  # dead field: nothing read it
         assert len(record["samples"]) <= 3
         assert all(len(row) == len(record["samples"]) for row in record["sample_likelihoods"])
         assert record["answer"].casefold() not in [s.casefold() for s in record["samples"]]
@@ -310,3 +316,280 @@ def test_a_file_labelled_by_another_llm_is_not_appended_to(tmp_path, qa_files):
     out.write_text(json.dumps(record) + "\n")
     with pytest.raises(DataError, match=r"o\.jsonl:1: labelled by 'some-other-llm'"):
         label("qa", queries, corpus, out, method="labels", limit=2, show_progress=False)
+
+
+# ----------------------------------------------------------------------------- LabelConfig
+
+# label()'s keyword defaults before LabelConfig existed: the config must keep every one.
+OLD_DEFAULTS = {"method": "llm", "num_samples": 8, "num_negatives": 7, "negatives": "bm25",
+                "limit": None, "shard": 0, "num_shards": 1, "max_key_tokens": 192,
+                "max_prompt_tokens": 512, "max_output_tokens": 64, "max_new_tokens": None,
+                "sampling_temperature": 1.0, "top_p": 0.95, "max_batch_tokens": None, "seed": 0,
+                "device": None, "skip_answer_negatives": True, "show_progress": True}
+
+
+def test_label_config_defaults_are_the_old_keyword_defaults():
+    assert LabelConfig().to_dict() == OLD_DEFAULTS
+
+
+def test_label_config_reads_yaml_and_json(tmp_path):
+    (tmp_path / "label.yaml").write_text("num_samples: 4\nlimit: 10\nsampling_temperature: 0.7\n")
+    (tmp_path / "label.json").write_text('{"negatives": "both", "seed": 3}')
+    assert LabelConfig.load(tmp_path / "label.yaml") == LabelConfig(
+        num_samples=4, limit=10, sampling_temperature=0.7)
+    assert LabelConfig.load(tmp_path / "label.json") == LabelConfig(negatives="both", seed=3)
+
+
+@pytest.mark.parametrize("values,key", [
+    ({"num_samples": "8"}, "num_samples"),
+    ({"top_p": "high"}, "top_p"),
+    ({"show_progress": "no"}, "show_progress"),
+    ({"limit": 1.5}, "limit"),
+    ({"method": "oracle"}, "method"),
+    ({"negatives": "random"}, "negatives"),
+    ({"num_samples": 0}, "num_samples"),
+    ({"num_negatives": -1}, "num_negatives"),
+    ({"limit": -1}, "limit"),
+    ({"shard": 2, "num_shards": 2}, "shard"),
+    ({"num_shards": 0}, "num_shards"),
+    ({"max_key_tokens": 0}, "max_key_tokens"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"max_batch_tokens": 0}, "max_batch_tokens"),
+    ({"sampling_temperature": 0.0}, "sampling_temperature"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"num_sample": 8}, "num_sample"),
+])
+def test_bad_label_config_values_name_the_key(values, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        LabelConfig.load(values)
+
+
+def test_labels_mode_needs_no_samples():
+    assert LabelConfig.load({"method": "labels", "num_samples": 0}).num_samples == 0
+
+
+def test_temperature_is_a_deprecated_name_of_sampling_temperature():
+    with pytest.warns(DeprecationWarning, match="sampling_temperature"):
+        assert LabelConfig.load({"temperature": 0.5}).sampling_temperature == 0.5
+    with pytest.raises(ConfigError, match="both given"):
+        LabelConfig.load({"temperature": 0.5, "sampling_temperature": 0.7})
+
+
+# ----------------------------------------------------------------------------- a fake LLM backend
+
+class FakeLLM:
+    """The smallest LLM backend: no model. An output scores higher the more of its words the
+    prompt holds (so a passage holding the answer wins); deterministic everywhere."""
+
+    name = "fake-llm"
+
+    def __init__(self, on_sample=None):
+        self.stats = {"forward_tokens": 0, "pairs_scored": 0, "generated_tokens": 0}
+        self.on_sample = on_sample
+        self.calls = []
+
+    def sample(self, prompts, n, *, max_new_tokens=32, temperature=1.0, top_p=0.95, seed=0,
+               stop_at_newline=True, max_prompt_tokens=None):
+        self.calls.append({"temperature": temperature, "top_p": top_p, "seed": seed})
+        if self.on_sample is not None:
+            self.on_sample()
+        return [[f"guess {seed % 1000} {k}" for k in range(n)] for _ in prompts]
+
+    def score(self, prompts, outputs, **kwargs):
+        scores = []
+        for prompt, output in zip(prompts, outputs):
+            words, seen = output.casefold().split(), set(prompt.casefold().split())
+            scores.append(-1.0 - len(words) / 10 + sum(w in seen for w in words) / len(words))
+        self.stats["pairs_scored"] += len(outputs)
+        self.stats["forward_tokens"] += sum(len((p + o).split()) for p, o in zip(prompts, outputs))
+        return np.array(scores, dtype=np.float32)
+
+    def score_grouped(self, prompts, outputs_per_prompt, **kwargs):
+        return [self.score([p] * len(outs), outs) for p, outs in zip(prompts, outputs_per_prompt)]
+
+    def generate(self, prompts, max_new_tokens=32, **kwargs):
+        return ["guess" for _ in prompts]
+
+    def truncate(self, texts, max_tokens):
+        return [" ".join(t.split()[:max_tokens]) for t in texts]
+
+    def count_tokens(self, text):
+        return len(text.split())
+
+
+FAKE = {"num_samples": 3, "num_negatives": 2, "show_progress": False, "seed": 7}
+
+
+def _fake_table(record, max_key_tokens=LabelConfig.max_key_tokens):
+    """The LLM table the labeller must have built for ``record``, from the fake's scores."""
+    fake, task = FakeLLM(), get_task(record["task"])
+    keys = fake.truncate([c["text"] for c in record["candidates"][:-1]], max_key_tokens)
+    prompts = [task.format_prompt(record["query"], k) for k in keys]
+    prompts.append(task.format_prompt(record["query"], None))
+    outputs = [task.answer_prefix + o for o in [record["answer"], *record["samples"]]]
+    return np.stack(fake.score_grouped(prompts, [outputs] * len(prompts)))
+
+
+def test_a_ten_line_fake_backend_is_an_llm_backend():
+    assert isinstance(FakeLLM(), LLMBackend)
+
+
+def test_label_runs_end_to_end_with_a_fake_backend(tmp_path, qa_files):
+    queries, corpus = qa_files
+    fake = FakeLLM()
+    out = tmp_path / "fake.jsonl"
+    summary = label("qa", queries, corpus, out, llm=fake, **FAKE)
+    records = _records(out)
+    assert summary.queries == summary.labelled_now == len(records) == 4
+    assert summary.llm == "fake-llm" and summary.pairs_per_s > 0
+    for record in records:
+        table = _fake_table(record)
+        assert record["llm"] == "fake-llm" and len(record["candidates"]) == 4
+        assert record["likelihood_rewards"] == [round(float(v), 6) for v in table[:, 0]]
+        expected = [_rank_reward_reference(row[0], row[1:]) for row in table.astype(np.float64)]
+        np.testing.assert_allclose(record["rank_rewards"], expected, atol=1e-6, rtol=0)
+        assert record["sample_likelihoods"] == [[round(float(v), 6) for v in row]
+                                                for row in table[:, 1:]]
+        assert "rank_rewards_shift" not in record and record["method"] == "llm"
+    assert [c["temperature"] for c in fake.calls] == [1.0] * 4
+
+
+def test_every_registered_reward_is_written_to_its_field(tmp_path, qa_files, monkeypatch):
+    queries, corpus = qa_files
+    monkeypatch.setitem(REWARDS, "margin", Reward(
+        "margin", lambda t: t[:, 0] - t[:, 1:].max(1), "margin_rewards"))
+    label("qa", queries, corpus, tmp_path / "llm.jsonl", llm=FakeLLM(), limit=2, **FAKE)
+    for record in _records(tmp_path / "llm.jsonl"):
+        table = _fake_table(record)
+        assert record["margin_rewards"] == [round(float(v), 6)
+                                            for v in table[:, 0] - table[:, 1:].max(1)]
+    label("qa", queries, corpus, tmp_path / "labels.jsonl", method="labels", limit=2,
+          show_progress=False)
+    for record in _records(tmp_path / "labels.jsonl"):
+        assert record["margin_rewards"] == record["rank_rewards"] == [1.0, 0, 0, 0, 0, 0, 0, 0, 0]
+
+
+def test_config_and_keyword_overrides_give_the_same_file(tmp_path, qa_files):
+    queries, corpus = qa_files
+    a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
+    label("qa", queries, corpus, a, llm=FakeLLM(), limit=3, **FAKE)
+    label("qa", queries, corpus, b, llm=FakeLLM(), config=LabelConfig(limit=3, **FAKE))
+    (tmp_path / "label.yaml").write_text("limit: 1\nnum_samples: 3\nnum_negatives: 5\nseed: 7\n")
+    label("qa", queries, corpus, c, llm=FakeLLM(), config=tmp_path / "label.yaml", limit=3,
+          num_negatives=2, show_progress=False)  # keywords override the file's values
+    assert a.read_bytes() == b.read_bytes() == c.read_bytes()
+
+
+def test_old_temperature_keyword_still_sets_the_sampling_temperature(tmp_path, qa_files):
+    queries, corpus = qa_files
+    fake = FakeLLM()
+    with pytest.warns(DeprecationWarning, match="'temperature' is deprecated"):
+        label("qa", queries, corpus, tmp_path / "o.jsonl", llm=fake, limit=1, temperature=0.5,
+              **FAKE)
+    assert fake.calls[0]["temperature"] == 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        label("qa", queries, corpus, tmp_path / "p.jsonl", llm=fake, limit=1,
+              sampling_temperature=0.5, **FAKE)
+    assert fake.calls[1]["temperature"] == 0.5
+
+
+def test_fake_backend_run_resumes_to_the_uninterrupted_file(tmp_path, qa_files):
+    queries, corpus = qa_files
+    whole, out = tmp_path / "whole.jsonl", tmp_path / "out.jsonl"
+    label("qa", queries, corpus, whole, llm=FakeLLM(), **FAKE)
+    label("qa", queries, corpus, out, llm=FakeLLM(), limit=1, **FAKE)
+    second = whole.read_text().splitlines()[1]
+    with out.open("a") as handle:  # killed while writing the second record
+        handle.write(second[:40])
+    summary = label("qa", queries, corpus, out, llm=FakeLLM(), **FAKE)
+    assert summary.labelled_now == 3 and summary.skipped_existing == 1
+    assert out.read_bytes() == whole.read_bytes()
+
+
+# ----------------------------------------------------------------------------- the output file
+
+@pytest.mark.parametrize("content", [
+    b"my notes\nline 2",  # no labelled file at all, last line without newline
+    b'{"a": 1}\n{"b": 2',  # JSON, but not labelled records
+    b"",  # placeholder: a valid labelled line followed by a foreign partial line (below)
+])
+def test_out_that_is_not_a_labelled_file_is_left_untouched(tmp_path, qa_files, content):
+    queries, corpus = qa_files
+    out = tmp_path / "out.jsonl"
+    if not content:
+        label("qa", queries, corpus, out, method="labels", limit=1, show_progress=False)
+        content = out.read_bytes() + b"notes typed after the labels"
+    out.write_bytes(content)
+    with pytest.raises(DataError, match=r"out\.jsonl:\d"):
+        label("qa", queries, corpus, out, method="labels", show_progress=False)
+    assert out.read_bytes() == content
+
+
+def test_a_partial_last_record_of_ours_is_cut_and_relabelled(tmp_path, qa_files):
+    queries, corpus = qa_files
+    whole, out = tmp_path / "whole.jsonl", tmp_path / "out.jsonl"
+    label("qa", queries, corpus, whole, method="labels", limit=2, show_progress=False)
+    lines = whole.read_text().splitlines(keepends=True)
+    for cut in (3, 40):  # shorter than, and longer than, the record's opening '{"query_id": '
+        out.write_text(lines[0] + lines[1][:cut])
+        label("qa", queries, corpus, out, method="labels", limit=2, show_progress=False)
+        assert out.read_bytes() == whole.read_bytes()
+
+
+def test_a_second_labeller_on_the_same_out_stops_at_once(tmp_path, qa_files):
+    queries, corpus = qa_files
+    whole, out = tmp_path / "whole.jsonl", tmp_path / "out.jsonl"
+    label("qa", queries, corpus, whole, llm=FakeLLM(), **FAKE)
+    errors = []
+
+    def second_labeller():  # starts while the first one is labelling its first query
+        if not errors:
+            try:
+                label("qa", queries, corpus, out, llm=FakeLLM(), **FAKE)
+            except OutputLockedError as err:
+                errors.append(str(err))
+
+    label("qa", queries, corpus, out, llm=FakeLLM(on_sample=second_labeller), **FAKE)
+    assert errors == [f"another process is writing {out}; wait for it to finish or write to "
+                      f"another file"]
+    assert out.read_bytes() == whole.read_bytes()  # the first one's file is whole, once
+
+
+def test_a_locked_out_is_not_trimmed_or_written(tmp_path, qa_files):
+    queries, corpus = qa_files
+    out = tmp_path / "out.jsonl"
+    label("qa", queries, corpus, out, method="labels", limit=1, show_progress=False)
+    content = out.read_bytes() + b'{"query_id": "half'
+    out.write_bytes(content)
+    with out.open("rb") as other:  # another labeller's lock
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(OutputLockedError, match="another process is writing"):
+            label("qa", queries, corpus, out, method="labels", show_progress=False)
+        assert out.read_bytes() == content
+
+
+def test_a_query_labelled_twice_identically_counts_once(tmp_path, qa_files):
+    queries, corpus = qa_files
+    out = tmp_path / "out.jsonl"
+    label("qa", queries, corpus, out, method="labels", limit=2, show_progress=False)
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text(lines[0] + lines[1] + lines[0])  # two old labellers both wrote query 1
+    summary = label("qa", queries, corpus, out, method="labels", limit=3, show_progress=False)
+    assert summary.queries == 3 and summary.labelled_now == 1 and summary.skipped_existing == 2
+    assert [r.query_id for r in load_labelled(out)] == [q.id for q in load_queries(queries)[:3]]
+    record = json.loads(lines[0])
+    record["rank_rewards"][0] = 0.5
+    out.write_text(lines[0] + lines[1] + json.dumps(record) + "\n")
+    with pytest.raises(DataError, match=r"out\.jsonl:3: query .* labelled again, differently "
+                                        r"from line 1"):
+        label("qa", queries, corpus, out, method="labels", show_progress=False)
+
+
+def test_label_config_fields_are_label_keywords(tmp_path, qa_files):
+    """Every LabelConfig field is accepted by label() by name (the CLI relies on it)."""
+    queries, corpus = qa_files
+    values = {f.name: getattr(LabelConfig(), f.name) for f in dataclasses.fields(LabelConfig)}
+    values.update(method="labels", show_progress=False, limit=1)
+    summary = label("qa", queries, corpus, tmp_path / "o.jsonl", **values)
+    assert summary.queries == 1

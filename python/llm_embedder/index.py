@@ -1,11 +1,14 @@
 """Vector index over embeddings: exact top-k (native Rust kernel) or approximate (hnswlib).
 
 ``Index`` maps your ids (``str`` or ``int``) to vectors and answers top-k queries with those ids
-and their scores. The exact backend keeps one contiguous float32 matrix and scans it with the
-native multi-threaded top-k; the ``hnsw`` backend builds an HNSW graph with hnswlib for corpora
-where a full scan per query costs too much. Both save to a folder atomically: the folder is
-written under a temporary sibling name, fsynced, then swapped in, so a crash leaves either the
-old index or the new one, never half of one.
+and their scores; the vectors live in a backend behind one small protocol (:class:`_Backend`:
+add, search, save, load, len). The exact backend keeps one contiguous float32 matrix and scans
+it with the native multi-threaded top-k; the ``hnsw`` backend builds an HNSW graph with hnswlib
+for corpora where a full scan per query costs too much. Both save to a folder atomically
+(:func:`llm_embedder.io.atomic_directory`): a crash leaves either the old index or the new one,
+never half of one, and the temporaries a killed save left behind are removed by the next save
+or load of the same folder. A save never replaces a non-empty folder that is not an index
+unless asked to (``overwrite=True``).
 
 Example:
     >>> import numpy as np
@@ -21,13 +24,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import (Any, Dict, List, Literal, NamedTuple, Optional, Sequence, Tuple,
+from typing import (Any, Dict, List, Literal, NamedTuple, Optional, Protocol, Sequence, Tuple,
                     Union)
 
 import numpy as np
 import numpy.typing as npt
 
-from .io import atomic_directory
+from .io import atomic_directory, check_replaceable, clean_stale_temporaries
 
 Id = Union[str, int]
 PathLike = Union[str, "os.PathLike[str]"]
@@ -141,6 +144,161 @@ def _read_matrix(path: Path, rows: int, dim: int) -> npt.NDArray[np.float32]:
 
 
 # --------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------
+
+
+class _Backend(Protocol):
+    """Where an Index keeps its vectors: rows ``0..len`` in insertion order.
+
+    ``add`` takes rows already checked (finite, right dimension) with their inverse norms when
+    the index normalises; ``search`` takes checked, normalised queries and ``1 <= k <= len``
+    and returns (scores float32 [Q, k], rows int64 [Q, k]) best first.
+    """
+
+    def __len__(self) -> int: ...
+
+    def add(self, matrix: npt.NDArray[np.float32],
+            scale: Optional[npt.NDArray[np.float32]]) -> None: ...
+
+    def search(self, queries: npt.NDArray[np.float32],
+               k: int) -> Tuple[np.ndarray, np.ndarray]: ...
+
+    def save(self, folder: Path) -> None: ...
+
+
+class _ExactBackend:
+    """Every vector in one float32 buffer, scanned in full by the native top-k."""
+
+    def __init__(self, dim: int, data: Optional[npt.NDArray[np.float32]] = None) -> None:
+        self.dim = dim
+        # rows [0, count) of a buffer with spare capacity, so adds copy amortised O(1)
+        self._data = np.empty((0, dim), dtype=np.float32) if data is None else data
+        self._count = 0 if data is None else data.shape[0]
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, matrix: npt.NDArray[np.float32],
+            scale: Optional[npt.NDArray[np.float32]]) -> None:
+        n, extra = self._count, matrix.shape[0]
+        if n + extra > self._data.shape[0]:
+            capacity = max(n + extra, 2 * self._data.shape[0])
+            # A fresh numpy allocation, not ndarray.resize: numpy asks the kernel for huge pages
+            # only on new large allocations, and a realloc-grown buffer without them streams
+            # ~25 % slower in the memory-bound single-query search (measured at 1M x 384).
+            grown = np.empty((capacity, self.dim), dtype=np.float32)
+            grown[:n] = self._data[:n]
+            self._data = grown
+        if scale is None:
+            self._data[n:n + extra] = matrix
+        else:  # normalise straight into the buffer: no temporary copy of the batch
+            np.multiply(matrix, scale, out=self._data[n:n + extra])
+        self._count = n + extra
+
+    def search(self, queries: npt.NDArray[np.float32], k: int) -> Tuple[np.ndarray, np.ndarray]:
+        from . import _native
+
+        return _native.topk(queries, self._data[:self._count], k)
+
+    def save(self, folder: Path) -> None:
+        with open(folder / _VECTORS_FILE, "wb") as handle:
+            np.save(handle, self._data[:self._count], allow_pickle=False)
+
+    @classmethod
+    def load(cls, folder: Path, dim: int, count: int, settings: Dict[str, Any]
+             ) -> "_ExactBackend":
+        vectors_path = folder / _VECTORS_FILE
+        if not vectors_path.is_file():
+            raise FileNotFoundError(f"{vectors_path} not found")
+        return cls(dim, _read_matrix(vectors_path, count, dim))
+
+
+class _HnswBackend:
+    """An hnswlib HNSW graph in its inner-product space (approximate search)."""
+
+    def __init__(self, dim: int, hnsw_m: int, ef_construction: int, ef_search: int, seed: int,
+                 graph: Any = None) -> None:
+        self.dim = dim
+        self.ef_search = ef_search
+        if graph is None:
+            import hnswlib
+
+            graph = hnswlib.Index(space="ip", dim=dim)
+            graph.init_index(max_elements=1024, ef_construction=ef_construction, M=hnsw_m,
+                             random_seed=seed)
+        graph.set_ef(ef_search)
+        self._graph = graph
+
+    def __len__(self) -> int:
+        return int(self._graph.get_current_count())
+
+    def add(self, matrix: npt.NDArray[np.float32],
+            scale: Optional[npt.NDArray[np.float32]]) -> None:
+        if scale is not None:
+            matrix = matrix * scale
+        start = len(self)
+        needed = start + matrix.shape[0]
+        capacity = self._graph.get_max_elements()
+        if needed > capacity:
+            self._graph.resize_index(max(needed, 2 * capacity))
+        self._graph.add_items(matrix, np.arange(start, needed, dtype=np.int64))
+
+    def search(self, queries: npt.NDArray[np.float32], k: int) -> Tuple[np.ndarray, np.ndarray]:
+        graph = self._graph
+        graph.set_ef(max(self.ef_search, k))
+        try:
+            labels, distances = graph.knn_query(queries, k=k)
+        except RuntimeError:
+            # A beam narrower than the graph can strand a query with fewer than k hits when
+            # k is close to the size; a beam as wide as the index always reaches k.
+            graph.set_ef(len(self))
+            labels, distances = graph.knn_query(queries, k=k)
+        finally:
+            graph.set_ef(self.ef_search)
+        # hnswlib's "ip" space returns 1 - <q, v>
+        scores = 1.0 - distances
+        if not np.isfinite(scores).all():
+            # the exact backend refuses these too: an overflowing score ranks nothing
+            qi, j = (int(x[0]) for x in np.nonzero(~np.isfinite(scores)))
+            raise ValueError(
+                f"the inner product of queries row {qi} and keys row {int(labels[qi, j])} "
+                f"overflows float32; normalise the vectors (cosine scores) or scale them down")
+        return scores, labels.astype(np.int64)
+
+    def save(self, folder: Path) -> None:
+        self._graph.save_index(os.fspath(folder / _HNSW_FILE))
+
+    @classmethod
+    def load(cls, folder: Path, dim: int, count: int, settings: Dict[str, Any]
+             ) -> "_HnswBackend":
+        import hnswlib
+
+        graph_path = folder / _HNSW_FILE
+        if not graph_path.is_file():
+            raise FileNotFoundError(f"{graph_path} not found")
+        graph = hnswlib.Index(space="ip", dim=dim)
+        graph.load_index(os.fspath(graph_path), max_elements=max(count, 1))
+        if graph.get_current_count() != count:
+            raise ValueError(f"{graph_path}: holds {graph.get_current_count()} vectors, "
+                             f"{folder / _META_FILE} says {count}")
+        return cls(dim, settings["hnsw_m"], settings["ef_construction"],
+                   settings["ef_search"], settings["seed"], graph=graph)
+
+
+_BACKENDS = {"exact": _ExactBackend, "hnsw": _HnswBackend}
+
+
+def _is_saved_index(folder: Path) -> bool:
+    """Whether ``folder`` holds an index of ours (its ``index.json`` names our format)."""
+    try:
+        meta = json.loads((folder / _META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT_NAME
+
+
+# --------------------------------------------------------------------------------------------
 # Index
 # --------------------------------------------------------------------------------------------
 
@@ -183,7 +341,7 @@ class Index:
     ) -> None:
         if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
-        if backend not in ("exact", "hnsw"):
+        if backend not in _BACKENDS:
             raise ValueError(f"backend must be 'exact' or 'hnsw', got {backend!r}")
         if metric not in ("cosine", "ip"):
             raise ValueError(f"metric must be 'cosine' or 'ip', got {metric!r}")
@@ -202,22 +360,10 @@ class Index:
         self._ids: List[Id] = []
         # id -> row, built on first need: a loaded index only searches until it is added to
         self._row_of: Optional[Dict[Id, int]] = {}
-        # exact: rows [0, len) of a buffer with spare capacity, so adds copy amortised O(1)
-        self._data = np.empty((0, self.dim), dtype=np.float32)
-        self._hnsw: Any = None
-        if backend == "hnsw":
-            self._hnsw = self._new_hnsw(capacity=1024)
-
-    # ---- construction ---------------------------------------------------------------------
-
-    def _new_hnsw(self, capacity: int) -> Any:
-        import hnswlib
-
-        graph = hnswlib.Index(space="ip", dim=self.dim)
-        graph.init_index(max_elements=capacity, ef_construction=self.ef_construction,
-                         M=self.hnsw_m, random_seed=self.seed)
-        graph.set_ef(self.ef_search)
-        return graph
+        self._store: _Backend = (
+            _ExactBackend(self.dim) if backend == "exact"
+            else _HnswBackend(self.dim, self.hnsw_m, self.ef_construction, self.ef_search,
+                              self.seed))
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -257,11 +403,7 @@ class Index:
         new_ids = _checked_ids(ids)
         positions = {value: i for i, value in enumerate(new_ids)}
         if len(positions) != len(new_ids):
-            seen: Dict[Id, int] = {}
-            for i, value in enumerate(new_ids):
-                if value in seen:
-                    raise ValueError(f"ids[{i}]={value!r} repeats ids[{seen[value]}]")
-                seen[value] = i
+            _raise_on_duplicate(new_ids)
         rows = self._rows()
         if not rows.keys().isdisjoint(positions):
             i = next(i for i, value in enumerate(new_ids) if value in rows)
@@ -270,36 +412,9 @@ class Index:
             return
         scale = _inverse_norms(squares, "vectors") if self.normalize else None
         start = len(self._ids)
-        if self.backend == "exact":
-            self._append_exact(matrix, scale)
-        else:
-            self._append_hnsw(matrix if scale is None else matrix * scale, start)
+        self._store.add(matrix, scale)
         rows.update(zip(new_ids, range(start, start + len(new_ids))))
         self._ids.extend(new_ids)
-
-    def _append_exact(self, matrix: npt.NDArray[np.float32],
-                      scale: Optional[npt.NDArray[np.float32]]) -> None:
-        n, extra = len(self._ids), matrix.shape[0]
-        if n + extra > self._data.shape[0]:
-            capacity = max(n + extra, 2 * self._data.shape[0])
-            # A fresh numpy allocation, not ndarray.resize: numpy asks the kernel for huge pages
-            # only on new large allocations, and a realloc-grown buffer without them streams
-            # ~25 % slower in the memory-bound single-query search (measured at 1M x 384).
-            grown = np.empty((capacity, self.dim), dtype=np.float32)
-            grown[:n] = self._data[:n]
-            self._data = grown
-        if scale is None:
-            self._data[n:n + extra] = matrix
-        else:  # normalise straight into the buffer: no temporary copy of the batch
-            np.multiply(matrix, scale, out=self._data[n:n + extra])
-
-    def _append_hnsw(self, matrix: npt.NDArray[np.float32], start: int) -> None:
-        needed = start + matrix.shape[0]
-        capacity = self._hnsw.get_max_elements()
-        if needed > capacity:
-            self._hnsw.resize_index(max(needed, 2 * capacity))
-        labels = np.arange(start, needed, dtype=np.int64)
-        self._hnsw.add_items(matrix, labels)
 
     # ---- search ---------------------------------------------------------------------------
 
@@ -308,7 +423,8 @@ class Index:
 
         ``queries`` is [Q, dim] or one [dim] vector (then Q = 1); the result always has Q rows.
         Raises ValueError for an empty index, ``k < 1``, ``k > len(index)``, a dimension
-        mismatch or NaN/inf queries.
+        mismatch, NaN/inf queries, or scores that overflow float32 (``metric="ip"`` with huge
+        vectors), whichever the backend.
 
         Example:
             >>> ids, scores = index.search(model.encode_queries(["who won?"], task="qa"), k=5)
@@ -327,29 +443,10 @@ class Index:
             matrix = matrix * _inverse_norms(squares, "queries")
         if matrix.shape[0] == 0:
             return SearchResult([], np.empty((0, int(k)), dtype=np.float32))
-        if self.backend == "exact":
-            from . import _native
-
-            scores, rows = _native.topk(matrix, self._data[:len(self)], int(k))
-        else:
-            scores, rows = self._search_hnsw(matrix, int(k))
+        scores, rows = self._store.search(matrix, int(k))
         ids = self._ids
         return SearchResult([[ids[r] for r in row] for row in rows.tolist()],
                             np.asarray(scores, dtype=np.float32))
-
-    def _search_hnsw(self, matrix: npt.NDArray[np.float32], k: int) -> Any:
-        self._hnsw.set_ef(max(self.ef_search, k))
-        try:
-            labels, distances = self._hnsw.knn_query(matrix, k=k)
-        except RuntimeError:
-            # A beam narrower than the graph can strand a query with fewer than k hits when
-            # k is close to the size; a beam as wide as the index always reaches k.
-            self._hnsw.set_ef(len(self))
-            labels, distances = self._hnsw.knn_query(matrix, k=k)
-        finally:
-            self._hnsw.set_ef(self.ef_search)
-        # hnswlib's "ip" space returns 1 - <q, v>
-        return 1.0 - distances, labels.astype(np.int64)
 
     # ---- persistence ----------------------------------------------------------------------
 
@@ -368,23 +465,22 @@ class Index:
             "seed": self.seed,
         }
 
-    def save(self, path: PathLike) -> None:
-        """Write the index to folder ``path`` atomically (replacing any index already there).
+    def save(self, path: PathLike, overwrite: bool = False) -> None:
+        """Write the index to folder ``path`` atomically, replacing an index saved there.
 
         The folder holds ``index.json`` (settings), ``ids.json`` and ``vectors.npy`` (exact) or
         ``hnsw.bin`` (hnsw). It is built under a temporary sibling name, fsynced and swapped in.
+        A non-empty folder that is not a saved index is refused (FolderNotOursError naming it)
+        unless ``overwrite=True``.
 
         Example:
             >>> index.save("runs/qa-index"); Index.load("runs/qa-index")
         """
+        check_replaceable(path, _is_saved_index, "index", overwrite)
         with atomic_directory(path) as tmp:
             with open(tmp / _IDS_FILE, "w", encoding="utf-8") as handle:
                 json.dump(self._ids, handle, ensure_ascii=False)
-            if self.backend == "exact":
-                with open(tmp / _VECTORS_FILE, "wb") as handle:
-                    np.save(handle, self._data[:len(self)], allow_pickle=False)
-            else:
-                self._hnsw.save_index(os.fspath(tmp / _HNSW_FILE))
+            self._store.save(tmp)
             # written last: a folder with index.json is a complete one
             with open(tmp / _META_FILE, "w", encoding="utf-8") as handle:
                 json.dump(self._meta(), handle, indent=2)
@@ -394,12 +490,13 @@ class Index:
         """Read an index written by :meth:`save`.
 
         Raises FileNotFoundError naming the missing file and ValueError naming the file whose
-        content disagrees with ``index.json``.
+        content disagrees with ``index.json`` (including ids that repeat).
 
         Example:
             >>> index = Index.load("runs/qa-index"); len(index)
         """
         root = Path(path)
+        clean_stale_temporaries(root)  # a save killed mid-way left its temporary folder
         if not root.is_dir():
             raise FileNotFoundError(f"no index folder at {root}")
         meta_path = root / _META_FILE
@@ -433,24 +530,18 @@ class Index:
         if not isinstance(ids, list) or len(ids) != count:
             raise ValueError(f"{ids_path}: expected a list of {count} ids")
         index._ids = _checked_ids(ids)
+        if len(set(index._ids)) != count:
+            _raise_on_duplicate(index._ids, f"{ids_path}: ")
         index._row_of = None
-
-        if index.backend == "exact":
-            vectors_path = root / _VECTORS_FILE
-            if not vectors_path.is_file():
-                raise FileNotFoundError(f"{vectors_path} not found")
-            index._data = _read_matrix(vectors_path, count, index.dim)
-        else:
-            import hnswlib
-
-            graph_path = root / _HNSW_FILE
-            if not graph_path.is_file():
-                raise FileNotFoundError(f"{graph_path} not found")
-            graph = hnswlib.Index(space="ip", dim=index.dim)
-            graph.load_index(os.fspath(graph_path), max_elements=max(count, 1))
-            if graph.get_current_count() != count:
-                raise ValueError(f"{graph_path}: holds {graph.get_current_count()} vectors, "
-                                 f"{meta_path} says {count}")
-            graph.set_ef(index.ef_search)
-            index._hnsw = graph
+        index._store = _BACKENDS[index.backend].load(root, index.dim, count, meta)
         return index
+
+
+def _raise_on_duplicate(ids: List[Id], where: str = "") -> None:
+    """ValueError naming the first id of ``ids`` that repeats an earlier one (``where``, e.g.
+    the file, prefixes the message)."""
+    seen: Dict[Id, int] = {}
+    for i, value in enumerate(ids):
+        if value in seen:
+            raise ValueError(f"{where}ids[{i}]={value!r} repeats ids[{seen[value]}]")
+        seen[value] = i

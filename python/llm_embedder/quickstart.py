@@ -36,8 +36,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .io import atomic_write_json, atomic_write_text
+from .config import Config, ConfigError, check
 from .data import (
+    BUNDLED_TASK_DIRS,
     Passage,
     Query,
     bundled_task_files,
@@ -47,23 +48,28 @@ from .data import (
     load_queries,
 )
 from .evaluate import (
-    PRIMARY_METRICS,
     SYSTEMS,
+    EvalConfig,
     evaluate,
     full_table,
+    primary_metric,
     primary_table,
     results_markdown,
 )
+from .io import atomic_directory, atomic_file, atomic_write_json, atomic_write_text
 from .tasks import get_task
 
-TASK_ORDER = ("qa", "tool", "chat", "icl")
+#: The tasks with bundled data, in the order the report shows them.
+TASK_ORDER = tuple(BUNDLED_TASK_DIRS)
+#: How the report names each loss.
+_LOSS_TEXT = {"graded": "graded distillation", "kl": "KL", "contrastive": "contrastive"}
 # Rough characters per SmolLM2 token on these texts (timestamps, code and labels tokenise
 # densely); only used to split the LLM budget between queries, deterministically.
 CHARS_PER_TOKEN = 3.0
 
 
 @dataclass
-class QuickstartConfig:
+class QuickstartConfig(Config):
     """Sizes of one quickstart run (see :meth:`default`, :meth:`full`, :meth:`tiny`).
 
     ``label_token_budget``: LLM tokens per task spent on rank-aware labelling; the number of
@@ -71,7 +77,11 @@ class QuickstartConfig:
     ``max_label_only``: cap on the label-only queries per task (None: all remaining queries
     with positives). ``max_llm_queries``: test queries per task the downstream LLM step sees.
     ``max_test_queries`` / ``max_pool``: shrink the test split and each query's candidate pool
-    (smoke tests only; None keeps the real evaluation).
+    (smoke tests only; None keeps the real evaluation). ``index_task``: the task whose corpus
+    the trained model indexes (``DIR/index``) and whose example query searches that index.
+
+    Example:
+        >>> run_quickstart("qs_out", config=QuickstartConfig(max_steps=10, tasks=("qa", "tool")))
     """
 
     tasks: Tuple[str, ...] = TASK_ORDER
@@ -85,10 +95,10 @@ class QuickstartConfig:
     batch_size: int = 24
     group_size: int = 3
     lr: float = 1e-4
-    # tau of s = cos / tau. DESIGN's 0.01 suits BERT-base retrievers; the packaged MiniLM was
+    # tau of s = cos / tau. The reference's 0.01 suits BERT-base retrievers; the packaged MiniLM was
     # trained at scale 20 (tau 0.05), and a 40-step tool run reached R@5 0.34 at 0.05 vs 0.28
     # at 0.01 (0.36 with lr 1e-4).
-    temperature: float = 0.05
+    score_temperature: float = 0.05
     # Task draws ~ remaining batches^(1/T): 2 lets the small icl set train within a short run.
     task_temperature: float = 2.0
     query_max_length: int = 64
@@ -99,6 +109,33 @@ class QuickstartConfig:
         "qa": 8, "chat": 24, "icl": 40})
     downstream_systems: Optional[Tuple[str, ...]] = None  # None: every system
     eval_batch_size: int = 64
+    index_task: str = "qa"
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "QuickstartConfig":
+        """Like :meth:`Config.from_dict`, also reading a saved ``config.json`` of an earlier
+        version (``temperature`` is now ``score_temperature``; JSON lists become tuples).
+
+        Example:
+            >>> QuickstartConfig.from_dict({"tasks": ["qa"], "temperature": 0.05}).tasks
+            ('qa',)
+        """
+        if isinstance(values, Mapping):
+            values = dict(values)
+            if "temperature" in values and "score_temperature" not in values:
+                values["score_temperature"] = values.pop("temperature")
+            for key in ("tasks", "downstream_systems"):
+                if isinstance(values.get(key), list):
+                    values[key] = tuple(values[key])
+        return super().from_dict(values)
+
+    def check(self) -> None:
+        """Value ranges and choices; a :class:`ConfigError` names the key."""
+        unknown = [t for t in self.tasks if t not in TASK_ORDER]
+        check(not unknown, "tasks", f"the quickstart has bundled data for {list(TASK_ORDER)}, "
+                                    f"not {unknown}")
+        for key in ("max_steps", "batch_size", "group_size", "num_samples"):
+            check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
 
     @classmethod
     def default(cls) -> "QuickstartConfig":
@@ -282,8 +319,14 @@ def _prepare(out: Path, cfg: QuickstartConfig, seed: int) -> Dict[str, Dict[str,
 
 def _label(out: Path, cfg: QuickstartConfig, plan: Mapping[str, Mapping[str, Any]],
            get_llm: Callable[[], Any], seed: int, device: Optional[str]) -> Dict[str, Any]:
-    from .label import label
+    from .label import LabelConfig, label
 
+    # The LLM-labelled subset and the label-only rest share the negatives and the seed.
+    by_llm = LabelConfig(method="llm", num_samples=cfg.num_samples,
+                         num_negatives=cfg.num_negatives, negatives="bm25", seed=seed,
+                         device=device)
+    by_hand = LabelConfig(method="labels", num_negatives=cfg.num_negatives, negatives="bm25",
+                          seed=seed, device=device)
     summaries: Dict[str, Any] = {}
     for task in cfg.tasks:
         folder = out / "data" / task
@@ -296,16 +339,13 @@ def _label(out: Path, cfg: QuickstartConfig, plan: Mapping[str, Mapping[str, Any
         if plan[task]["llm_queries"]:
             path = labels / f"{task}.llm.jsonl"
             summary = label(task, folder / "train.llm.jsonl", plan[task]["corpus"], path,
-                            llm=get_llm(), num_samples=cfg.num_samples,
-                            num_negatives=cfg.num_negatives, negatives="bm25", method="llm",
-                            seed=seed, device=device)
+                            llm=get_llm(), config=by_llm)
             summaries[f"{task}/llm"] = _summary_dict(summary)
             parts.append(path)
         if plan[task]["label_only_queries"]:
             path = labels / f"{task}.labels.jsonl"
             summary = label(task, folder / "train.labels.jsonl", plan[task]["corpus"], path,
-                            num_negatives=cfg.num_negatives, negatives="bm25", method="labels",
-                            seed=seed, device=device)
+                            config=by_hand)
             summaries[f"{task}/labels"] = _summary_dict(summary)
             parts.append(path)
         text = "".join(p.read_text(encoding="utf-8") for p in parts)
@@ -340,7 +380,7 @@ def train_config(out: Path, cfg: QuickstartConfig, seed: int,
         "model": None, "tasks": tasks, "output_dir": str(out / "train"),
         "max_steps": cfg.max_steps, "batch_size": cfg.batch_size, "group_size": cfg.group_size,
         "lr": cfg.lr, "seed": seed, "resume": True, "reward": "rank",
-        "batching": "homogeneous", "self_paced": True, "temperature": cfg.temperature,
+        "batching": "homogeneous", "self_paced": True, "score_temperature": cfg.score_temperature,
         "task_temperature": cfg.task_temperature,
         "query_max_length": cfg.query_max_length, "key_max_length": cfg.key_max_length,
         # checkpoints a killed run resumes from (three per run)
@@ -356,11 +396,10 @@ def _train(out: Path, cfg: QuickstartConfig, seed: int, device: Optional[str]) -
 
     final = Path(train(train_config(out, cfg, seed, device)))
     target = out / "model"
-    tmp = out / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(final, tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    # Built aside and swapped in whole: a kill mid-copy never leaves a model folder that the
+    # next run would take for a finished stage.
+    with atomic_directory(target) as tmp:
+        shutil.copytree(final, tmp, dirs_exist_ok=True)
     return target
 
 
@@ -368,11 +407,13 @@ def _evaluate(out: Path, cfg: QuickstartConfig, plan: Mapping[str, Mapping[str, 
               get_llm: Callable[[], Any], seed: int, device: Optional[str]) -> Dict[str, Any]:
     data = {task: {"corpus": plan[task]["corpus"], "test": plan[task]["test"]}
             for task in cfg.tasks}
+    config = EvalConfig(tasks=list(cfg.tasks), data=data, systems=list(SYSTEMS),
+                        downstream=True, max_llm_queries=cfg.max_llm_queries,
+                        downstream_systems=(None if cfg.downstream_systems is None
+                                            else list(cfg.downstream_systems)),
+                        device=device, batch_size=cfg.eval_batch_size, seed=seed)
     vectors: Dict[str, Dict[str, Any]] = {}
-    results = evaluate(out / "model", tasks=list(cfg.tasks), data=data, systems=list(SYSTEMS),
-                       llm=get_llm(), downstream=True, max_llm_queries=cfg.max_llm_queries,
-                       downstream_systems=cfg.downstream_systems, device=device,
-                       batch_size=cfg.eval_batch_size, seed=seed, keep_vectors=vectors)
+    results = evaluate(out / "model", config=config, llm=get_llm(), keep_vectors=vectors)
     # The trained model's key vectors: the index and the examples reuse them instead of
     # encoding the corpora again (the tool corpus alone is ~270k tokens).
     for task, stored in vectors.items():
@@ -382,10 +423,8 @@ def _evaluate(out: Path, cfg: QuickstartConfig, plan: Mapping[str, Mapping[str, 
 
 
 def _save_vectors(path: Path, ids: Sequence[str], vectors: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, ids=np.asarray(ids, dtype=object).astype(str), vectors=vectors)
-    os.replace(tmp, path)
+    with atomic_file(path, suffix=".npz") as tmp:  # np.savez appends .npz to other names
+        np.savez(tmp, ids=np.asarray(ids, dtype=object).astype(str), vectors=vectors)
 
 
 def _load_vectors(out: Path, task: str) -> Optional[Dict[str, np.ndarray]]:
@@ -408,20 +447,24 @@ def _key_vectors(out: Path, model: Any, task: str, passages: Sequence[Passage]) 
     return np.stack([saved[p.id] for p in passages]).astype(np.float32)
 
 
-def _build_index(out: Path, plan: Mapping[str, Mapping[str, Any]], device: Optional[str]) -> None:
+def _build_index(out: Path, cfg: QuickstartConfig, plan: Mapping[str, Mapping[str, Any]],
+                 device: Optional[str]) -> None:
     from .embedder import Embedder
     from .index import Index
 
+    task = cfg.index_task
     model = Embedder.from_pretrained(out / "model", device=device)
-    corpus = load_corpus(plan["qa"]["corpus"])
-    keys = _key_vectors(out, model, "qa", corpus)
+    corpus = load_corpus(plan[task]["corpus"])
+    keys = _key_vectors(out, model, task, corpus)
     index = Index(keys.shape[1])
     index.add(keys, [p.id for p in corpus])
     index.save(out / "index")
+    # Written last (atomically): the stage counts as done only once source.json is there, so
+    # a kill between the two never leaves an index whose model nobody knows.
     atomic_write_json(out / "index" / "source.json", {
-        "task": "qa", "model": str((out / "model").resolve()),
-        "corpus": str(Path(plan["qa"]["corpus"]).resolve())})
-    _say(f"   indexed {len(index)} knowledge passages -> {out / 'index'}")
+        "task": task, "model": str((out / "model").resolve()),
+        "corpus": str(Path(plan[task]["corpus"]).resolve())})
+    _say(f"   indexed {len(index)} {task} passages -> {out / 'index'}")
 
 
 def _examples(out: Path, cfg: QuickstartConfig, plan: Mapping[str, Mapping[str, Any]],
@@ -437,7 +480,7 @@ def _examples(out: Path, cfg: QuickstartConfig, plan: Mapping[str, Mapping[str, 
         corpus = load_corpus(plan[task]["corpus"])
         query = load_queries(plan[task]["test"])[0]
         t = get_task(task)
-        if task == "qa" and (out / "index").is_dir():
+        if task == cfg.index_task and (out / "index").is_dir():
             index = Index.load(out / "index")  # the saved index, as a user would reload it
         else:
             pool = [corpus[j] for j in candidate_pool(query, corpus)]
@@ -445,7 +488,7 @@ def _examples(out: Path, cfg: QuickstartConfig, plan: Mapping[str, Mapping[str, 
             index = Index(keys.shape[1])
             index.add(keys, [p.id for p in pool])
         by_id = {p.id: p for p in corpus}
-        k = min(4 if task == "icl" else 3, len(index))
+        k = min(t.downstream_k, len(index))
         ids, scores = index.search(model.encode_queries([query.text], task=task,
                                                         show_progress_bar=False), k=k)
         hits = [{"id": pid, "score": float(s), "text": by_id[pid].full_text,
@@ -454,12 +497,12 @@ def _examples(out: Path, cfg: QuickstartConfig, plan: Mapping[str, Mapping[str, 
                             sorted(hits, key=lambda h: _corpus_position(corpus, h["id"])))
         entry: Dict[str, Any] = {"task": task, "query": query.text, "gold": query.answers,
                                  "hits": hits}
-        if task == "icl" and query.options:
+        if t.downstream == "choice" and query.options:
             prompt = t.format_prompt(query.text, context)
             option_scores = llm.score_grouped([prompt],
                                               [[t.answer_prefix + o for o in query.options]])
             entry["llm_answer"] = query.options[int(np.argmax(np.asarray(option_scores[0])))]
-        elif task in ("qa", "chat"):
+        elif t.downstream in ("answer", "perplexity"):
             entry["llm_answer"] = llm.generate([t.format_prompt(query.text, context)],
                                                max_new_tokens=16)[0]
         shown.append(entry)
@@ -501,7 +544,7 @@ def verdict(results: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
     primary metric, and vs BM25."""
     out: Dict[str, Dict[str, Any]] = {}
     for task, by_system in results.items():
-        metric = "primary" if task == "average" else PRIMARY_METRICS.get(task)
+        metric = "primary" if task == "average" else primary_metric(task)
         if not metric or "trained" not in by_system or metric not in by_system["trained"]:
             continue
         bases = {s: by_system[s][metric] for s in ("base", "base_noinstr")
@@ -542,7 +585,7 @@ def plot_results(results: Mapping[str, Any], path: Path) -> None:
     groups = [t for t in results if t != "average"] + (["average"] if "average" in results
                                                        else [])
     systems = [s for s in SYSTEMS if any(
-        s in results[t] and (("primary" if t == "average" else PRIMARY_METRICS.get(t))
+        s in results[t] and (("primary" if t == "average" else primary_metric(t))
                              in results[t][s]) for t in groups)]
     labels = {"random": "random", "bm25": "BM25", "base": "base (instr.)",
               "base_noinstr": "base (no instr.)", "trained": "trained"}
@@ -552,31 +595,41 @@ def plot_results(results: Mapping[str, Any], path: Path) -> None:
     for i, system in enumerate(systems):
         values = []
         for t in groups:
-            metric = "primary" if t == "average" else PRIMARY_METRICS.get(t)
+            metric = "primary" if t == "average" else primary_metric(t)
             values.append(results[t].get(system, {}).get(metric, np.nan))
         ax.bar(x + (i - (len(systems) - 1) / 2) * width, values, width, label=labels[system])
     ax.set_xticks(x)
-    ax.set_xticklabels([f"{t}\n({'mean' if t == 'average' else PRIMARY_METRICS.get(t)})"
+    ax.set_xticklabels([f"{t}\n({'mean' if t == 'average' else primary_metric(t)})"
                         for t in groups])
     ax.set_ylim(0, 1)
     ax.set_ylabel("primary metric")
     ax.set_title("llm-embedder quickstart: held-out test slices")
     ax.legend(ncol=len(systems), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15))
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path, suffix=".png") as tmp:  # matplotlib picks the format by suffix
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def _budget_text(cfg: QuickstartConfig, plan: Mapping[str, Mapping[str, Any]]) -> str:
     parts = []
-    for task in ("qa", "chat", "icl"):
-        if task in plan:
+    for task in plan:
+        if get_task(task).downstream:
             n = plan[task]["test_queries"]
             budget = cfg.max_llm_queries.get(task)
             parts.append(f"{task} {n if budget is None else min(budget, n)} of {n}")
     return ", ".join(parts)
+
+
+def _losses_text(tasks: Sequence[str]) -> str:
+    """Which loss trains which task, e.g. ``graded distillation (qa, tool, icl), KL (chat)``."""
+    by_loss: Dict[str, List[str]] = {}
+    for task in tasks:
+        by_loss.setdefault(get_task(task).loss, []).append(task)
+    return ", ".join(f"{_LOSS_TEXT.get(loss, loss)} ({', '.join(names)})"
+                     for loss, names in by_loss.items())
 
 
 def _machine() -> str:
@@ -615,7 +668,7 @@ def _report(out: Path, cfg: QuickstartConfig, results: Mapping[str, Any],
           "## Trained vs base (primary metric)", "", "```", verdict_text(v), "```", "",
           "## Training data", "", *label_rows, "",
           f"Training: {cfg.max_steps} steps, batch {cfg.batch_size}, group {cfg.group_size}, "
-          f"lr {cfg.lr}, tau {cfg.temperature}; graded distillation (qa, tool, icl), KL (chat); "
+          f"lr {cfg.lr}, tau {cfg.score_temperature}; {_losses_text(plan)}; "
           "rank-aware reward; homogeneous batches; self-paced lr.", "",
           "Downstream LLM metrics use a query budget per task "
           f"({_budget_text(cfg, plan)}): with n queries an accuracy has a standard error of "
@@ -624,7 +677,10 @@ def _report(out: Path, cfg: QuickstartConfig, results: Mapping[str, Any],
           "## Example queries", "", "```", examples_text.strip(), "```", ""]
     text = "\n".join(md)
     atomic_write_text(out / "results.md", text)
-    plot_results(results, out / "results.png")
+    try:
+        plot_results(results, out / "results.png")
+    except ImportError:  # matplotlib is the optional [plot] extra; the table is the result
+        _say("results.png skipped: install matplotlib (pip install 'llm-embedder[plot]')")
     return text
 
 
@@ -635,15 +691,24 @@ def _claim_folder(out: Path, cfg: QuickstartConfig, seed: int) -> None:
     """Record the configuration in ``out/config.json``; refuse a folder made with another one
     (its stages would be skipped as done although they answer another question)."""
     out.mkdir(parents=True, exist_ok=True)
-    fingerprint = {"config": asdict(cfg), "seed": seed}
+    fingerprint = json.loads(json.dumps({"config": asdict(cfg), "seed": seed}))
     saved = out / "config.json"
     if saved.is_file():
-        previous = json.loads(saved.read_text())
-        if previous != json.loads(json.dumps(fingerprint)):
+        if _fingerprint(json.loads(saved.read_text())) != fingerprint:
             raise ValueError(f"{out} holds a quickstart run with another configuration "
                              f"({saved}); pass another --out or delete that folder")
     else:
         atomic_write_json(saved, fingerprint)
+
+
+def _fingerprint(saved: Mapping[str, Any]) -> Any:
+    """A saved ``config.json`` as this version writes it (renamed keys, new fields at their
+    defaults), so a run started by an earlier version still resumes."""
+    try:
+        config = QuickstartConfig.from_dict(saved.get("config", {}))
+    except ConfigError:
+        return saved  # keys this version does not know: another configuration
+    return json.loads(json.dumps({"config": asdict(config), "seed": saved.get("seed")}))
 
 
 def _lazy_llm(llm: Any, device: Optional[str]) -> Tuple[Callable[[], Any], Callable[[], int]]:
@@ -678,7 +743,9 @@ def _prepare_and_label(out: Path, cfg: QuickstartConfig, stages: "_Stages",
     return plan
 
 
-def label_training_data(out_dir: Union[str, Path], config: QuickstartConfig, seed: int = 0,
+def label_training_data(out_dir: Union[str, Path],
+                        config: Union[QuickstartConfig, Mapping[str, Any], str, Path],
+                        seed: int = 0,
                         device: Optional[str] = None, llm: Any = None) -> Dict[str, Any]:
     """Only the quickstart's first two stages (pick queries, label them) into ``out_dir``.
 
@@ -691,6 +758,7 @@ def label_training_data(out_dir: Union[str, Path], config: QuickstartConfig, see
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(out_dir)
+    config = QuickstartConfig.load(config)
     _claim_folder(out, config, seed)
     get_llm, tokens = _lazy_llm(llm, device)
     return _prepare_and_label(out, config, _Stages(out, tokens), get_llm, seed, device)
@@ -698,12 +766,14 @@ def label_training_data(out_dir: Union[str, Path], config: QuickstartConfig, see
 
 def run_quickstart(out_dir: str = "quickstart_out", full: bool = False,
                    device: Optional[str] = None, seed: int = 0, *, tiny: bool = False,
-                   config: Optional[QuickstartConfig] = None, llm: Any = None) -> Dict[str, Any]:
+                   config: Union[None, QuickstartConfig, Mapping[str, Any], str, Path] = None,
+                   llm: Any = None) -> Dict[str, Any]:
     """Label → train → evaluate → index → examples → report, on the bundled real data.
 
     Returns ``{task: {system: {metric: value}}}`` (also ``out_dir/results.json``). Re-running
     with the same ``out_dir`` skips the stages already done. ``full`` uses all bundled data and
-    more steps (and the GPU when there is one); ``tiny`` (or ``config``) is for smoke tests.
+    more steps (and the GPU when there is one); ``tiny`` (or ``config``: a QuickstartConfig,
+    a mapping or a YAML/JSON file of its fields) is for smoke tests.
 
     Example:
         >>> results = run_quickstart("quickstart_out")
@@ -713,13 +783,12 @@ def run_quickstart(out_dir: str = "quickstart_out", full: bool = False,
         raise ValueError("pass at most one of full=True, tiny=True, config=...")
     import torch
 
-    cfg = config or (QuickstartConfig.full() if full else QuickstartConfig.tiny() if tiny
-                     else QuickstartConfig.default())
-    unknown = [t for t in cfg.tasks if t not in TASK_ORDER]
-    if unknown:
-        raise ValueError(f"quickstart has bundled data for {list(TASK_ORDER)}, not {unknown}")
-    if "qa" not in cfg.tasks:
-        raise ValueError("the quickstart indexes the knowledge corpus: keep 'qa' in tasks")
+    cfg = QuickstartConfig.load(config or (
+        QuickstartConfig.full() if full else QuickstartConfig.tiny() if tiny
+        else QuickstartConfig.default()))
+    if cfg.index_task not in cfg.tasks:
+        raise ConfigError(f"config key 'index_task': the quickstart indexes the corpus of "
+                          f"{cfg.index_task!r}: keep it in tasks {list(cfg.tasks)}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(out_dir)
@@ -738,7 +807,8 @@ def run_quickstart(out_dir: str = "quickstart_out", full: bool = False,
     stages.run("evaluate", (out / "results.json").is_file,
                lambda: _evaluate(out, cfg, plan, get_llm, seed, device))
     results = json.loads((out / "results.json").read_text())
-    stages.run("index", lambda: (out / "index").is_dir(), lambda: _build_index(out, plan, device))
+    stages.run("index", (out / "index" / "source.json").is_file,
+               lambda: _build_index(out, cfg, plan, device))
     stages.run("examples", (out / "examples.json").is_file,
                lambda: _examples(out, cfg, plan, get_llm, device))
     examples_text = _print_examples(json.loads((out / "examples.json").read_text()))

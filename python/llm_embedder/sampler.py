@@ -1,4 +1,4 @@
-"""Multi-task batching and self-paced learning rates (DESIGN.md §5).
+"""Multi-task batching and self-paced learning rates (docs/method.md).
 
 :class:`HomogeneousBatchSampler` turns (task, length) per example into batches that each hold
 one task (so in-batch negatives are real negatives), with similar lengths together (less
@@ -152,7 +152,7 @@ def _dist_rank_world() -> "tuple[int, int]":
 
 
 class SelfPacedScheduler:
-    """Per-task learning-rate factor clip(L̄_t / L⁰_t, s_min, 1) (DESIGN.md §5).
+    """Per-task learning-rate factor clip(L̄_t / L⁰_t, s_min, 1) (docs/method.md).
 
     L⁰_t is the mean loss of task t's first ``init_batches`` batches (the factor is 1 until
     then); from there L̄_t starts at L⁰_t and follows an EMA with decay ``ema``. ``mode="fixed"``

@@ -46,7 +46,7 @@ class Task:
     empty_template: str
     loss: LossName = "graded"
     # False for tasks whose candidates live in the query's own conversation/document: in-batch
-    # keys of other queries are then no real negatives (DESIGN.md §4, KL distillation).
+    # keys of other queries are then no real negatives (docs/method.md, Losses).
     shared_corpus: bool = True
     # Separator put between the prompt and the desired output when scoring.
     answer_prefix: str = " "
@@ -76,11 +76,13 @@ class Task:
 TASKS: Dict[str, Task] = {}
 
 
-def register_task(task: Task, *, overwrite: bool = False, _check_loss: bool = True) -> Task:
-    """Add a task (e.g. your own corpus with its own instructions) to the registry.
+def register_task(task: Task, *, overwrite: bool = False, _check_names: bool = True) -> Task:
+    """Add a task (e.g. your own corpus with its own instructions) to the registry; ``label``,
+    ``train``, ``evaluate`` and the CLI then know it by name.
 
     Example:
-        >>> register_task(Task("faq", "Query: ", "Passage: ", "{key}\\n{query}", "{query}"))
+        >>> register_task(Task("faq", "Query: ", "Passage: ", "{key}\\n{query}", "{query}",
+        ...                    loss="contrastive", primary_metric="mrr@10"))
     """
     if not task.name:
         raise ValueError("task name must be a non-empty string")
@@ -92,23 +94,45 @@ def register_task(task: Task, *, overwrite: bool = False, _check_loss: bool = Tr
             raise ValueError(f"task {task.name!r}: {field} must contain '{{query}}'")
     if "{key}" not in task.prompt_template:
         raise ValueError(f"task {task.name!r}: prompt_template must contain '{{key}}'")
-    if _check_loss:
-        _check_loss_name(task)
     if task.downstream is not None and task.downstream not in DOWNSTREAM_KINDS:
         raise ValueError(f"task {task.name!r}: downstream must be one of {DOWNSTREAM_KINDS} or "
                          f"None, got {task.downstream!r}")
     if task.max_new_tokens < 1 or task.downstream_k < 1:
         raise ValueError(f"task {task.name!r}: max_new_tokens and downstream_k must be >= 1")
+    if _check_names:
+        check_names(task)
     TASKS[task.name] = task
     return task
 
 
-def _check_loss_name(task: Task) -> None:
-    from .losses import LOSSES  # the loss registry (imports torch, hence not at module level)
+def check_names(task: Task) -> None:
+    """Raise a ValueError unless ``task.loss`` is a registered loss and ``task.primary_metric``
+    one that evaluation reports for a task of its downstream kind.
+
+    Example:
+        >>> check_names(TASKS["qa"])
+    """
+    # Imported here: losses imports torch, and evaluate imports this module.
+    from .evaluate import metrics_of
+    from .losses import LOSSES
 
     if task.loss not in LOSSES:
         raise ValueError(f"task {task.name!r}: loss must be one of {sorted(LOSSES)}, "
                          f"got {task.loss!r}")
+    metrics = metrics_of(task)
+    if task.primary_metric not in metrics:
+        raise ValueError(f"task {task.name!r}: primary_metric must be one of {list(metrics)} "
+                         f"(downstream={task.downstream!r}), got {task.primary_metric!r}")
+
+
+def unregister_task(name: str) -> Task:
+    """Remove a registered task (e.g. a test's or a notebook's own); returns it.
+
+    Example:
+        >>> unregister_task("faq")
+    """
+    get_task(name)  # a ValueError listing the known tasks
+    return TASKS.pop(name)
 
 
 def get_task(name: str) -> Task:
@@ -142,7 +166,7 @@ for _task in (
          "Embed this historical text chunk for retrieval: ", "{key}\n{query}", "{query}", "kl",
          shared_corpus=False, answer_prefix="", max_new_tokens=64, multiline=True,
          downstream="perplexity", downstream_k=3),
-    # DESIGN says top-8 demos; 4 keep the prompts within a CPU budget.
+    # The reference recipe uses top-8 demos; 4 keep the prompts within a CPU budget.
     Task("icl", "Convert this example into vector to look for useful examples: ",
          "Convert this example into vector for retrieval: ", "{key}\n{query}", "{query}",
          "graded", max_new_tokens=8, primary_metric="accuracy", downstream="choice",
@@ -154,4 +178,4 @@ for _task in (
          "Request: {query}\n\nAPI call:", "graded", max_new_tokens=48,
          primary_metric="ndcg@5"),
 ):
-    register_task(_task, _check_loss=False)  # built-in losses: test_tasks checks them
+    register_task(_task, _check_names=False)  # test_tasks checks their loss and metric

@@ -1,20 +1,23 @@
-"""Multi-task training from the frozen LLM's labels (DESIGN.md §4, §5, §8).
+"""Multi-task training from the frozen LLM's labels (docs/method.md).
 
 ``train(config)`` fine-tunes an :class:`~llm_embedder.Embedder` on labelled files of one or
 more tasks: each step takes a homogeneous batch (one task, length-bucketed), builds for every
 query a group of candidates (its best-rewarded candidate plus negatives), embeds queries and
 keys with their task instructions, and applies the task's loss (graded distillation, KL
-distillation or contrastive). The learning rate of a step is
+distillation or contrastive, from the loss registry). The learning rate of a step is
 ``lr · schedule(step) · clip(L̄_t / L⁰_t, s_min, 1)`` for the batch's task t (self-paced).
+:class:`Trainer` holds the state of a run; ``train(config)`` is ``Trainer(config).run()``.
 
 It runs unchanged under ``torchrun --nproc_per_node N`` (gloo on CPU, nccl on GPUs): every
 rank takes its share of the same task's batch, keys of all ranks serve as negatives, and rank 0
-writes the checkpoints, the log and the model. Checkpoints are written atomically; a killed run
-continues with ``resume=True`` and ends with the weights an uninterrupted run would have.
+writes the checkpoints, the log and the model. Checkpoints are written atomically and hold
+only tensors and plain values (loaded with ``weights_only=True``); a killed run continues with
+``resume=True`` and ends with the weights an uninterrupted run would have.
 
 Outputs in ``output_dir``: ``model/`` (the final :class:`Embedder` folder), ``checkpoint/``
 (model + optimizer, schedule, sampler position, self-pace state, RNG states),
-``log.jsonl`` (one line a step), ``training.png`` and ``train_config.json``.
+``log.jsonl`` (one line a step), ``training.png`` (with matplotlib) and ``train_config.json``.
+A non-empty ``output_dir`` that is not a training run is refused unless ``overwrite: true``.
 
 Example:
     >>> from llm_embedder import train
@@ -25,16 +28,20 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
+import pickle
 import random
+import re
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -44,9 +51,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .config import Config, ConfigError
+from .config import check as check_key
 from .data import DataError, LabelledQuery, load_labelled
-from .io import JsonlAppender, atomic_directory, atomic_write_json, atomic_write_text
-from .losses import build_loss
+from .io import (
+    FolderNotOursError,
+    JsonlAppender,
+    atomic_directory,
+    atomic_file,
+    atomic_write_json,
+    atomic_write_text,
+    check_replaceable,
+)
+from .label import REWARDS, Reward, get_reward
+from .losses import LOSSES, build_loss
 from .sampler import HomogeneousBatchSampler, SelfPacedScheduler
 from .tasks import get_task
 
@@ -55,6 +73,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "TaskSpec",
     "TrainConfig",
+    "Trainer",
     "TrainingError",
     "load_config",
     "main_train",
@@ -64,8 +83,6 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-LOSSES = ("graded", "kl", "contrastive")
-REWARDS = ("rank", "likelihood")
 # lr when none is given: the reference's 5e-6 suits BERT-base-sized encoders; the packaged
 # MiniLM (22M parameters) learns far too slowly with it.
 DEFAULT_LR_PACKAGED = 5e-5
@@ -82,21 +99,55 @@ class TrainingError(RuntimeError):
 
 
 @dataclass
-class TaskSpec:
-    """One task's training data: the labelled file, and optionally its loss and reward."""
+class TaskSpec(Config):
+    """One task's training data: the labelled file, and optionally its own loss, reward and
+    teacher temperature (each defaults to the :class:`TrainConfig`'s or the task's).
+
+    Example:
+        >>> TaskSpec(file="labels/chat.jsonl", loss="kl", teacher_temperature=0.05)
+    """
 
     file: str
-    loss: Optional[str] = None  # "graded" | "kl" | "contrastive"; default: the task's own
-    reward: Optional[str] = None  # "rank" | "likelihood"; default: TrainConfig.reward
+    loss: Optional[str] = None  # a name in losses.LOSSES; default: the task's own
+    reward: Optional[str] = None  # a name in label.REWARDS; default: TrainConfig.reward
+    teacher_temperature: Optional[float] = None  # default: TrainConfig.teacher_temperature
+
+
+# Old key -> its name now. reward_temperature (graded) and kl_temperature (KL) were two names
+# of one quantity with the same default; a task that needs its own value now sets it per task.
+_DEPRECATED_KEYS = {"temperature": "score_temperature",
+                    "reward_temperature": "teacher_temperature",
+                    "kl_temperature": "teacher_temperature"}
 
 
 @dataclass
-class TrainConfig:
-    """Everything ``train`` needs. Fields after ``tasks`` have defaults.
+class TrainConfig(Config):
+    """Everything ``train`` needs; built and validated like every config (see
+    :class:`~llm_embedder.config.Config`): a wrong type or value is a ConfigError naming the key.
 
     ``tasks`` maps a registered task name to its labelled file (the labeller's output), or to
-    ``{"file": path, "loss": "graded|kl|contrastive", "reward": "rank|likelihood"}``.
-    Relative paths are relative to the current directory.
+    ``{"file": path, "loss": ..., "reward": ..., "teacher_temperature": ...}`` (see
+    :class:`TaskSpec`). Relative paths are relative to the current directory. Loss names come
+    from ``llm_embedder.losses.LOSSES``, reward names from ``llm_embedder.label.REWARDS``.
+
+    Temperatures — one scheme for the whole package:
+
+    - ``score_temperature`` (tau, default 0.01): the student's scores ``s = cos(q, k) / tau``
+      in every loss;
+    - ``teacher_temperature`` (T, default 0.1): the teacher distribution ``softmax(r / T)``
+      over a query's candidate rewards — the weights of graded distillation and the target of
+      KL distillation. A task may set its own (``tasks.<name>.teacher_temperature``);
+    - ``task_temperature`` (default 1): task sampling; 1 draws tasks in proportion to their
+      size, larger is more uniform;
+    - (the labeller's ``sampling_temperature`` in ``LabelConfig`` is the LLM's, not ours).
+
+    The old keys ``temperature`` (now ``score_temperature``) and ``reward_temperature`` /
+    ``kl_temperature`` (now ``teacher_temperature``) are still read, with a DeprecationWarning.
+
+    Example:
+        >>> config = TrainConfig.load({"tasks": {"tool": "labels/tool.jsonl"}, "max_steps": 40})
+        >>> config.learning_rate
+        5e-05
     """
 
     tasks: Dict[str, Any] = field(default_factory=dict)
@@ -113,142 +164,150 @@ class TrainConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0  # 0 disables clipping
     loss: Optional[str] = None  # one loss for every task (ablations); None: per task
-    reward: str = "rank"  # "rank" (rank-aware) | "likelihood" (the reference's reward)
+    reward: str = "rank"  # "rank" (rank-aware) | "likelihood" (the reference's reward) | ...
     batching: str = "homogeneous"  # | "mixed" (ablation: all tasks pooled in each batch)
     self_paced: bool = True  # False: fixed lr for every task (ablation)
     s_min: float = 0.1  # lowest self-paced lr factor
     ema: float = 0.9  # decay of the per-task loss EMA
     pace_init_batches: int = 3  # batches of a task that define its initial loss L⁰
-    temperature: float = 0.01  # tau: s = cos(q, k) / tau
-    reward_temperature: float = 0.1  # T_r of graded distillation: w = softmax(r / T_r)
-    kl_temperature: float = 0.1  # T_t of KL distillation: softmax(r / T_t)
-    task_temperature: float = 1.0  # task sampling: 1 = proportional to size
+    score_temperature: float = 0.01  # tau (see the docstring)
+    teacher_temperature: float = 0.1  # T (see the docstring)
+    task_temperature: float = 1.0  # task sampling (see the docstring)
     cross_device_negatives: bool = True
     seed: int = 0
     save_steps: int = 500  # checkpoint every this many steps (0: only at the end)
     resume: bool = False  # continue from output_dir/checkpoint when there is one
-    overwrite: bool = False  # start afresh even if output_dir holds a checkpoint
+    overwrite: bool = False  # start afresh over a checkpoint; write into a foreign folder
     bf16: bool = False  # GPU only (bf16 on this kind of CPU is 7x slower: ignored there)
     fp16: bool = False  # GPU only, with loss scaling
     gradient_checkpointing: bool = False
     device: Optional[str] = None  # default: cuda (this process's GPU) when available, else cpu
     log_every: int = 10  # console log line every this many steps (log.jsonl gets every step)
     progress_bar: bool = True
-    plot: bool = True  # write training.png at the end
+    plot: bool = True  # write training.png at the end (needs matplotlib)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
-        """Build from a plain dict (e.g. parsed YAML); unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(names)}")
-        return cls(**dict(values))
+        """Build from a plain dict (e.g. parsed YAML); unknown keys and wrong types are
+        ConfigErrors naming the key; deprecated temperature keys are renamed with a warning.
+
+        Example:
+            >>> TrainConfig.from_dict({"tasks": {"tool": "tool.jsonl"}, "batch_size": 16})
+        """
+        if not isinstance(values, Mapping):
+            return super().from_dict(values)  # the base class names the wrong type
+        return super().from_dict(_renamed_keys(values))
 
     def to_dict(self) -> Dict[str, Any]:
+        """Plain values (``tasks`` normalised to full task specs), as written to
+        ``train_config.json``."""
         out = dataclasses.asdict(self)
-        out["tasks"] = {name: dataclasses.asdict(spec) for name, spec in self.task_specs().items()}
+        out["tasks"] = {name: spec.to_dict() for name, spec in self.task_specs().items()}
         return out
 
     def task_specs(self) -> Dict[str, TaskSpec]:
-        """``tasks`` normalised to :class:`TaskSpec` (validated)."""
-        if not isinstance(self.tasks, Mapping) or not self.tasks:
-            raise ValueError("config 'tasks' must map at least one task name to a labelled file")
-        specs: Dict[str, TaskSpec] = {}
-        for name, value in self.tasks.items():
-            get_task(name)  # ValueError listing the known tasks
-            if isinstance(value, TaskSpec):
-                spec = value
-            elif isinstance(value, (str, os.PathLike)):
-                spec = TaskSpec(file=os.fspath(value))
-            elif isinstance(value, Mapping):
-                extra = sorted(set(value) - {"file", "loss", "reward"})
-                if extra or "file" not in value:
-                    raise ValueError(f"tasks.{name} must be a path or {{file, loss?, reward?}}; "
-                                     f"got keys {sorted(value)}")
-                spec = TaskSpec(file=os.fspath(value["file"]), loss=value.get("loss"),
-                                reward=value.get("reward"))
-            else:
-                raise ValueError(f"tasks.{name} must be a path or a mapping, got "
-                                 f"{type(value).__name__}")
-            if spec.loss is not None and spec.loss not in LOSSES:
-                raise ValueError(f"tasks.{name}.loss must be one of {LOSSES}, got {spec.loss!r}")
-            if spec.reward is not None and spec.reward not in REWARDS:
-                raise ValueError(f"tasks.{name}.reward must be one of {REWARDS}, "
-                                 f"got {spec.reward!r}")
-            specs[name] = spec
-        return specs
+        """``tasks`` normalised to :class:`TaskSpec` (validated; ConfigError naming the key).
 
-    def validate(self) -> None:
+        Example:
+            >>> TrainConfig(tasks={"tool": "tool.jsonl"}).task_specs()["tool"].file
+            'tool.jsonl'
+        """
+        check_key(isinstance(self.tasks, Mapping) and bool(self.tasks), "tasks",
+                  "must map at least one task name to a labelled file")
+        return {name: _task_spec(name, value) for name, value in self.tasks.items()}
+
+    def check(self) -> None:
+        """Value checks (the types are checked by the base class)."""
         self.task_specs()
-        checks = [
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.group_size >= 1, "group_size must be >= 1"),
-            (self.query_max_length >= 2 and self.key_max_length >= 2,
-             "query_max_length and key_max_length must be >= 2"),
-            (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
-            (self.epochs is None or self.epochs > 0, "epochs must be > 0"),
-            (self.lr is None or self.lr > 0, "lr must be > 0"),
-            (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (self.max_grad_norm >= 0, "max_grad_norm must be >= 0"),
-            (self.loss is None or self.loss in LOSSES, f"loss must be one of {LOSSES} or null"),
-            (self.reward in REWARDS, f"reward must be one of {REWARDS}"),
-            (self.batching in ("homogeneous", "mixed"),
-             "batching must be 'homogeneous' or 'mixed'"),
-            (0 < self.s_min <= 1, "s_min must be in (0, 1]"),
-            (0 <= self.ema < 1, "ema must be in [0, 1)"),
-            (self.pace_init_batches >= 1, "pace_init_batches must be >= 1"),
-            (min(self.temperature, self.reward_temperature, self.kl_temperature,
-                 self.task_temperature) > 0, "temperatures must be > 0"),
-            (self.save_steps >= 0, "save_steps must be >= 0"),
-            (not (self.bf16 and self.fp16), "choose at most one of bf16 and fp16"),
-            (self.log_every >= 1, "log_every must be >= 1"),
-            (isinstance(self.seed, int) and self.seed >= 0, "seed must be an int >= 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"invalid training config: {message}")
+        for key in ("batch_size", "group_size", "pace_init_batches", "log_every"):
+            check_key(getattr(self, key) >= 1, key, "must be >= 1")
+        for key in ("query_max_length", "key_max_length"):
+            check_key(getattr(self, key) >= 2, key, "must be >= 2")
+        for key in ("weight_decay", "max_grad_norm", "save_steps", "seed"):
+            check_key(getattr(self, key) >= 0, key, "must be >= 0")
+        for key in ("score_temperature", "teacher_temperature", "task_temperature"):
+            check_key(getattr(self, key) > 0, key, "must be > 0")
+        check_key(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1")
+        check_key(self.epochs is None or self.epochs > 0, "epochs", "must be > 0")
+        check_key(self.lr is None or self.lr > 0, "lr", "must be > 0")
+        check_key(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        check_key(0 < self.s_min <= 1, "s_min", "must be in (0, 1]")
+        check_key(0 <= self.ema < 1, "ema", "must be in [0, 1)")
+        check_key(self.loss is None or self.loss in LOSSES, "loss",
+                  f"loss must be one of {sorted(LOSSES)} or null, got {self.loss!r}")
+        check_key(self.reward in REWARDS, "reward",
+                  f"reward must be one of {sorted(REWARDS)}, got {self.reward!r}")
+        check_key(self.batching in ("homogeneous", "mixed"), "batching",
+                  f"must be 'homogeneous' or 'mixed', got {self.batching!r}")
+        check_key(not (self.bf16 and self.fp16), "fp16", "choose at most one of bf16 and fp16")
+        output_dir = Path(self.output_dir)
+        check_key(output_dir.is_dir() or not output_dir.exists(), "output_dir",
+                  f"{output_dir} exists and is not a folder: choose another output_dir")
 
     @property
     def learning_rate(self) -> float:
+        """``lr``, or the default for the model (5e-5 for the packaged MiniLM, else 5e-6)."""
         if self.lr is not None:
             return float(self.lr)
         return DEFAULT_LR_PACKAGED if self.model is None else DEFAULT_LR
 
 
+def _renamed_keys(values: Mapping[str, Any]) -> Dict[str, Any]:
+    """``values`` with the deprecated temperature keys under their names of now."""
+    out = dict(values)
+    old = {key: out.pop(key) for key in _DEPRECATED_KEYS if key in out}
+    teacher = [old[k] for k in ("reward_temperature", "kl_temperature") if k in old]
+    if len(set(teacher)) > 1:
+        raise ConfigError(
+            f"config keys 'reward_temperature' ({teacher[0]}) and 'kl_temperature' "
+            f"({teacher[1]}) differ; both are now 'teacher_temperature': give one value, and "
+            f"set tasks.<name>.teacher_temperature for a task that needs another")
+    for key, value in old.items():
+        new = _DEPRECATED_KEYS[key]
+        warnings.warn(f"config key {key!r} is deprecated: use {new!r}", DeprecationWarning,
+                      stacklevel=4)
+        if new in out and out[new] != value:
+            raise ConfigError(f"config keys {key!r} (deprecated) and {new!r} both given, with "
+                              f"different values: keep only {new!r}")
+        out[new] = value
+    return out
+
+
+def _task_spec(name: str, value: Any) -> TaskSpec:
+    """One ``tasks`` entry as a validated :class:`TaskSpec`; ConfigError naming the key."""
+    key = f"tasks.{name}"
+    try:
+        get_task(name)
+    except ValueError as exc:
+        raise ConfigError(f"config key {key!r}: {exc}") from None
+    if isinstance(value, (str, os.PathLike)):
+        return TaskSpec(file=os.fspath(value))
+    if isinstance(value, TaskSpec):
+        value = value.to_dict_shallow()
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"config key {key!r}: must be a path or a mapping {{file, loss?, "
+                          f"reward?, teacher_temperature?}}, got {type(value).__name__}")
+    check_key("file" in value, f"{key}.file", "missing: give the task's labelled file")
+    try:
+        spec = TaskSpec.from_dict(value)
+    except ConfigError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    check_key(spec.loss is None or spec.loss in LOSSES, f"{key}.loss",
+              f"loss must be one of {sorted(LOSSES)}, got {spec.loss!r}")
+    check_key(spec.reward is None or spec.reward in REWARDS, f"{key}.reward",
+              f"reward must be one of {sorted(REWARDS)}, got {spec.reward!r}")
+    check_key(spec.teacher_temperature is None or spec.teacher_temperature > 0,
+              f"{key}.teacher_temperature", "must be > 0")
+    return dataclasses.replace(spec, file=os.fspath(spec.file))
+
+
 def load_config(source: Union[TrainConfig, Mapping[str, Any], PathLike]) -> TrainConfig:
-    """A :class:`TrainConfig` from itself, a dict, or a YAML/JSON file.
+    """A validated :class:`TrainConfig` from itself (copied), a dict, or a YAML/JSON file.
 
     Example:
         >>> config = load_config("train.yaml")
     """
-    if isinstance(source, TrainConfig):
-        config = dataclasses.replace(source)
-    elif isinstance(source, Mapping):
-        config = TrainConfig.from_dict(source)
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"training config {path} not found")
-        text = path.read_text(encoding="utf-8")
-        try:
-            if path.suffix.lower() == ".json":
-                values = json.loads(text)
-            else:
-                import yaml
-
-                values = yaml.safe_load(text)
-        except Exception as exc:  # yaml and json raise different types; both mean "malformed"
-            raise ValueError(f"{path}: cannot parse the config ({exc})") from None
-        if not isinstance(values, Mapping):
-            raise ValueError(f"{path}: the config must be a mapping of keys to values")
-        try:
-            config = TrainConfig.from_dict(values)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: {exc}") from None
-    config.validate()
-    return config
+    return TrainConfig.load(source)
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,9 +331,50 @@ def _text_id(text: str) -> int:
                           "little", signed=True)
 
 
+_RECORD_FIELDS = frozenset(f.name for f in dataclasses.fields(LabelledQuery))
+
+
+def _reward_values(record: LabelledQuery, reward: Reward, path: Path) -> List[float]:
+    """The values of ``reward`` for each candidate of ``record`` (a record attribute, or a
+    field the labeller kept in ``extra``)."""
+    if reward.field in _RECORD_FIELDS:
+        values = getattr(record, reward.field)
+    elif reward.field in record.extra:
+        values = record.extra[reward.field]
+    else:
+        raise DataError(path, None, f"query {record.query_id!r} has no field {reward.field!r} "
+                                    f"(reward {reward.name!r}): label the file with that "
+                                    f"reward, or train with another")
+    if not isinstance(values, list) or len(values) != len(record.candidates):
+        raise DataError(path, None, f"query {record.query_id!r}: field {reward.field!r} must "
+                                    f"hold one number per candidate ({len(record.candidates)})")
+    return values
+
+
+def _example(task_index: int, record: LabelledQuery, values: Sequence[float],
+             path: Path) -> _Example:
+    texts, rewards = [], []
+    for cand, value in zip(record.candidates, values):
+        if cand["id"] == "":  # the empty context: a reward baseline, not a key
+            continue
+        if not cand["text"].strip():
+            raise DataError(path, None, f"query {record.query_id!r}: candidate "
+                                        f"{cand['id']!r} has an empty text")
+        texts.append(cand["text"])
+        rewards.append(value)
+    if not texts:
+        raise DataError(path, None, f"query {record.query_id!r} has no candidate "
+                                    f"besides the empty context: nothing to train on")
+    if not record.query.strip():
+        raise DataError(path, None, f"query {record.query_id!r} has an empty text")
+    reward_array = np.asarray(rewards, dtype=np.float32)
+    return _Example(task=task_index, query=record.query, texts=texts, rewards=reward_array,
+                    key_ids=np.asarray([_text_id(t) for t in texts], dtype=np.int64),
+                    order=np.argsort(-reward_array, kind="stable"))
+
+
 def _load_examples(specs: Mapping[str, TaskSpec], reward_default: str
                    ) -> Tuple[List[_Example], List[str]]:
-    names = list(specs)
     examples: List[_Example] = []
     for task_index, (name, spec) in enumerate(specs.items()):
         path = Path(spec.file)
@@ -282,35 +382,15 @@ def _load_examples(specs: Mapping[str, TaskSpec], reward_default: str
             raise FileNotFoundError(f"labelled file for task {name!r} not found: {path} "
                                     f"(resolved: {path.resolve()}); run `llm-embedder label` "
                                     f"first")
-        reward_name = spec.reward or reward_default
-        records: List[LabelledQuery] = load_labelled(path)
-        for record in records:
+        reward = get_reward(spec.reward or reward_default)
+        for record in load_labelled(path):
             if record.task != name:
                 raise DataError(path, None, f"query {record.query_id!r} is labelled for task "
                                             f"{record.task!r}, but the file is configured for "
                                             f"task {name!r}")
-            values = (record.rank_rewards if reward_name == "rank"
-                      else record.likelihood_rewards)
-            texts, rewards = [], []
-            for cand, value in zip(record.candidates, values):
-                if cand["id"] == "":  # the empty context: a reward baseline, not a key
-                    continue
-                if not cand["text"].strip():
-                    raise DataError(path, None, f"query {record.query_id!r}: candidate "
-                                                f"{cand['id']!r} has an empty text")
-                texts.append(cand["text"])
-                rewards.append(value)
-            if not texts:
-                raise DataError(path, None, f"query {record.query_id!r} has no candidate "
-                                            f"besides the empty context: nothing to train on")
-            if not record.query.strip():
-                raise DataError(path, None, f"query {record.query_id!r} has an empty text")
-            reward_array = np.asarray(rewards, dtype=np.float32)
-            examples.append(_Example(
-                task=task_index, query=record.query, texts=texts, rewards=reward_array,
-                key_ids=np.asarray([_text_id(t) for t in texts], dtype=np.int64),
-                order=np.argsort(-reward_array, kind="stable")))
-    return examples, names
+            examples.append(_example(task_index, record, _reward_values(record, reward, path),
+                                     path))
+    return examples, list(specs)
 
 
 def _group(example: _Example, group_size: int, seed: int, epoch: int, index: int) -> np.ndarray:
@@ -389,27 +469,74 @@ class _DualEncoder(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints
+# Output folder and checkpoints
 # --------------------------------------------------------------------------------------------
+
+# A temporary of io's naming (.<name>.<pid>.<hex>.tmp|.old...): a killed writer's leftovers.
+_TEMPORARY = re.compile(r"^\..+\.\d+\.[0-9a-f]+\.(tmp|old)")
+
+
+def _is_training_run(folder: Path) -> bool:
+    """Whether ``folder`` is one of our training runs (so training may write into it): it holds
+    our config, log, checkpoint or model, or only temporaries a killed run left."""
+    return ((folder / "train_config.json").is_file() or (folder / "log.jsonl").is_file()
+            or (folder / "checkpoint" / "state.pt").is_file()
+            or (folder / "model" / "config.json").is_file()
+            or all(_TEMPORARY.match(entry.name) for entry in folder.iterdir()))
+
+
+def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    try:
+        check_replaceable(output_dir, _is_training_run, "training run", overwrite)
+    except FolderNotOursError:
+        raise FolderNotOursError(
+            f"output_dir {output_dir} is a non-empty folder that is not a training run: "
+            f"refusing to write into it (choose another output_dir, or set overwrite: true to "
+            f"write there anyway)") from None
 
 
 def _rng_state() -> Dict[str, Any]:
+    """This process's RNG states as tensors and plain values (``weights_only`` loadable)."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy": np.random.get_state(), "python": random.getstate()}
+            "numpy": (str(kind), torch.from_numpy(keys.astype(np.int64)), int(position),
+                      int(has_gauss), float(cached_gaussian)),
+            "python": [int(version), list(internal), gauss_next]}
 
 
 def _set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss,
+                         cached_gaussian))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 def _find_checkpoint(output_dir: Path) -> Optional[Path]:
     path = output_dir / "checkpoint"
     return path if (path / "state.pt").is_file() and (path / "model").is_dir() else None
+
+
+def _load_state(checkpoint: Path, world: int) -> Dict[str, Any]:
+    """The trainer state of ``checkpoint``, read without running any code from the file."""
+    path = checkpoint / "state.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise TrainingError(
+            f"{path}: refusing to load it: it holds objects other than tensors and plain values "
+            f"(tampered with, or written by an older version): {reason}. Delete {checkpoint} "
+            f"to start afresh") from None
+    if state.get("world_size", 1) != world:
+        raise TrainingError(f"{checkpoint} was written by {state.get('world_size')} "
+                            f"process(es); resume with the same number (now {world})")
+    return state
 
 
 def _save_checkpoint(output_dir: Path, embedder: Any, state: Dict[str, Any]) -> Path:
@@ -420,7 +547,7 @@ def _save_checkpoint(output_dir: Path, embedder: Any, state: Dict[str, Any]) -> 
         torch.save(state, tmp / "state.pt")
         summary = {k: state[k] for k in ("step", "total_steps", "epoch")}
         summary["lr_scale"] = state["pace_scales"]
-        (tmp / "trainer_state.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_json(tmp / "trainer_state.json", summary)
     return target
 
 
@@ -439,7 +566,7 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The loop
+# The trainer
 # --------------------------------------------------------------------------------------------
 
 
@@ -462,310 +589,453 @@ def _param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class _Batch:
+    """One step's tensors: tokenised queries and keys, and the [B, G] candidate grids."""
+
+    examples: List[_Example]
+    queries: Dict[str, torch.Tensor]
+    keys: Dict[str, torch.Tensor]  # the chosen candidates of every query, flattened
+    valid_slots: List[int]  # position of each flattened key in the [B * G] grid
+    rewards: torch.Tensor
+    key_ids: torch.Tensor
+    mask: torch.Tensor
+    task_of: torch.Tensor  # [B] task index of each query
+
+
+class Trainer:
+    """One training run; its state (model, optimizer, sampler, self-pace, step) lives on
+    ``self`` and each step is a few short methods. ``train(config)`` is
+    ``Trainer(config).run()``.
+
+    Example:
+        >>> trainer = Trainer({"tasks": {"tool": "labels/tool.jsonl"}, "max_steps": 40})
+        >>> model_dir = trainer.run()
+        >>> trainer.step
+        40
+    """
+
+    def __init__(self, config: Union[TrainConfig, Mapping[str, Any], PathLike]):
+        self.config = load_config(config)
+        self.output_dir = Path(self.config.output_dir)
+        self.log_path = self.output_dir / "log.jsonl"
+        self.rank, self.world, self.device = 0, 1, torch.device("cpu")
+        self.step = 0
+        self.state: Optional[Dict[str, Any]] = None  # the checkpoint resumed from
+        self.progress: Optional[Any] = None
+        self.appender: Optional[JsonlAppender] = None
+        self._created_group = False
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the outputs (rank 0)."""
+        return self.rank == 0
+
+    def run(self) -> Path:
+        """Set up, train to the last step (or resume there), save; return ``output_dir/model``.
+
+        Example:
+            >>> Trainer("train.yaml").run()
+            PosixPath('runs/llm-embedder/model')
+        """
+        self.rank, self.world, self.device, self._created_group = _setup_distributed(self.config)
+        try:
+            self.setup()
+            self._loop()
+            self._close_outputs()
+            return self.save_final()
+        finally:
+            self._close_outputs()
+            if self._created_group and dist.is_initialized():
+                dist.destroy_process_group()
+
+    # ---- setup ------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Check the output folder, read the data, seed, load the model (or the checkpoint
+        to resume), build sampler, schedule, optimizer and losses, open the log.
+
+        Example:
+            >>> trainer = Trainer(config); trainer.setup(); trainer.total
+            200
+        """
+        config = self.config
+        checkpoint = self._prepare_output()
+        self.specs = config.task_specs()
+        self.examples, self.task_names = _load_examples(self.specs, config.reward)
+        _seed_everything(config.seed + self.rank)
+        self.amp_dtype = self._amp_dtype()
+        self.state = _load_state(checkpoint, self.world) if checkpoint is not None else None
+        self.embedder = self._load_embedder(checkpoint)
+        self._build_optimization()
+        self.loss_fns = self._build_losses()
+        if self.state is not None:
+            self.resume(self.state, checkpoint)
+        self.model = self._wrap_model()
+        self._open_outputs()
+
+    def _prepare_output(self) -> Optional[Path]:
+        """The checkpoint to resume from, if any; refuse what must not be overwritten."""
+        config, output_dir = self.config, self.output_dir
+        _check_output_dir(output_dir, config.overwrite)
+        checkpoint = _find_checkpoint(output_dir)
+        if checkpoint is not None and not config.resume and not config.overwrite:
+            raise ValueError(f"{output_dir} already holds a training checkpoint; set resume: "
+                             f"true (or --resume) to continue it, overwrite: true to start "
+                             f"afresh, or use another output_dir")
+        if config.resume and checkpoint is None:
+            logger.info("no checkpoint in %s: starting from scratch", output_dir)
+        if not config.resume:
+            if checkpoint is not None and self.main:
+                # A later resume must never pick up the replaced run's state.
+                shutil.rmtree(checkpoint)
+            checkpoint = None
+        return checkpoint
+
+    def _amp_dtype(self) -> Optional[torch.dtype]:
+        if not (self.config.bf16 or self.config.fp16):
+            return None
+        if self.device.type != "cuda":
+            logger.warning("bf16/fp16 need a GPU; training in float32 on %s", self.device)
+            return None
+        return torch.bfloat16 if self.config.bf16 else torch.float16
+
+    def _load_embedder(self, checkpoint: Optional[Path]) -> Any:
+        from .embedder import Embedder
+
+        source = checkpoint / "model" if checkpoint is not None else self.config.model
+        embedder = Embedder.from_pretrained(source, device=self.device)
+        embedder.train()
+        for name, param in embedder.model.named_parameters():
+            # CLS/mean pooling never reads BERT's pooler head: leave it out of training (DDP
+            # would otherwise wait forever for its gradients).
+            if name.startswith("pooler."):
+                param.requires_grad_(False)
+        if self.config.gradient_checkpointing:
+            # Non-reentrant: works under DDP with a model used twice per forward (queries, keys).
+            kwargs = {"use_reentrant": False}
+            if hasattr(embedder.model, "activation_checkpointing_enable"):  # transformers >= 5
+                embedder.model.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs=kwargs)
+            else:
+                embedder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        return embedder
+
+    def _build_optimization(self) -> None:
+        """Sampler, step count and warmup, self-pace, optimizer and loss scaler."""
+        config, examples = self.config, self.examples
+        self.sampler = HomogeneousBatchSampler(
+            [e.task for e in examples],
+            [len(e.query) + sum(len(t) for t in e.texts) // len(e.texts) for e in examples],
+            config.batch_size, config.seed, mixed=config.batching == "mixed",
+            task_temperature=config.task_temperature, rank=self.rank, world_size=self.world)
+        self.total = config.max_steps or max(1, math.ceil((config.epochs or 1.0)
+                                                          * len(self.sampler)))
+        self.warmup = math.ceil(config.warmup_ratio * self.total)
+        self.pace = SelfPacedScheduler(self.task_names,
+                                       "self_paced" if config.self_paced else "fixed",
+                                       config.s_min, config.ema, config.pace_init_batches)
+        self.base_lr = config.learning_rate
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(self.embedder.model, config.weight_decay), lr=self.base_lr)
+        self.scaler = (torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16
+                       else None)
+
+    def _build_losses(self) -> Dict[int, nn.Module]:
+        """Each task's loss (config.loss, else the task spec's, else the task's own)."""
+        config = self.config
+        loss_fns = {}
+        for index, name in enumerate(self.task_names):
+            task, spec = get_task(name), self.specs[name]
+            teacher = spec.teacher_temperature
+            loss_fns[index] = build_loss(
+                config.loss or spec.loss or task.loss,
+                score_temperature=config.score_temperature,
+                teacher_temperature=config.teacher_temperature if teacher is None else teacher,
+                in_batch_negatives=task.shared_corpus,
+                cross_device=config.cross_device_negatives, reduction="none")
+        return loss_fns
+
+    def resume(self, state: Mapping[str, Any], checkpoint: Path) -> None:
+        """Continue from a checkpoint's state: step, optimizer, sampler, self-pace, RNGs.
+
+        Example:
+            >>> trainer.resume(_load_state(checkpoint, world=1), checkpoint)
+        """
+        if state["total_steps"] != self.total:
+            raise TrainingError(f"{checkpoint} belongs to a run of {state['total_steps']} "
+                                f"steps; this config gives {self.total} (keep max_steps/epochs, "
+                                f"batch_size and the data as they were to resume)")
+        if state.get("tasks") != self.task_names:
+            raise TrainingError(f"{checkpoint} was trained on tasks {state.get('tasks')}; the "
+                                f"config now lists {self.task_names}")
+        self.step = int(state["step"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.pace.load_state_dict(state["pace"])
+        _set_rng_state(state["rng"][self.rank])
+        logger.info("resuming %s at step %d of %d", checkpoint, self.step, self.total)
+
+    def _wrap_model(self) -> nn.Module:
+        if self.world == 1:
+            return _DualEncoder(self.embedder)
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(_DualEncoder(self.embedder), device_ids=device_ids)
+
+    def _open_outputs(self) -> None:
+        """train_config.json, the log cut back to the resumed step, the progress bar."""
+        config = self.config
+        if self.main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.output_dir / "train_config.json",
+                              {**config.to_dict(), "world_size": self.world,
+                               "total_steps": self.total})
+            _truncate_log(self.log_path, self.step)
+        _barrier(self.world)
+        if self.main and config.progress_bar and self.step < self.total:
+            from tqdm.auto import tqdm
+
+            self.progress = tqdm(total=self.total, initial=self.step, desc="train",
+                                 unit="step", mininterval=1.0, dynamic_ncols=True)
+        if self.main:
+            self.appender = JsonlAppender(self.log_path)
+
+    def _close_outputs(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
+        if self.appender is not None:
+            self.appender.close()
+            self.appender = None
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        config = self.config
+        while self.step < self.total:
+            for indices in self.sampler:
+                started = time.perf_counter()
+                record = self._train_step(indices)
+                self.step += 1
+                self._log(record, time.perf_counter() - started)
+                if config.save_steps and self.step % config.save_steps == 0 \
+                        and self.step < self.total:
+                    self.checkpoint()
+                if self.step >= self.total:
+                    break
+        if self.state is None or self.step > int(self.state["step"]) \
+                or _find_checkpoint(self.output_dir) is None:
+            self.checkpoint()
+
+    def _train_step(self, indices: np.ndarray) -> Dict[str, Any]:
+        """One optimizer step on the batch ``indices``; returns its log record."""
+        batch = self._batch_tensors(indices)
+        per_query = self._forward_loss(batch)
+        loss = per_query.mean()
+        sums, counts = self._task_sums(per_query, batch.task_of)
+        seen = [t for t in range(len(self.task_names)) if counts[t] > 0]
+        task_losses = {self.task_names[t]: float(sums[t] / counts[t]) for t in seen}
+        lr = self._apply_lr(task_losses, counts, seen)
+        self._backward_and_step(loss)
+        return {"task": self.task_names[seen[0]] if len(seen) == 1 else "mixed",
+                "loss": float(sums.sum() / counts.sum()),
+                "losses": task_losses, "lr": lr, "lr_scale": self.pace.scales(),
+                "examples": int(counts.sum())}
+
+    def _batch_tensors(self, indices: np.ndarray) -> _Batch:
+        """Instruction-prefixed texts of the batch's queries and chosen candidates, tokenised,
+        with the [B, G] rewards, key ids and mask of the candidate grid."""
+        config, device = self.config, self.embedder.device
+        examples = [self.examples[int(i)] for i in indices]
+        group = config.group_size
+        queries, keys, valid_slots = [], [], []
+        rewards = torch.zeros(len(examples), group)
+        key_ids = torch.zeros(len(examples), group, dtype=torch.long)
+        mask = torch.zeros(len(examples), group, dtype=torch.bool)
+        for b, (index, example) in enumerate(zip(indices, examples)):
+            task = get_task(self.task_names[example.task])
+            queries.append(task.instruction("query") + example.query)
+            chosen = _group(example, group, config.seed, self.sampler.epoch, int(index))
+            for g, c in enumerate(chosen):
+                keys.append(task.instruction("key") + example.texts[c])
+                valid_slots.append(b * group + g)
+            rewards[b, :len(chosen)] = torch.from_numpy(example.rewards[chosen])
+            key_ids[b, :len(chosen)] = torch.from_numpy(example.key_ids[chosen])
+            mask[b, :len(chosen)] = True
+        # Plain dicts: DDP's input handling walks dicts, not BatchEncoding.
+        return _Batch(
+            examples=examples,
+            queries=dict(self.embedder.tokenize(queries, config.query_max_length)),
+            keys=dict(self.embedder.tokenize(keys, config.key_max_length)),
+            valid_slots=valid_slots, rewards=rewards.to(device), key_ids=key_ids.to(device),
+            mask=mask.to(device),
+            task_of=torch.tensor([e.task for e in examples], device=device))
+
+    def _forward_loss(self, batch: _Batch) -> torch.Tensor:
+        """[B] loss of each query under its task's loss."""
+        device, size = self.embedder.device, len(batch.examples)
+        autocast = (torch.autocast(device.type, dtype=self.amp_dtype)
+                    if self.amp_dtype is not None else contextlib.nullcontext())
+        with autocast:
+            query_emb, flat_keys = self.model(batch.queries, batch.keys)
+        key_emb = flat_keys.new_zeros(size * self.config.group_size, flat_keys.shape[-1])
+        key_emb = key_emb.index_copy(0, torch.tensor(batch.valid_slots, device=device),
+                                     flat_keys)
+        key_emb = key_emb.view(size, self.config.group_size, -1)
+        # Mixed batches and multiple processes: run every loss on every rank in the same order,
+        # since the cross-device gather inside a loss is a collective call.
+        if self.config.batching == "mixed" and self.world > 1:
+            present = list(range(len(self.task_names)))
+        else:
+            present = sorted({e.task for e in batch.examples})
+        per_query = torch.zeros(size, device=device)
+        for t in present:
+            losses = self.loss_fns[t](query_emb, key_emb, batch.rewards, batch.mask,
+                                      batch.key_ids)
+            per_query = torch.where(batch.task_of == t, losses, per_query)
+        return per_query
+
+    def _task_sums(self, per_query: torch.Tensor, task_of: torch.Tensor
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-task loss sums and query counts over all ranks (float64, on the CPU): the same
+        numbers everywhere, so every rank takes the same lr and sees the same NaN."""
+        stats = torch.zeros(2, len(self.task_names), dtype=torch.float64,
+                            device=per_query.device)
+        stats[0].index_add_(0, task_of, per_query.detach().double())
+        stats[1].index_add_(0, task_of, torch.ones_like(per_query, dtype=torch.float64))
+        stats = _all_reduce_sum(stats, self.world).cpu()
+        return stats[0], stats[1]
+
+    def _apply_lr(self, task_losses: Mapping[str, float], counts: torch.Tensor,
+                  seen: Sequence[int]) -> float:
+        """Stop on a non-finite loss; else update the self-pace and set this step's lr."""
+        for name, value in task_losses.items():
+            if not math.isfinite(value):
+                raise TrainingError(
+                    f"loss is {value} at step {self.step + 1} (task {name!r}); the last "
+                    f"checkpoint is kept. Try a lower lr, bf16 instead of fp16, or check that "
+                    f"task's rewards")
+        scales = {name: self.pace.update(name, value) for name, value in task_losses.items()}
+        factor = sum(scales[self.task_names[t]] * float(counts[t]) for t in seen) \
+            / float(counts.sum())
+        lr = self.base_lr * _lr_factor(self.step, self.total, self.warmup) * factor
+        for param_group in self.optimizer.param_groups:
+            param_group["lr"] = lr
+        return lr
+
+    def _backward_and_step(self, loss: torch.Tensor) -> None:
+        optimizer, scaler = self.optimizer, self.scaler
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def _log(self, record: Dict[str, Any], elapsed: float) -> None:
+        """Append the step's record to log.jsonl; progress bar and console line."""
+        record.update(step=self.step, epoch=self.sampler.epoch,
+                      examples_per_s=record.pop("examples") / max(elapsed, 1e-9))
+        if self.appender is not None:
+            self.appender.append(record)
+        if self.progress is not None:
+            self.progress.set_postfix(task=record["task"], loss=f"{record['loss']:.4f}",
+                                      refresh=False)
+            self.progress.update(1)
+        if self.main and (self.step % self.config.log_every == 0 or self.step == self.total):
+            logger.info("step %d/%d %s loss %.4f lr %.3g", self.step, self.total, record["task"],
+                        record["loss"], record["lr"])
+
+    # ---- outputs ----------------------------------------------------------------------------
+
+    def snapshot(self) -> Dict[str, Any]:
+        """Everything a resumed run needs, as tensors and plain values (every rank calls it:
+        the RNG states of all ranks are gathered).
+
+        Example:
+            >>> torch.save(trainer.snapshot(), "state.pt")  # loads with weights_only=True
+        """
+        rng_states = _gather_objects(_rng_state(), self.world)
+        return {
+            "step": self.step, "total_steps": self.total, "warmup_steps": self.warmup,
+            "epoch": self.sampler.epoch, "tasks": self.task_names, "world_size": self.world,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "sampler": self.sampler.state_dict(), "pace": self.pace.state_dict(),
+            "pace_scales": self.pace.scales(), "rng": rng_states,
+            "config": self.config.to_dict(),
+        }
+
+    def checkpoint(self) -> None:
+        """Write ``output_dir/checkpoint`` (rank 0) from every rank's state.
+
+        Example:
+            >>> trainer.checkpoint()  # on every rank
+        """
+        snap = self.snapshot()
+        if self.main:
+            _save_checkpoint(self.output_dir, self.embedder, snap)
+        _barrier(self.world)
+
+    def save_final(self) -> Path:
+        """Save the trained model to ``output_dir/model`` and draw training.png; return it.
+
+        Example:
+            >>> trainer.save_final()
+            PosixPath('runs/llm-embedder/model')
+        """
+        final = self.output_dir / "model"
+        if self.main:
+            self.embedder.save_pretrained(final)
+            if self.config.plot and self.log_path.is_file():
+                self._plot()
+        _barrier(self.world)
+        return final
+
+    def _plot(self) -> None:
+        try:
+            plot_training(self.log_path, self.output_dir / "training.png")
+        except ImportError as exc:
+            logger.warning("training.png skipped: %s", exc)
+        except Exception as exc:  # a plot must never cost the trained model
+            logger.warning("could not draw training.png: %s", exc)
+
+
 def train(config: Union[TrainConfig, Mapping[str, Any], PathLike]) -> Path:
     """Train an embedder; return the final model folder ``output_dir/model``.
 
     ``config``: a :class:`TrainConfig`, a dict of its fields, or a YAML/JSON file of them.
     Works as is under ``torchrun`` (one process per device).
 
-    Raises FileNotFoundError for a missing labelled file, ValueError (DataError) for unknown
-    tasks or malformed labels, :class:`TrainingError` for a NaN loss (naming step and task) or
-    a checkpoint that does not match the config.
+    Raises ConfigError naming the key for a bad config, FileNotFoundError for a missing
+    labelled file, ValueError (DataError) for malformed labels, FolderNotOursError for an
+    ``output_dir`` holding other files, :class:`TrainingError` for a NaN loss (naming step
+    and task) or a checkpoint that does not match the config or is not safe to load.
 
     Example:
         >>> train({"tasks": {"tool": "labels/tool.jsonl"}, "output_dir": "runs/tool",
         ...        "max_steps": 40, "batch_size": 16, "group_size": 4})
         PosixPath('runs/tool/model')
     """
-    config = load_config(config)
-    rank, world, device, created_group = _setup_distributed(config)
-    try:
-        return _train(config, rank, world, device)
-    finally:
-        if created_group and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> Path:
-    from .embedder import Embedder
-
-    main = rank == 0
-    output_dir = Path(config.output_dir)
-    checkpoint = _find_checkpoint(output_dir)
-    if checkpoint is not None and not config.resume and not config.overwrite:
-        raise ValueError(f"{output_dir} already holds a training checkpoint; set resume: true "
-                         f"(or --resume) to continue it, overwrite: true to start afresh, or "
-                         f"use another output_dir")
-    if config.resume and checkpoint is None:
-        logger.info("no checkpoint in %s: starting from scratch", output_dir)
-    if not config.resume:
-        if checkpoint is not None and rank == 0:
-            # A later resume must never pick up the replaced run's state.
-            shutil.rmtree(checkpoint)
-        checkpoint = None
-    specs = config.task_specs()
-    examples, task_names = _load_examples(specs, config.reward)
-
-    random.seed(config.seed + rank)
-    np.random.seed((config.seed + rank) % 2**32)
-    torch.manual_seed(config.seed + rank)
-
-    amp_dtype: Optional[torch.dtype] = None
-    if config.bf16 or config.fp16:
-        if device.type == "cuda":
-            amp_dtype = torch.bfloat16 if config.bf16 else torch.float16
-        else:
-            logger.warning("bf16/fp16 need a GPU; training in float32 on %s", device)
-
-    state: Optional[Dict[str, Any]] = None
-    if checkpoint is not None:
-        state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
-        if state.get("world_size", 1) != world:
-            raise TrainingError(f"{checkpoint} was written by {state.get('world_size')} "
-                                f"process(es); resume with the same number (now {world})")
-        embedder = Embedder.from_pretrained(checkpoint / "model", device=device)
-    else:
-        embedder = Embedder.from_pretrained(config.model, device=device)
-    embedder.train()
-    for name, param in embedder.model.named_parameters():
-        # CLS/mean pooling never reads BERT's pooler head: leave it out of training (DDP would
-        # otherwise wait forever for its gradients).
-        if name.startswith("pooler."):
-            param.requires_grad_(False)
-    if config.gradient_checkpointing:
-        # Non-reentrant: works under DDP with a model used twice per forward (queries, keys).
-        kwargs = {"use_reentrant": False}
-        if hasattr(embedder.model, "activation_checkpointing_enable"):  # transformers >= 5.x
-            embedder.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            embedder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-    sampler = HomogeneousBatchSampler(
-        [e.task for e in examples],
-        [len(e.query) + sum(len(t) for t in e.texts) // len(e.texts) for e in examples],
-        config.batch_size, config.seed, mixed=config.batching == "mixed",
-        task_temperature=config.task_temperature, rank=rank, world_size=world)
-    total = config.max_steps or max(1, math.ceil((config.epochs or 1.0) * len(sampler)))
-    warmup = math.ceil(config.warmup_ratio * total)
-    pace = SelfPacedScheduler(task_names, "self_paced" if config.self_paced else "fixed",
-                              config.s_min, config.ema, config.pace_init_batches)
-    base_lr = config.learning_rate
-    optimizer = torch.optim.AdamW(_param_groups(embedder.model, config.weight_decay), lr=base_lr)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-
-    loss_fns = {}
-    for index, name in enumerate(task_names):
-        task = get_task(name)
-        loss_name = config.loss or specs[name].loss or task.loss
-        loss_fns[index] = build_loss(
-            loss_name, temperature=config.temperature,
-            reward_temperature=config.kl_temperature if loss_name == "kl"
-            else config.reward_temperature,
-            in_batch_negatives=task.shared_corpus,
-            cross_device=config.cross_device_negatives, reduction="none")
-
-    step = 0
-    if state is not None:
-        if state["total_steps"] != total:
-            raise TrainingError(f"{checkpoint} belongs to a run of {state['total_steps']} steps; "
-                                f"this config gives {total} (keep max_steps/epochs, batch_size "
-                                f"and the data as they were to resume)")
-        if state.get("tasks") != task_names:
-            raise TrainingError(f"{checkpoint} was trained on tasks {state.get('tasks')}; the "
-                                f"config now lists {task_names}")
-        step = int(state["step"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        sampler.load_state_dict(state["sampler"])
-        pace.load_state_dict(state["pace"])
-        _set_rng_state(state["rng"][rank])
-        logger.info("resuming %s at step %d of %d", checkpoint, step, total)
-
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model: nn.Module = DistributedDataParallel(
-            _DualEncoder(embedder), device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        model = _DualEncoder(embedder)
-
-    log_path = output_dir / "log.jsonl"
-    if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(output_dir / "train_config.json", {**config.to_dict(),
-                                                             "world_size": world,
-                                                             "total_steps": total})
-        if step == 0 and log_path.exists():
-            log_path.unlink()
-        _truncate_log(log_path, step)
-    _barrier(world)
-
-    def snapshot() -> Dict[str, Any]:
-        rng_states = _gather_objects(_rng_state(), world)
-        return {
-            "step": step, "total_steps": total, "warmup_steps": warmup, "epoch": sampler.epoch,
-            "tasks": task_names, "world_size": world, "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "sampler": sampler.state_dict(), "pace": pace.state_dict(),
-            "pace_scales": pace.scales(), "rng": rng_states, "config": config.to_dict(),
-        }
-
-    def checkpoint_now() -> None:
-        snap = snapshot()  # every rank: the RNG states are gathered
-        if main:
-            _save_checkpoint(output_dir, embedder, snap)
-        _barrier(world)
-
-    progress = None
-    if main and config.progress_bar and step < total:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=total, initial=step, desc="train", unit="step", mininterval=1.0,
-                        dynamic_ncols=True)
-    appender = JsonlAppender(log_path) if main else None
-    try:
-        while step < total:
-            for indices in sampler:
-                started = time.perf_counter()
-                record = _train_step(
-                    model, embedder, examples, indices, sampler.epoch, step, total, warmup,
-                    base_lr, config, loss_fns, pace, task_names, optimizer, scaler, amp_dtype,
-                    world)
-                step += 1
-                elapsed = time.perf_counter() - started
-                record.update(step=step, epoch=sampler.epoch,
-                              examples_per_s=record.pop("examples") / max(elapsed, 1e-9))
-                if appender is not None:
-                    appender.append(record)
-                if progress is not None:
-                    progress.set_postfix(task=record["task"], loss=f"{record['loss']:.4f}",
-                                         refresh=False)
-                    progress.update(1)
-                if main and (step % config.log_every == 0 or step == total):
-                    logger.info("step %d/%d %s loss %.4f lr %.3g", step, total, record["task"],
-                                record["loss"], record["lr"])
-                if config.save_steps and step % config.save_steps == 0 and step < total:
-                    checkpoint_now()
-                if step >= total:
-                    break
-        if state is None or step > int(state["step"]) or _find_checkpoint(output_dir) is None:
-            checkpoint_now()
-    finally:
-        if progress is not None:
-            progress.close()
-        if appender is not None:
-            appender.close()
-
-    final = output_dir / "model"
-    if main:
-        embedder.save_pretrained(final)
-        if config.plot and log_path.is_file():
-            try:
-                plot_training(log_path, output_dir / "training.png")
-            except Exception as exc:  # a plot must never cost the trained model
-                logger.warning("could not draw training.png: %s", exc)
-    _barrier(world)
-    return final
-
-
-def _train_step(model: nn.Module, embedder: Any, examples: Sequence[_Example],
-                indices: np.ndarray, epoch: int, step: int, total: int, warmup: int,
-                base_lr: float, config: TrainConfig, loss_fns: Mapping[int, nn.Module],
-                pace: SelfPacedScheduler, task_names: Sequence[str],
-                optimizer: torch.optim.Optimizer, scaler: Optional[Any],
-                amp_dtype: Optional[torch.dtype], world: int) -> Dict[str, Any]:
-    device = embedder.device
-    batch = [examples[int(i)] for i in indices]
-    group = config.group_size
-    queries, keys, valid_slots = [], [], []
-    rewards = torch.zeros(len(batch), group)
-    key_ids = torch.zeros(len(batch), group, dtype=torch.long)
-    mask = torch.zeros(len(batch), group, dtype=torch.bool)
-    for b, (index, example) in enumerate(zip(indices, batch)):
-        task = get_task(task_names[example.task])
-        queries.append(task.instruction("query") + example.query)
-        chosen = _group(example, group, config.seed, epoch, int(index))
-        for g, c in enumerate(chosen):
-            keys.append(task.instruction("key") + example.texts[c])
-            valid_slots.append(b * group + g)
-        rewards[b, :len(chosen)] = torch.from_numpy(example.rewards[chosen])
-        key_ids[b, :len(chosen)] = torch.from_numpy(example.key_ids[chosen])
-        mask[b, :len(chosen)] = True
-    rewards, key_ids, mask = rewards.to(device), key_ids.to(device), mask.to(device)
-    # Plain dicts: DDP's input handling walks dicts, not BatchEncoding.
-    query_batch = dict(embedder.tokenize(queries, config.query_max_length))
-    key_batch = dict(embedder.tokenize(keys, config.key_max_length))
-
-    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
-                else _null_context())
-    with autocast:
-        query_emb, flat_keys = model(query_batch, key_batch)
-    key_emb = flat_keys.new_zeros(len(batch) * group, flat_keys.shape[-1])
-    key_emb = key_emb.index_copy(0, torch.tensor(valid_slots, device=device), flat_keys)
-    key_emb = key_emb.view(len(batch), group, -1)
-
-    task_of = torch.tensor([e.task for e in batch], device=device)
-    # Mixed batches and multiple processes: run every loss on every rank in the same order,
-    # since the cross-device gather inside a loss is a collective call.
-    if config.batching == "mixed" and world > 1:
-        present = list(range(len(task_names)))
-    else:
-        present = sorted({e.task for e in batch})
-    per_query = torch.zeros(len(batch), device=device)
-    for t in present:
-        losses = loss_fns[t](query_emb, key_emb, rewards, mask, key_ids)
-        per_query = torch.where(task_of == t, losses, per_query)
-    loss = per_query.mean()
-
-    # Per-task sums and counts over all ranks: the same numbers everywhere, so every rank
-    # takes the same lr and sees the same NaN.
-    stats = torch.zeros(2, len(task_names), dtype=torch.float64, device=device)
-    stats[0].index_add_(0, task_of, per_query.detach().double())
-    stats[1].index_add_(0, task_of, torch.ones_like(per_query, dtype=torch.float64))
-    stats = _all_reduce_sum(stats, world).cpu()
-    counts = stats[1]
-    seen = [t for t in range(len(task_names)) if counts[t] > 0]
-    task_label = task_names[seen[0]] if len(seen) == 1 else "mixed"
-    task_losses = {task_names[t]: float(stats[0, t] / counts[t]) for t in seen}
-    for name, value in task_losses.items():
-        if not math.isfinite(value):
-            raise TrainingError(
-                f"loss is {value} at step {step + 1} (task {name!r}); the last checkpoint is "
-                f"kept. Try a lower lr, bf16 instead of fp16, or check that task's rewards")
-    scales = {name: pace.update(name, value) for name, value in task_losses.items()}
-    factor = sum(scales[task_names[t]] * float(counts[t]) for t in seen) / float(counts.sum())
-    lr = base_lr * _lr_factor(step, total, warmup) * factor
-    for param_group in optimizer.param_groups:
-        param_group["lr"] = lr
-
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-    else:
-        loss.backward()
-    if config.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-    return {"task": task_label,
-            "loss": float(stats[0].sum() / counts.sum()),
-            "losses": task_losses, "lr": lr, "lr_scale": pace.scales(),
-            "examples": int(counts.sum())}
-
-
-class _null_context:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
+    return Trainer(config).run()
 
 
 # --------------------------------------------------------------------------------------------
@@ -774,12 +1044,17 @@ class _null_context:
 
 
 def plot_training(log_path: PathLike, out_path: PathLike) -> Path:
-    """Draw per-task loss and self-paced lr scale against step from a ``log.jsonl``.
+    """Draw per-task loss and self-paced lr scale against step from a ``log.jsonl``, written
+    atomically. Raises ImportError when matplotlib is not installed.
 
     Example:
         >>> plot_training("runs/demo/log.jsonl", "runs/demo/training.png")
     """
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("matplotlib is not installed (pip install matplotlib to get "
+                          "training.png)") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -790,34 +1065,44 @@ def plot_training(log_path: PathLike, out_path: PathLike) -> Path:
         raise ValueError(f"{log_path} holds no training steps to plot")
     tasks = sorted({t for r in records for t in r["lr_scale"]})
     fig, (ax_loss, ax_scale) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
-    for task in tasks:
-        points = [(r["step"], r["losses"][task]) for r in records if task in r["losses"]]
-        if points:
-            steps, values = zip(*points)
-            line, = ax_loss.plot(steps, values, ".", alpha=0.35, markersize=4)
-            window = max(1, len(values) // 20)
-            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-            ax_loss.plot(steps[window - 1:], smooth, color=line.get_color(), label=task)
-        scale_steps = [r["step"] for r in records]
-        ax_scale.plot(scale_steps, [r["lr_scale"][task] for r in records], label=task)
-    ax_loss.set_ylabel("training loss")
-    ax_loss.legend(loc="upper right")
-    ax_loss.grid(alpha=0.3)
-    ax_scale.set_ylabel("self-paced lr scale")
-    ax_scale.set_xlabel("step")
-    ax_scale.set_ylim(0, 1.05)
-    ax_scale.grid(alpha=0.3)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out_path)
-    return out_path
+    try:
+        for task in tasks:
+            _plot_task(ax_loss, ax_scale, records, task)
+        ax_loss.set_ylabel("training loss")
+        ax_loss.legend(loc="upper right")
+        ax_loss.grid(alpha=0.3)
+        ax_scale.set_ylabel("self-paced lr scale")
+        ax_scale.set_xlabel("step")
+        ax_scale.set_ylim(0, 1.05)
+        ax_scale.grid(alpha=0.3)
+        fig.tight_layout()
+        with atomic_file(out_path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
+    return Path(out_path)
+
+
+def _plot_task(ax_loss: Any, ax_scale: Any, records: Sequence[Dict[str, Any]],
+               task: str) -> None:
+    points = [(r["step"], r["losses"][task]) for r in records if task in r["losses"]]
+    if points:
+        steps, values = zip(*points)
+        line, = ax_loss.plot(steps, values, ".", alpha=0.35, markersize=4)
+        window = max(1, len(values) // 20)
+        smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+        ax_loss.plot(steps[window - 1:], smooth, color=line.get_color(), label=task)
+    ax_scale.plot([r["step"] for r in records], [r["lr_scale"][task] for r in records],
+                  label=task)
 
 
 def main_train(config_path: str) -> int:
-    """``python -m llm_embedder.train CONFIG`` (also under torchrun); returns an exit code."""
+    """``python -m llm_embedder.train CONFIG`` (also under torchrun); returns an exit code.
+
+    Example:
+        >>> main_train("train.yaml")
+        0
+    """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     model_dir = train(config_path)

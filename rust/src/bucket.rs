@@ -1,4 +1,4 @@
-//! Homogeneous, length-bucketed batches (DESIGN.md §5).
+//! Homogeneous, length-bucketed batches (docs/method.md).
 //!
 //! Every batch holds indices of one task only (so in-batch negatives are real negatives), and
 //! indices of similar length travel together (less padding). With `shuffle`:

@@ -1,23 +1,34 @@
 //! `llm_embedder._native`: the tight loops of llm-embedder (module wiring only).
 //!
-//! Kernels live in plain-Rust modules ([`reward`], [`bucket`], [`topk`]) with their own tests;
-//! this file converts numpy arrays (zero-copy, read-only), validates them into `ValueError`s
-//! that name the argument, and releases the GIL around every loop.
+//! Kernels live in plain-Rust modules ([`reward`], [`bucket`], [`topk`], [`pool`]) with their
+//! own tests; this file converts numpy arrays (zero-copy, read-only), turns their errors into
+//! `ValueError`s that name the argument (or a `RuntimeError` when no worker thread can start),
+//! and releases the GIL around every loop. Functions only the benchmarks use live in the
+//! `bench` submodule ([`bench`]).
 
+pub mod bench;
 pub mod bucket;
 pub mod kernels;
+pub mod pool;
 pub mod reward;
 pub mod rng;
 pub mod topk;
 
 use numpy::ndarray::{Array2, ArrayViewD};
 use numpy::{Element, IntoPyArray, PyArray1, PyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods};
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use std::borrow::Cow;
 
 fn value_error(msg: impl Into<String>) -> PyErr {
     PyValueError::new_err(msg.into())
+}
+
+fn topk_error(err: topk::Error) -> PyErr {
+    match err {
+        topk::Error::Input(m) => PyValueError::new_err(m),
+        topk::Error::Threads(m) => PyRuntimeError::new_err(m),
+    }
 }
 
 /// Borrow `obj` as a read-only numpy array of `T`, or explain what was expected.
@@ -65,7 +76,7 @@ fn contiguous<'a, T: Clone>(view: &'a ArrayViewD<'a, T>) -> Cow<'a, [T]> {
     }
 }
 
-/// Rank-aware reward (DESIGN.md §3) of Q queries × M candidates × N samples.
+/// Rank-aware reward (docs/method.md, Rewards) of Q queries × M candidates × N samples.
 ///
 /// >>> rank_aware_reward(np.array([[-1.0]], np.float32), np.array([[[-2.0, -3.0]]], np.float32))
 #[pyfunction]
@@ -179,7 +190,24 @@ fn py_bucket_batches<'py>(
 
 type TopkResult<'py> = (Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<i64>>);
 
-/// Shared body of `topk` and `topk_f16`: checks, GIL-free search, numpy results.
+/// (scores, indices) of a GIL-free search as [rows, k] numpy arrays.
+fn topk_arrays(
+    py: Python<'_>,
+    rows: usize,
+    k: usize,
+    (scores, indices): (Vec<f32>, Vec<i64>),
+) -> TopkResult<'_> {
+    (
+        Array2::from_shape_vec((rows, k), scores)
+            .expect("rows*k scores")
+            .into_pyarray(py),
+        Array2::from_shape_vec((rows, k), indices)
+            .expect("rows*k indices")
+            .into_pyarray(py),
+    )
+}
+
+/// Shared body of `topk` and `bench.topk_f16`: checks, GIL-free search, numpy results.
 fn topk_impl<'py, T: Element + Copy>(
     py: Python<'py>,
     queries: &Bound<'py, PyAny>,
@@ -200,30 +228,19 @@ fn topk_impl<'py, T: Element + Copy>(
         topk::validate(&qd_, qd, kd, n, k)?;
         topk::topk(&qd_, wrap(&kd_), q, n, qd, k as usize, threads)
     });
-    let (scores, indices) = out.map_err(value_error)?;
-    let k = k as usize;
-    Ok((
-        Array2::from_shape_vec((q, k), scores)
-            .expect("q*k scores")
-            .into_pyarray(py),
-        Array2::from_shape_vec((q, k), indices)
-            .expect("q*k indices")
-            .into_pyarray(py),
-    ))
+    Ok(topk_arrays(py, q, k as usize, out.map_err(topk_error)?))
 }
 
 fn check_threads(threads: Option<i64>) -> PyResult<Option<usize>> {
-    match threads {
-        None => Ok(None),
-        Some(t) if t >= 1 => Ok(Some(t as usize)),
-        Some(t) => Err(value_error(format!("threads must be >= 1, got {t}"))),
-    }
+    threads
+        .map(|t| pool::check_threads(t).map_err(value_error))
+        .transpose()
 }
 
 /// Exact inner-product top-k: (scores [Q, k] descending, indices [Q, k]; ties: lower index).
 ///
 /// `threads` limits the worker threads of this call (default: `set_num_threads`, else
-/// rayon's pool, which honours RAYON_NUM_THREADS).
+/// rayon's default, which honours RAYON_NUM_THREADS).
 ///
 /// >>> scores, idx = topk(queries, keys, k=10)
 #[pyfunction]
@@ -240,9 +257,61 @@ fn py_topk<'py>(
     })
 }
 
+/// Top-k columns of each row of a score matrix, in `topk`'s order (ties: lower column).
+///
+/// >>> scores, columns = topk_scores(np.array([[0.5, 2.0, 2.0]], np.float32), k=2)
+#[pyfunction]
+#[pyo3(name = "topk_scores", signature = (scores, k, threads = None))]
+fn py_topk_scores<'py>(
+    py: Python<'py>,
+    scores: &Bound<'py, PyAny>,
+    k: i64,
+    threads: Option<i64>,
+) -> PyResult<TopkResult<'py>> {
+    let sa = borrow_array::<f32>(scores, "scores", "float32", 2)?;
+    let (q, n) = (sa.shape()[0], sa.shape()[1]);
+    let threads = check_threads(threads)?;
+    let view = sa.as_array();
+    let data = contiguous(&view);
+    let out = py.detach(|| {
+        topk::validate_rows(&data, n, k)?;
+        topk::topk_rows(&data, q, n, k as usize, threads)
+    });
+    Ok(topk_arrays(py, q, k as usize, out.map_err(topk_error)?))
+}
+
+/// Threads for `topk` calls that name none (like `faiss.omp_set_num_threads`); 0 restores the
+/// default (all cores, or RAYON_NUM_THREADS).
+///
+/// >>> set_num_threads(1)
+#[pyfunction]
+#[pyo3(name = "set_num_threads")]
+fn py_set_num_threads(threads: i64) -> PyResult<()> {
+    let threads = match threads {
+        0 => 0,
+        t => pool::check_threads(t).map_err(|_| {
+            value_error(format!(
+                "threads must be >= 0 (0: the default) and <= {}, got {t}",
+                pool::max_threads()
+            ))
+        })?,
+    };
+    pool::set_default_threads(threads);
+    Ok(())
+}
+
+/// Threads a `topk` call that names none will use.
+///
+/// >>> get_num_threads()
+#[pyfunction]
+#[pyo3(name = "get_num_threads")]
+fn py_get_num_threads() -> PyResult<usize> {
+    pool::effective_threads(None).map_err(PyRuntimeError::new_err)
+}
+
 /// `topk` over float16 keys (half the bytes to read; scores accumulate in float32).
 ///
-/// >>> scores, idx = topk_f16(queries, keys.astype(np.float16), k=10)
+/// >>> scores, idx = bench.topk_f16(queries, keys.astype(np.float16), k=10)
 #[pyfunction]
 #[pyo3(name = "topk_f16", signature = (queries, keys, k, threads = None))]
 fn py_topk_f16<'py>(
@@ -257,33 +326,10 @@ fn py_topk_f16<'py>(
     })
 }
 
-/// Threads for `topk` calls that name none (like `faiss.omp_set_num_threads`); 0 restores the
-/// default (rayon's pool: all cores, or RAYON_NUM_THREADS).
-///
-/// >>> set_num_threads(1)
-#[pyfunction]
-#[pyo3(name = "set_num_threads")]
-fn py_set_num_threads(threads: i64) -> PyResult<()> {
-    if threads < 0 {
-        return Err(value_error(format!("threads must be >= 0, got {threads}")));
-    }
-    topk::set_default_threads(threads as usize);
-    Ok(())
-}
-
-/// Threads a `topk` call that names none will use.
-///
-/// >>> get_num_threads()
-#[pyfunction]
-#[pyo3(name = "get_num_threads")]
-fn py_get_num_threads() -> usize {
-    topk::effective_threads(None)
-}
-
 /// Sum of a float32 array read once, front to back, split across `threads`: the
 /// streaming-read bandwidth probe of benches/bench_topk.py.
 ///
-/// >>> stream_sum(np.ones(1 << 20, np.float32), threads=1)
+/// >>> bench.stream_sum(np.ones(1 << 20, np.float32), threads=1)
 #[pyfunction]
 #[pyo3(name = "stream_sum", signature = (x, threads = None))]
 fn py_stream_sum<'py>(
@@ -296,20 +342,9 @@ fn py_stream_sum<'py>(
     let data = view
         .as_slice()
         .ok_or_else(|| value_error("x must be C-contiguous (the probe must not copy)"))?;
-    let threads = topk::effective_threads(check_threads(threads)?);
-    Ok(py.detach(|| {
-        let part = data.len().div_ceil(threads.max(1)).max(1);
-        std::thread::scope(|s| {
-            let handles: Vec<_> = data
-                .chunks(part)
-                .map(|c| s.spawn(move || kernels::sum(c)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("probe thread"))
-                .sum()
-        })
-    }))
+    let threads = check_threads(threads)?;
+    py.detach(|| bench::stream_sum(data, threads))
+        .map_err(PyRuntimeError::new_err)
 }
 
 #[pymodule]
@@ -317,9 +352,12 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_rank_aware_reward, m)?)?;
     m.add_function(wrap_pyfunction!(py_bucket_batches, m)?)?;
     m.add_function(wrap_pyfunction!(py_topk, m)?)?;
-    m.add_function(wrap_pyfunction!(py_topk_f16, m)?)?;
+    m.add_function(wrap_pyfunction!(py_topk_scores, m)?)?;
     m.add_function(wrap_pyfunction!(py_set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(py_get_num_threads, m)?)?;
-    m.add_function(wrap_pyfunction!(py_stream_sum, m)?)?;
+    let bench = PyModule::new(m.py(), "bench")?;
+    bench.add_function(wrap_pyfunction!(py_topk_f16, &bench)?)?;
+    bench.add_function(wrap_pyfunction!(py_stream_sum, &bench)?)?;
+    m.add_submodule(&bench)?;
     Ok(())
 }

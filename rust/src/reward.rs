@@ -1,4 +1,4 @@
-//! Rank-aware reward (DESIGN.md §3).
+//! Rank-aware reward (docs/method.md, Rewards).
 //!
 //! For one (query, candidate) pair with target log-likelihood `t` and the log-likelihoods
 //! `s_1..s_N` of N sampled outputs (NaN = missing sample, so N varies per pair):

@@ -14,12 +14,31 @@
 //! are merged) or the queries (larger Q: no merge). Keys are checked for NaN/inf through the
 //! scores of the same pass. Order: scores descending, ties broken by the lower key index.
 
-use crate::kernels;
+use crate::{kernels, pool};
 use rayon::prelude::*;
 use std::cmp::Ordering;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
-use std::sync::{Arc, Mutex, OnceLock};
+
+/// Why a top-k call failed: bad input (a `ValueError` in Python) or no worker threads (a
+/// `RuntimeError`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Error {
+    Input(String),
+    Threads(String),
+}
+
+impl Error {
+    pub fn message(&self) -> &str {
+        match self {
+            Error::Input(m) | Error::Threads(m) => m,
+        }
+    }
+}
+
+impl From<String> for Error {
+    fn from(message: String) -> Self {
+        Error::Input(message)
+    }
+}
 
 /// Keys per block of the row kernels (and the key-split granularity): 256 keys × 768 dims is
 /// 768 KiB, which stays in a 1 MiB L2 while every query tile passes over it.
@@ -250,44 +269,6 @@ fn feed(coll: &mut Collector, scores: &[f32], first: usize) {
     }
 }
 
-static DEFAULT_THREADS: AtomicUsize = AtomicUsize::new(0);
-
-/// Threads used when a call names none; 0 restores rayon's global pool (RAYON_NUM_THREADS).
-pub fn set_default_threads(threads: usize) {
-    DEFAULT_THREADS.store(threads, AtomicOrdering::Relaxed);
-}
-
-/// The threads a call that names none runs on.
-pub fn default_threads() -> Option<usize> {
-    match DEFAULT_THREADS.load(AtomicOrdering::Relaxed) {
-        0 => None,
-        t => Some(t),
-    }
-}
-
-/// Threads a call would use.
-pub fn effective_threads(threads: Option<usize>) -> usize {
-    threads
-        .or_else(default_threads)
-        .unwrap_or_else(rayon::current_num_threads)
-}
-
-fn pool(threads: usize) -> Arc<rayon::ThreadPool> {
-    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
-    let pools = POOLS.get_or_init(|| Mutex::new(HashMap::new()));
-    let mut map = pools.lock().unwrap_or_else(|e| e.into_inner());
-    map.entry(threads)
-        .or_insert_with(|| {
-            Arc::new(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .expect("building a rayon thread pool"),
-            )
-        })
-        .clone()
-}
-
 /// Check the shapes, `k` and the queries; `Err` names the argument and what was expected.
 ///
 /// Keys are checked for NaN/inf during the scan itself (see [`scan`]).
@@ -328,8 +309,8 @@ const SPLIT_QUERIES_ABOVE: usize = 256;
 /// Exact top-k of `queries` [q, d] against `keys` [n, d] (row-major; shapes, `k` and queries
 /// validated by [`validate`]).
 ///
-/// Returns (scores [q·k], indices [q·k]); `threads` = None uses rayon's global pool.
-/// `Err` when a key is not finite or a score overflows.
+/// Returns (scores [q·k], indices [q·k]); `threads` = None uses the default pool
+/// ([`pool::get`]). `Err` when a key is not finite, a score overflows or no pool can start.
 pub fn topk(
     queries: &[f32],
     keys: Keys,
@@ -338,12 +319,60 @@ pub fn topk(
     d: usize,
     k: usize,
     threads: Option<usize>,
-) -> Result<(Vec<f32>, Vec<i64>), String> {
-    let run = || topk_in_pool(queries, keys, q, n, d, k);
-    match threads.or_else(default_threads) {
-        Some(t) => pool(t).install(run),
-        None => run(),
+) -> Result<(Vec<f32>, Vec<i64>), Error> {
+    let pool = pool::get(threads).map_err(Error::Threads)?;
+    Ok(pool.install(|| topk_in_pool(queries, keys, q, n, d, k))?)
+}
+
+/// Check a [q, n] score matrix for [`topk_rows`]; `Err` names the argument.
+pub fn validate_rows(scores: &[f32], n: usize, k: i64) -> Result<(), String> {
+    if k < 1 {
+        return Err(format!("k must be >= 1, got {k}"));
     }
+    if k as u64 > n as u64 {
+        return Err(format!("k must be <= the number of columns ({n}), got {k}"));
+    }
+    if let Some(pos) = scores.iter().position(|x| !x.is_finite()) {
+        return Err(format!(
+            "scores must be finite, found {} in row {} column {}",
+            scores[pos],
+            pos / n,
+            pos % n
+        ));
+    }
+    Ok(())
+}
+
+/// The `k` best columns of each row of a row-major [q, n] score matrix (validated by
+/// [`validate_rows`]), with the same order as [`topk`]: scores descending, ties to the lower
+/// column. Returns (scores [q·k], columns [q·k]).
+pub fn topk_rows(
+    scores: &[f32],
+    q: usize,
+    n: usize,
+    k: usize,
+    threads: Option<usize>,
+) -> Result<(Vec<f32>, Vec<i64>), Error> {
+    let pool = pool::get(threads).map_err(Error::Threads)?;
+    let rows: Vec<Vec<(f32, usize)>> = pool.install(|| {
+        (0..q)
+            .into_par_iter()
+            .map(|r| {
+                let mut coll = Collector::new(k);
+                feed(&mut coll, &scores[r * n..(r + 1) * n], 0);
+                coll.into_sorted()
+            })
+            .collect()
+    });
+    let mut out_scores = Vec::with_capacity(q * k);
+    let mut out_columns = Vec::with_capacity(q * k);
+    for row in rows {
+        for (s, c) in row {
+            out_scores.push(s);
+            out_columns.push(c as i64);
+        }
+    }
+    Ok((out_scores, out_columns))
 }
 
 /// Queries from which the panel kernels (queries along the vector lanes) take over from the
@@ -720,11 +749,11 @@ mod tests {
                 keys[(n - 7) * d + 3] = bad;
                 let e = topk(&queries, Keys::F32(&keys), q, n, d, 1, Some(2)).unwrap_err();
                 assert!(
-                    e.contains(&format!(
+                    matches!(&e, Error::Input(m) if m.contains(&format!(
                         "keys must be finite, found {bad} in row {}",
                         n - 7
-                    )),
-                    "{e}"
+                    ))),
+                    "{e:?}"
                 );
             }
         }
@@ -736,6 +765,58 @@ mod tests {
         let queries = vec![1e30f32; d];
         let keys = vec![1e30f32; 10 * d];
         let e = topk(&queries, Keys::F32(&keys), 1, 10, d, 1, None).unwrap_err();
-        assert!(e.contains("overflows float32"), "{e}");
+        assert!(e.message().contains("overflows float32"), "{e:?}");
+    }
+
+    #[test]
+    fn rows_match_a_sort_with_ties_to_the_lower_column() {
+        let mut rng = Rng::new(7, 3);
+        for &(q, n, k) in &[
+            (1usize, 1usize, 1usize),
+            (3, 40, 40),
+            (5, 1000, 17),
+            (2, 33, 1),
+        ] {
+            // small integers: many exact ties
+            let scores = random(&mut rng, q * n, true);
+            let (got_s, got_c) = topk_rows(&scores, q, n, k, Some(2)).unwrap();
+            for r in 0..q {
+                let mut all: Vec<(f32, usize)> = scores[r * n..(r + 1) * n]
+                    .iter()
+                    .copied()
+                    .zip(0..n)
+                    .collect();
+                all.sort_by(better);
+                for j in 0..k {
+                    assert_eq!((got_s[r * k + j], got_c[r * k + j] as usize), all[j]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_equal_topk_against_a_one_dimensional_identity() {
+        // scores s against keys s[:, None] with query [1.0]: the same ranking by construction
+        let mut rng = Rng::new(11, 0);
+        let n = 3000;
+        let scores = random(&mut rng, n, false);
+        let rows = topk_rows(&scores, 1, n, 25, None).unwrap();
+        let via_topk = topk(&[1.0], Keys::F32(&scores), 1, n, 1, 25, None).unwrap();
+        assert_eq!(rows, via_topk);
+    }
+
+    #[test]
+    fn row_validation_names_the_argument() {
+        assert!(validate_rows(&[0.0; 4], 2, 0)
+            .unwrap_err()
+            .contains("k must be >= 1"));
+        assert!(validate_rows(&[0.0; 4], 2, 3)
+            .unwrap_err()
+            .contains("k must be <="));
+        let e = validate_rows(&[0.0, 1.0, f32::NAN, 0.0], 2, 1).unwrap_err();
+        assert!(
+            e.contains("scores must be finite, found NaN in row 1 column 0"),
+            "{e}"
+        );
     }
 }
