@@ -677,7 +677,12 @@ mod tests {
             let wide: Vec<f32> = half.iter().map(|x| x.to_f32()).collect();
             let a = topk(&queries, Keys::F16(&half), q, n, d, 7, None).unwrap();
             let b = topk(&queries, Keys::F32(&wide), q, n, d, 7, None).unwrap();
-            assert_eq!(a, b);
+            // Same keys and ids; scores agree to float32 rounding only, since the f16 kernels
+            // sum in another order than the f32 ones on some instruction sets (AVX2).
+            assert_eq!(a.1, b.1);
+            for (x, y) in a.0.iter().zip(&b.0) {
+                assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{x} vs {y}");
+            }
         }
     }
 
