@@ -166,9 +166,20 @@ class _Backend(Protocol):
 
     def save(self, folder: Path) -> None: ...
 
+    @classmethod
+    def create(cls, index: "Index") -> "_Backend": ...
+
+    @classmethod
+    def load(cls, folder: Path, dim: int, count: int, settings: Dict[str, Any]
+             ) -> "_Backend": ...
+
 
 class _ExactBackend:
     """Every vector in one float32 buffer, scanned in full by the native top-k."""
+
+    @classmethod
+    def create(cls, index: "Index") -> "_ExactBackend":
+        return cls(index.dim)
 
     def __init__(self, dim: int, data: Optional[npt.NDArray[np.float32]] = None) -> None:
         self.dim = dim
@@ -216,6 +227,10 @@ class _ExactBackend:
 
 class _HnswBackend:
     """An hnswlib HNSW graph in its inner-product space (approximate search)."""
+
+    @classmethod
+    def create(cls, index: "Index") -> "_HnswBackend":
+        return cls(index.dim, index.hnsw_m, index.ef_construction, index.ef_search, index.seed)
 
     def __init__(self, dim: int, hnsw_m: int, ef_construction: int, ef_search: int, seed: int,
                  graph: Any = None) -> None:
@@ -286,7 +301,8 @@ class _HnswBackend:
                    settings["ef_search"], settings["seed"], graph=graph)
 
 
-_BACKENDS = {"exact": _ExactBackend, "hnsw": _HnswBackend}
+#: Index backends by name: one class each (create / add / search / save / load).
+_BACKENDS: Dict[str, Any] = {"exact": _ExactBackend, "hnsw": _HnswBackend}
 
 
 def _is_saved_index(folder: Path) -> bool:
@@ -342,7 +358,7 @@ class Index:
         if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
         if backend not in _BACKENDS:
-            raise ValueError(f"backend must be 'exact' or 'hnsw', got {backend!r}")
+            raise ValueError(f"backend must be one of {sorted(_BACKENDS)}, got {backend!r}")
         if metric not in ("cosine", "ip"):
             raise ValueError(f"metric must be 'cosine' or 'ip', got {metric!r}")
         for name, value in (("hnsw_m", hnsw_m), ("ef_construction", ef_construction),
@@ -360,10 +376,7 @@ class Index:
         self._ids: List[Id] = []
         # id -> row, built on first need: a loaded index only searches until it is added to
         self._row_of: Optional[Dict[Id, int]] = {}
-        self._store: _Backend = (
-            _ExactBackend(self.dim) if backend == "exact"
-            else _HnswBackend(self.dim, self.hnsw_m, self.ef_construction, self.ef_search,
-                              self.seed))
+        self._store: _Backend = _BACKENDS[backend].create(self)
 
     def __len__(self) -> int:
         return len(self._ids)
