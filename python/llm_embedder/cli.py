@@ -222,15 +222,14 @@ def _model_source(model: Optional[str]) -> str:
 
 
 def _run_index(args: argparse.Namespace) -> int:
-    from .io import atomic_write_json, check_replaceable
+    from .index import is_saved_index, write_source
+    from .io import check_replaceable
 
     # Before encoding (minutes on a large corpus): never replace a folder of the user's files.
-    check_replaceable(args.out, lambda p: (p / "index.json").is_file(), "index", args.overwrite)
+    check_replaceable(args.out, is_saved_index, "index", args.overwrite)
     index, _, _ = _build_index(args.corpus, args.task, args.model, args.backend, args.device)
     index.save(args.out, overwrite=args.overwrite)
-    atomic_write_json(Path(args.out) / "source.json", {
-        "task": args.task, "model": _model_source(args.model),
-        "corpus": str(Path(args.corpus).resolve())})
+    write_source(args.out, args.task, _model_source(args.model), args.corpus)
     print(f"indexed {len(index)} entries of {args.corpus} into {args.out}")
     return 0
 
@@ -270,17 +269,14 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
 def _index_source(folder: str, model: Optional[str]) -> Dict[str, Any]:
     """The index's ``source.json`` with ``model`` (when given) winning; a ValueError when no
     model is known, since another model's vectors would give silently wrong results."""
-    import json
+    from .index import SOURCE_FILE, read_source
 
-    source = Path(folder) / "source.json"
-    meta: Dict[str, Any] = {}
-    if source.is_file():
-        try:
-            meta = json.loads(source.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{source}: not valid JSON ({exc}); pass --model and --corpus "
-                             f"instead") from None
-    elif model is None:
+    source = Path(folder) / SOURCE_FILE
+    try:
+        meta = read_source(folder)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; pass --model and --corpus instead") from None
+    if not source.is_file() and model is None:
         raise ValueError(f"{source} not found, so the model that encoded {folder} is unknown: "
                          f"pass --model FOLDER (the model that built the index)")
     if model is not None:

@@ -30,7 +30,7 @@ from typing import (Any, Dict, List, Literal, NamedTuple, Optional, Protocol, Se
 import numpy as np
 import numpy.typing as npt
 
-from .io import atomic_directory, check_replaceable, clean_stale_temporaries
+from .io import atomic_directory, atomic_write_json, check_replaceable, clean_stale_temporaries
 
 Id = Union[str, int]
 PathLike = Union[str, "os.PathLike[str]"]
@@ -305,8 +305,9 @@ class _HnswBackend:
 _BACKENDS: Dict[str, Any] = {"exact": _ExactBackend, "hnsw": _HnswBackend}
 
 
-def _is_saved_index(folder: Path) -> bool:
+def is_saved_index(folder: PathLike) -> bool:
     """Whether ``folder`` holds an index of ours (its ``index.json`` names our format)."""
+    folder = Path(folder)
     try:
         meta = json.loads((folder / _META_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -489,7 +490,7 @@ class Index:
         Example:
             >>> index.save("runs/qa-index"); Index.load("runs/qa-index")
         """
-        check_replaceable(path, _is_saved_index, "index", overwrite)
+        check_replaceable(path, is_saved_index, "index", overwrite)
         with atomic_directory(path) as tmp:
             with open(tmp / _IDS_FILE, "w", encoding="utf-8") as handle:
                 json.dump(self._ids, handle, ensure_ascii=False)
@@ -558,3 +559,36 @@ def _raise_on_duplicate(ids: List[Id], where: str = "") -> None:
         if value in seen:
             raise ValueError(f"{where}ids[{i}]={value!r} repeats ids[{seen[value]}]")
         seen[value] = i
+
+
+SOURCE_FILE = "source.json"
+
+
+def write_source(folder: PathLike, task: str, model: str, corpus: PathLike) -> None:
+    """Record beside a saved index which task, model and corpus built it (atomically, with
+    absolute paths), so a later search encodes queries with the same model.
+
+    Example:
+        >>> write_source("runs/index", "qa", "/abs/runs/model", "corpus.jsonl")
+    """
+    atomic_write_json(Path(folder) / SOURCE_FILE, {
+        "task": task, "model": model, "corpus": str(Path(corpus).resolve())})
+
+
+def read_source(folder: PathLike) -> Dict[str, Any]:
+    """The ``source.json`` of a saved index (task, model, corpus), or {} where there is none;
+    a ValueError naming the file when it is not a JSON object.
+
+    Example:
+        >>> read_source("runs/index").get("model")
+    """
+    source = Path(folder) / SOURCE_FILE
+    if not source.is_file():
+        return {}
+    try:
+        meta = json.loads(source.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{source}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{source}: expected a JSON object with task, model and corpus")
+    return meta

@@ -450,7 +450,7 @@ def _key_vectors(out: Path, model: Any, task: str, passages: Sequence[Passage]) 
 def _build_index(out: Path, cfg: QuickstartConfig, plan: Mapping[str, Mapping[str, Any]],
                  device: Optional[str]) -> None:
     from .embedder import Embedder
-    from .index import Index
+    from .index import Index, write_source
 
     task = cfg.index_task
     model = Embedder.from_pretrained(out / "model", device=device)
@@ -461,9 +461,7 @@ def _build_index(out: Path, cfg: QuickstartConfig, plan: Mapping[str, Mapping[st
     index.save(out / "index")
     # Written last (atomically): the stage counts as done only once source.json is there, so
     # a kill between the two never leaves an index whose model nobody knows.
-    atomic_write_json(out / "index" / "source.json", {
-        "task": task, "model": str((out / "model").resolve()),
-        "corpus": str(Path(plan[task]["corpus"]).resolve())})
+    write_source(out / "index", task, str((out / "model").resolve()), plan[task]["corpus"])
     _say(f"   indexed {len(index)} {task} passages -> {out / 'index'}")
 
 

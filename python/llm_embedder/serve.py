@@ -35,7 +35,6 @@ import argparse
 import asyncio
 import base64
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -347,21 +346,6 @@ def _import_serving() -> Dict[str, Any]:
     return {"fastapi": fastapi, "prometheus_client": prometheus_client, "pydantic": pydantic}
 
 
-def _read_source(index_dir: Path) -> Dict[str, Any]:
-    """``source.json`` beside a saved index (task, model, corpus; written by the CLI's
-    ``index`` command and the quickstart), or {} where absent."""
-    source = index_dir / "source.json"
-    if not source.is_file():
-        return {}
-    try:
-        meta = json.loads(source.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{source}: not valid JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{source}: expected a JSON object with task, model and corpus")
-    return meta
-
-
 def _corpus_texts(index_dir: Path, corpus: Optional[str]) -> Dict[Any, str]:
     """id -> text of the corpus an index was built from, {} when it is not known or gone."""
     if not corpus:
@@ -422,7 +406,9 @@ def create_app(
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
 
-    source = _read_source(Path(index_dir)) if index_dir is not None else {}
+    from .index import read_source
+
+    source = read_source(index_dir) if index_dir is not None else {}
     if embedder is None:
         from .embedder import Embedder
 
