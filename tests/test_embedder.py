@@ -164,7 +164,8 @@ def test_save_pretrained_writes_a_complete_folder(saved_minilm):
     names = {p.relative_to(saved_minilm).as_posix() for p in saved_minilm.rglob("*")}
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "modules.json", "sentence_bert_config.json", "1_Pooling/config.json",
-                 "2_Normalize", "config_sentence_transformers.json", "llm_embedder.json"):
+                 "2_Normalize", "config_sentence_transformers.json", "llm_embedder.json",
+                 "README.md"):
         assert name in names, name
     meta = json.loads((saved_minilm / "llm_embedder.json").read_text())
     assert meta["pooling"] == "mean" and meta["dim"] == 384

@@ -5,8 +5,11 @@ normalisation. Every text gets its task's instruction (docs/method.md) prepended
 keys of each task land in the space the model was trained for. Inference sorts texts into
 length buckets (native ``bucket_batches``) to cut padding and returns vectors in input order.
 A saved model is a plain Hugging Face + sentence-transformers folder: ``transformers.AutoModel``
-and ``sentence_transformers.SentenceTransformer`` load it and give the same vectors (with the
-instruction prepended by the caller).
+and ``sentence_transformers.SentenceTransformer`` load it and give the same vectors. The
+instructions travel as sentence-transformers prompts (:func:`task_prompts`), so
+``SentenceTransformer(folder).encode_query(...)`` / ``encode_document(...)``, a
+text-embeddings-inference ``prompt_name`` and MTEB prepend them by themselves; the folder's
+``README.md`` is a model card (:class:`ModelCard`).
 
 Example:
     >>> from llm_embedder import Embedder
@@ -22,8 +25,10 @@ import importlib.util
 import json
 import logging
 import os
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Literal, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -31,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .io import atomic_directory, atomic_write_json, check_replaceable
-from .tasks import TASKS, Side, get_task
+from .config import Config, check
+from .io import atomic_directory, atomic_write_json, atomic_write_text, check_replaceable
+from .tasks import TASKS, Side, Task, get_task
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +60,53 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.mode
 _ST_TRANSFORMER = "sentence_transformers.models.Transformer"
 _ST_POOLING = "sentence_transformers.models.Pooling"
 _ST_NORMALIZE = "sentence_transformers.models.Normalize"
+#: Prompt names of the qa task's two sides: sentence-transformers' ``encode_query`` /
+#: ``encode_document`` and MTEB pick the prompts called ``query`` and ``document`` by themselves.
+QUERY_PROMPT, DOCUMENT_PROMPT = "query", "document"
+#: The task whose instructions the generic ``query`` / ``document`` prompts carry.
+GENERIC_PROMPT_TASK = "qa"
+
+
+def task_prompts(tasks: Optional[Mapping[str, Task]] = None) -> Dict[str, str]:
+    """The instructions as sentence-transformers prompts, name -> text, in the order saved.
+
+    ``query`` / ``document``: the qa task's query / key instruction (what ``encode_query`` and
+    ``encode_document`` of sentence-transformers use). Per task ``T`` and side:
+    ``T_query``, ``T_document`` (the key instruction, named as the other tools name that side)
+    and ``T_key`` (the same text under this package's name for the side). ``tasks`` defaults to
+    the registry, so tasks added with ``register_task`` get prompts too.
+
+    Example:
+        >>> task_prompts()["tool_query"]
+        'Transform this user request for fetching helpful tool descriptions: '
+    """
+    tasks = TASKS if tasks is None else tasks
+    prompts: Dict[str, str] = {}
+    generic = tasks.get(GENERIC_PROMPT_TASK)
+    if generic is not None:
+        prompts[QUERY_PROMPT] = generic.query_instruction
+        prompts[DOCUMENT_PROMPT] = generic.key_instruction
+    for name, task in tasks.items():
+        prompts[f"{name}_query"] = task.query_instruction
+        prompts[f"{name}_document"] = task.key_instruction
+        prompts[f"{name}_key"] = task.key_instruction
+    return prompts
+
+
+def prompt_text(prompt_name: str) -> str:
+    """The instruction a prompt name of :func:`task_prompts` stands for (current registry).
+
+    Raises ValueError listing the known names for any other name.
+
+    Example:
+        >>> prompt_text("document") == TASKS["qa"].key_instruction
+        True
+    """
+    prompts = task_prompts()
+    if prompt_name not in prompts:
+        raise ValueError(f"unknown prompt_name {prompt_name!r}; known prompt names: "
+                         f"{', '.join(prompts)}")
+    return prompts[prompt_name]
 
 
 # --------------------------------------------------------------------------------------------
@@ -458,10 +511,14 @@ class Embedder(nn.Module):
         side: Optional[Side] = "query",
         batch_size: int = 32,
         max_length: int = 256,
-        normalize: bool = True,
+        normalize: Optional[bool] = None,
         show_progress_bar: Optional[bool] = None,
         convert_to_numpy: bool = True,
         instruction: Optional[str] = None,
+        *,
+        prompt_name: Optional[str] = None,
+        normalize_embeddings: Optional[bool] = None,
+        convert_to_tensor: bool = False,
     ) -> Union[npt.NDArray[np.float32], torch.Tensor]:
         """Embed ``texts`` with the instruction of ``task``/``side`` prepended.
 
@@ -470,12 +527,20 @@ class Embedder(nn.Module):
             task, side: which instruction to prepend (docs/method.md); ``side=None`` prepends
                 none (plain sentence embeddings).
             instruction: an explicit prefix that replaces the task's instruction.
+            prompt_name: a prompt of the saved sentence-transformers config (``"query"``,
+                ``"document"``, ``"tool_query"``, ...; see :func:`task_prompts`); it replaces
+                ``task``/``side``. An unknown name is a ValueError listing the known ones.
             batch_size, max_length: texts per forward pass; tokens per text, instruction
                 included (longer texts are truncated; capped at :attr:`max_seq_length`).
-            normalize: L2-normalise (cosine = inner product).
+            normalize, normalize_embeddings: L2-normalise (cosine = inner product); the second
+                is sentence-transformers' name for the same switch. Default: normalised. (A
+                saved folder ends in a Normalize module, so sentence-transformers returns unit
+                vectors from it either way.)
             show_progress_bar: default: shown when logging is at INFO or DEBUG.
             convert_to_numpy: float32 numpy array [n, dim]; else a float32 tensor on
                 :attr:`device`.
+            convert_to_tensor: a float32 tensor on :attr:`device`, whatever
+                ``convert_to_numpy`` says (as in sentence-transformers).
 
         Texts are tokenized once, bucketed by token length (native ``bucket_batches``) so
         each batch pads little, and the vectors come back in input order.
@@ -483,10 +548,25 @@ class Embedder(nn.Module):
         Example:
             >>> model.encode(["who won?", "when?"], task="qa", side="query").shape
             (2, 384)
+            >>> model.encode(["who won?"], prompt_name="query", convert_to_tensor=True).shape
+            torch.Size([1, 384])
         """
         single = isinstance(texts, str)
         items = self._check_texts([texts] if single else texts)  # type: ignore[list-item]
-        prefix = self._prefix(task, side, instruction)
+        if prompt_name is not None:
+            if instruction is not None:
+                raise ValueError("pass prompt_name or instruction, not both: each one names "
+                                 "the prefix to prepend")
+            prefix = prompt_text(prompt_name)
+        else:
+            prefix = self._prefix(task, side, instruction)
+        if normalize is not None and normalize_embeddings is not None and (
+                bool(normalize) != bool(normalize_embeddings)):
+            raise ValueError(f"normalize={normalize!r} and normalize_embeddings="
+                             f"{normalize_embeddings!r} disagree; pass only one of them")
+        unit_length = next((flag for flag in (normalize_embeddings, normalize)
+                            if flag is not None), True)
+        convert_to_numpy = convert_to_numpy and not convert_to_tensor
         limit = self._limit(max_length)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -533,7 +613,7 @@ class Embedder(nn.Module):
                         mask[r, span] = 1
                     batch = {key: torch.from_numpy(a).to(device) for key, a in arrays.items()}
                     batch["attention_mask"] = torch.from_numpy(mask).to(device)
-                    out[torch.from_numpy(rows).to(device)] = self.embed(batch, normalize)
+                    out[torch.from_numpy(rows).to(device)] = self.embed(batch, bool(unit_length))
                     if progress is not None:
                         progress.update(len(rows))
         finally:
@@ -564,29 +644,36 @@ class Embedder(nn.Module):
 
     # ---- saving ---------------------------------------------------------------------------
 
-    def save_pretrained(self, path: PathLike, overwrite: bool = False) -> Path:
+    def save_pretrained(self, path: PathLike, overwrite: bool = False, *,
+                        card: Union[None, "ModelCard", Mapping[str, Any], PathLike] = None
+                        ) -> Path:
         """Write a folder that :meth:`from_pretrained`, ``transformers.AutoModel`` and
         ``sentence_transformers.SentenceTransformer`` all load, atomically.
 
         Contents: ``config.json``, ``model.safetensors``, tokenizer files, sentence-transformers
         ``modules.json`` + ``sentence_bert_config.json`` + ``1_Pooling/config.json`` +
-        ``2_Normalize`` + ``config_sentence_transformers.json`` (each task's instructions as
-        prompts named ``{task}_query`` / ``{task}_key``), and ``llm_embedder.json`` (pooling and
-        instructions). The folder is built under a temporary sibling name and swapped in, so an
-        interrupted save never leaves half a model. Returns the folder.
+        ``2_Normalize`` + ``config_sentence_transformers.json`` (the instructions as prompts,
+        see :func:`task_prompts`: ``query`` / ``document`` for the qa task, and
+        ``{task}_query`` / ``{task}_document`` / ``{task}_key`` for every registered task; no
+        default prompt), ``llm_embedder.json`` (pooling and instructions) and the model card
+        ``README.md`` (:class:`ModelCard`; ``card`` adds what the folder cannot know: the
+        published name, training data, evaluation results — a ModelCard, a dict of its fields
+        or a YAML/JSON file of them). The folder is built under a temporary sibling name and
+        swapped in, so an interrupted save never leaves half a model. Returns the folder.
 
         An existing folder is replaced only when it is empty or a saved model (ours or
         sentence-transformers'); any other non-empty folder raises
         :class:`~llm_embedder.io.FolderNotOursError` naming it, unless ``overwrite=True``.
 
         Example:
-            >>> model.save_pretrained("runs/model")
-            >>> SentenceTransformer("runs/model").encode(["Represent this query ...: who?"])
+            >>> model.save_pretrained("runs/model", card={"model_id": "you/my-embedder"})
+            >>> SentenceTransformer("runs/model").encode_query(["who wrote Hamlet?"])
         """
         import transformers
 
         from . import __version__
 
+        model_card = ModelCard.load(card if card is not None else ModelCard())
         check_replaceable(path, _is_saved_model, "model", overwrite)
         with atomic_directory(path) as tmp:
             self.model.save_pretrained(tmp)
@@ -610,12 +697,10 @@ class Embedder(nn.Module):
             (tmp / "2_Normalize").mkdir()
             instructions = {name: {"query": task.query_instruction, "key": task.key_instruction}
                             for name, task in TASKS.items()}
-            prompts = {f"{name}_{side}": text for name, sides in instructions.items()
-                       for side, text in sides.items()}
             atomic_write_json(tmp / "config_sentence_transformers.json", {
                 "__version__": {"llm_embedder": __version__, "transformers":
                                 transformers.__version__, "pytorch": torch.__version__},
-                "prompts": prompts,
+                "prompts": task_prompts(),
                 "default_prompt_name": None,
                 "similarity_fn_name": "cosine",
             })
@@ -628,4 +713,259 @@ class Embedder(nn.Module):
                 "max_seq_length": self.max_seq_length,
                 "instructions": instructions,
             })
+            atomic_write_text(tmp / CARD_NAME, model_card.render(
+                tmp, name=Path(os.path.abspath(path)).name))
         return Path(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Model card
+# --------------------------------------------------------------------------------------------
+
+CARD_NAME = "README.md"
+_CARD_TAGS = ["sentence-transformers", "sentence-similarity", "feature-extraction",
+              "llm-embedder", "retrieval"]
+# An absolute path (POSIX, home-relative or Windows) that does not continue a word or a URL:
+# "/tmp/run/qa.jsonl", "~/data/x", "C:\\runs\\model" - but not "https://host/a/b" or "and/or".
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/\\~-])(?:~|[A-Za-z]:)?[/\\](?:[^\s/\\|`'\"()<>]+[/\\])+"
+                            r"[^\s/\\|`'\"()<>]*")
+
+
+def _strip_paths(text: str) -> str:
+    """``text`` with every absolute path cut to its last component (the card is published)."""
+    def last(match: "re.Match[str]") -> str:
+        parts = [p for p in re.split(r"[/\\]", match.group(0)) if p and p != "~"
+                 and not p.endswith(":")]
+        return parts[-1] if parts else ""
+    return _ABSOLUTE_PATH.sub(last, text)
+
+
+def _literal(text: str) -> str:
+    """``text`` as a double-quoted Python string literal (JSON's escapes are Python's)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _code(text: str) -> str:
+    """A Markdown table cell holding ``text`` verbatim as code (trailing space kept)."""
+    return "`" + text.replace("|", "\\|") + "`"
+
+
+@dataclass
+class ModelCard(Config):
+    """What the model card (``README.md`` of a saved model) tells beyond what the folder knows.
+
+    Every field is optional: the card always has the front matter, the usage snippets and the
+    table of tasks and instructions; the training and evaluation sections appear when given.
+    Build it from keywords, a dict or a YAML/JSON file (``ModelCard.load("card.yaml")``); a
+    wrong key or type is a :class:`~llm_embedder.config.ConfigError` naming it. Absolute paths
+    in any text are cut to their last component, so the card never shows a machine's paths.
+
+    Fields: ``model_id`` — the name it is published under (a hub id such as
+    ``"you/llm-embedder-minilm"``), used as the title and in the snippets (default: the folder's
+    name); ``description`` — a paragraph under the title; ``base_model`` — hub id of the encoder
+    training started from; ``license``, ``language``, ``tags`` — front matter (tags are added to
+    the standard ones); ``training_data`` — one line per data set trained on; ``training`` —
+    settings worth reporting (LLM, steps, lr, ...), shown as a table; ``results`` — evaluation
+    results shaped as the ``results.json`` of ``llm-embedder eval`` / ``evaluate``
+    (``{task: {system: {metric: value}}}``, optional ``average``), shown as its tables.
+
+    Example:
+        >>> card = ModelCard(model_id="you/llm-embedder-minilm", base_model=
+        ...                  "sentence-transformers/all-MiniLM-L6-v2",
+        ...                  training_data=["qa: 2,000 MS MARCO queries, SmolLM2 rewards"],
+        ...                  results=json.load(open("runs/eval/results.json")))
+        >>> model.save_pretrained("runs/model", card=card)
+    """
+
+    model_id: Optional[str] = None
+    description: Optional[str] = None
+    base_model: Optional[str] = None
+    license: Optional[str] = None
+    language: Union[None, str, List[str]] = None
+    tags: List[str] = field(default_factory=list)
+    training_data: List[str] = field(default_factory=list)
+    training: Dict[str, Any] = field(default_factory=dict)
+    results: Dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Element types of the lists and the shape of ``results``; ConfigError naming the key."""
+        for key in ("tags", "training_data") + (("language",) if isinstance(self.language, list)
+                                                 else ()):
+            for i, item in enumerate(getattr(self, key)):
+                check(isinstance(item, str), f"{key}[{i}]", f"expected a string, got {item!r}")
+        for key, value in self.training.items():
+            values = value if isinstance(value, (list, tuple)) else [value]
+            check(all(isinstance(v, (str, int, float, bool)) or v is None for v in values),
+                  f"training.{key}", f"expected a string, number or list of them, got {value!r}")
+        for task, systems in self.results.items():
+            check(isinstance(systems, Mapping), f"results.{task}",
+                  f"expected a mapping of system to metrics, got {systems!r}")
+            for system, metrics in systems.items():
+                where = f"results.{task}.{system}"
+                check(isinstance(metrics, Mapping), where,
+                      f"expected a mapping of metric to value, got {metrics!r}")
+                if task == "average":
+                    check("primary" in metrics, where, "the average row needs a 'primary' value")
+                for metric, value in metrics.items():
+                    check(isinstance(value, (int, float)) and not isinstance(value, bool),
+                          f"{where}.{metric}", f"expected a number, got {value!r}")
+
+    def render(self, folder: PathLike, name: Optional[str] = None) -> str:
+        """The card of the saved model in ``folder`` as Markdown with YAML front matter.
+
+        ``name``: the folder's public name when ``folder`` is a temporary one (default its own
+        name); ``model_id`` wins over both.
+
+        Example:
+            >>> print(ModelCard().render("runs/model"))
+        """
+        import yaml
+
+        root = Path(folder)
+        meta_path = root / CONFIG_NAME
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path} not found: {root} is not a model saved by "
+                                    f"Embedder.save_pretrained")
+        meta = _read_json(meta_path)
+        st_path = root / "config_sentence_transformers.json"
+        st_config = _read_json(st_path) if st_path.is_file() else {}
+        hf_config = _read_json(root / "config.json") if (root / "config.json").is_file() else {}
+        model_id = self.model_id or name or Path(os.path.abspath(root)).name
+        instructions: Dict[str, Dict[str, str]] = meta.get("instructions", {})
+        prompts: Dict[str, str] = st_config.get("prompts", {})
+
+        front: Dict[str, Any] = {"library_name": "sentence-transformers",
+                                 "pipeline_tag": "sentence-similarity",
+                                 "tags": list(dict.fromkeys(_CARD_TAGS + list(self.tags)))}
+        for key in ("base_model", "license", "language"):
+            if getattr(self, key):
+                front[key] = getattr(self, key)
+        architecture = (hf_config.get("architectures") or [hf_config.get("model_type", "")])[0]
+        pooling = meta.get("pooling", "cls")
+        parts = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(),
+                 "---", "", f"# {model_id}", ""]
+        if self.description:
+            parts += [self.description.strip(), ""]
+        parts += [f"A {meta.get('dim', '?')}-dimensional text embedding model "
+                  f"({architecture or 'transformer'} encoder, "
+                  f"{'mean' if pooling == 'mean' else 'CLS'} pooling, "
+                  f"L2-normalised, up to {meta.get('max_seq_length', '?')} tokens) for the "
+                  f"retrieval needs of an LLM, saved by "
+                  f"[llm-embedder](https://pypi.org/project/llm-embedder/). Each task has an "
+                  f"instruction for queries and one for documents (keys); prepend them to the "
+                  f"texts; the snippets below show how each library does it.", ""]
+        parts += self._usage(model_id, instructions, prompts, pooling,
+                             int(meta.get("max_seq_length", 256)))
+        parts += self._tasks(instructions, prompts)
+        parts += self._training()
+        parts += self._evaluation()
+        versions = dict(st_config.get("__version__", {}))
+        versions.setdefault("llm_embedder", meta.get("llm_embedder_version", "?"))
+        parts += ["## Framework versions", ""]
+        parts += [f"- {lib}: {version}" for lib, version in versions.items()]
+        return _strip_paths("\n".join(parts).rstrip() + "\n")
+
+    @staticmethod
+    def _usage(model_id: str, instructions: Mapping[str, Mapping[str, str]],
+               prompts: Mapping[str, str], pooling: str, max_length: int) -> List[str]:
+        hub = "/" in model_id and not _looks_local(model_id)
+        name = _literal(model_id)
+        other = next((t for t in instructions if t != GENERIC_PROMPT_TASK), GENERIC_PROMPT_TASK)
+        query = _literal("Who wrote Hamlet?")
+        document = _literal("Hamlet is a tragedy by William Shakespeare.")
+        parts = ["## Usage", "", "### llm-embedder", "", "```python",
+                 "from llm_embedder import Embedder", "",
+                 f"model = Embedder.from_pretrained("
+                 f"{_literal((HUB_PREFIX if hub else '') + model_id)})",
+                 f"queries = model.encode_queries([{query}], task=\"qa\")",
+                 f"documents = model.encode_keys([{document}], task=\"qa\")",
+                 "print(queries @ documents.T)", "```", ""]
+        if QUERY_PROMPT in prompts and DOCUMENT_PROMPT in prompts:
+            parts += ["### sentence-transformers", "",
+                      "`encode_query` / `encode_document` prepend the `query` / `document` "
+                      "prompts (the qa instructions); `prompt_name` picks any task and side.", "",
+                      "```python", "from sentence_transformers import SentenceTransformer", "",
+                      f"model = SentenceTransformer({name})",
+                      f"queries = model.encode_query([{query}])",
+                      f"documents = model.encode_document([{document}])",
+                      "print(model.similarity(queries, documents))",
+                      f"{other}_queries = model.encode([{query}], prompt_name=\"{other}_query\")",
+                      "```", ""]
+        if GENERIC_PROMPT_TASK in instructions:
+            text = _literal(instructions[GENERIC_PROMPT_TASK]["query"] + "Who wrote Hamlet?")
+            label, pooled = (("mean", "(hidden * mask).sum(1) / mask.sum(1)") if pooling == "mean"
+                             else ("CLS", "hidden[:, 0]"))
+            parts += ["### transformers", "",
+                      f"Prepend the instruction yourself, then {label}-pool and L2-normalise.",
+                      "", "```python", "import torch", "import torch.nn.functional as F",
+                      "from transformers import AutoModel, AutoTokenizer", "",
+                      f"tokenizer = AutoTokenizer.from_pretrained({name})",
+                      f"model = AutoModel.from_pretrained({name}).eval()",
+                      f"texts = [{text}]",
+                      f"batch = tokenizer(texts, padding=True, truncation=True, "
+                      f"max_length={max_length}, return_tensors=\"pt\")",
+                      "with torch.no_grad():",
+                      "    hidden = model(**batch).last_hidden_state",
+                      "mask = batch[\"attention_mask\"].unsqueeze(-1).float()",
+                      f"embeddings = F.normalize({pooled}, dim=-1)", "```", ""]
+        return parts
+
+    @staticmethod
+    def _tasks(instructions: Mapping[str, Mapping[str, str]],
+               prompts: Mapping[str, str]) -> List[str]:
+        parts = ["## Tasks and instructions", "",
+                 "The sentence-transformers prompt names: `query` and `document` carry the qa "
+                 "instructions; `<task>_query` the task's query instruction; `<task>_document` "
+                 "and its alias `<task>_key` the task's document (key) instruction.", "",
+                 "| task | query instruction | document (key) instruction | prompt names |",
+                 "|---|---|---|---|"]
+        for task, sides in instructions.items():
+            names = [n for n in (f"{task}_query", f"{task}_document", f"{task}_key")
+                     if n in prompts]
+            parts.append(f"| {task} | {_code(sides.get('query', ''))} | "
+                         f"{_code(sides.get('key', ''))} | "
+                         f"{', '.join(_code(n) for n in names) or '-'} |")
+        return parts + [""]
+
+    def _training(self) -> List[str]:
+        if not (self.training_data or self.training):
+            return []
+        parts = ["## Training", ""]
+        if self.training_data:
+            parts += ["### Training data", "", *[f"- {line}" for line in self.training_data],
+                      ""]
+        if self.training:
+            parts += ["| setting | value |", "|---|---|"]
+            for key, value in self.training.items():
+                shown = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+                parts.append(f"| {key} | {str(shown).replace('|', chr(92) + '|')} |")
+            parts.append("")
+        return parts
+
+    def _evaluation(self) -> List[str]:
+        if not self.results:
+            return []
+        from .evaluate import full_table, primary_table
+
+        parts = ["## Evaluation", "", "Primary metric per task (higher is better); the average "
+                 "is over tasks.", "", primary_table(self.results, markdown=True), ""]
+        for task in self.results:
+            if task != "average":
+                parts += [f"### {task}", "", full_table(self.results, task, markdown=True), ""]
+        return parts
+
+
+def write_model_card(folder: PathLike, card: Union[None, ModelCard, Mapping[str, Any],
+                                                   PathLike] = None) -> Path:
+    """(Re)write the model card ``README.md`` of a saved model, atomically; returns its path.
+
+    For a card that learns more after saving, e.g. the evaluation results. ``card``: a
+    :class:`ModelCard`, a dict of its fields or a YAML/JSON file of them.
+
+    Example:
+        >>> write_model_card("runs/model", {"results": json.load(open("runs/results.json"))})
+    """
+    target = Path(folder) / CARD_NAME
+    atomic_write_text(target, ModelCard.load(card if card is not None else ModelCard())
+                      .render(folder))
+    return target
