@@ -72,6 +72,8 @@ def test_register_custom_task_and_refuse_silent_overwrite():
     (dict(primary_metric="accuracy"), "primary_metric must be one of"),  # no downstream
     (dict(downstream="summary"), "downstream must be one of"),
     (dict(downstream_k=0), "downstream_k must be >= 1"),
+    (dict(prompt_template="{key} {title} {query}"), "has the placeholder {title}"),
+    (dict(empty_template="{query} {"), "empty_template is not a valid template"),
 ])
 def test_register_rejects_broken_tasks(kwargs, match):
     fields = dict(name="broken-test", query_instruction="q", key_instruction="k",

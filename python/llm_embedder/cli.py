@@ -1,4 +1,5 @@
-"""``llm-embedder`` command line: label | train | eval | index | search | merge | quickstart.
+"""``llm-embedder`` command line: label | train | eval | index | search | serve | merge | convert
+| quickstart.
 
 Every subcommand is a thin wrapper over the Python API. ``label``, ``train`` and ``eval`` build
 their :class:`~llm_embedder.config.Config` the same way: a ``--config`` YAML/JSON file (or, for
@@ -7,18 +8,24 @@ imports happen inside the handlers so ``llm-embedder --help`` answers instantly.
 
 Errors of ours (bad input, missing files, refused writes, a locked output) print one line
 ``llm-embedder: error: ...`` and exit with status 2; ``--debug`` adds the traceback.
+
+``--tasks-file FILE`` (before or after the subcommand) registers custom tasks for the run: it is
+read before the parser is built, so the tasks are valid ``--task`` choices everywhere.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
+import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Type, TypeVar
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
-from .tasks import TASKS
+from .tasks import TASKS, Task
 
 C = TypeVar("C")
 #: The package's folder: an error raised by code in it is one of ours.
@@ -35,6 +42,19 @@ def _knob(parser: argparse.ArgumentParser, flag: str, config_class: type, key: s
     if kwargs.get("action") not in ("store_true", "store_false"):  # a flag's help says it all
         help = f"{help} (default: {getattr(config_class, key)})"
     parser.add_argument(flag, dest=key, default=argparse.SUPPRESS, help=help, **kwargs)
+
+
+_TASKS_FILE_HELP = ("YAML or JSON file of custom tasks to register for this run (repeatable): "
+                    "tasks: {NAME: {query_instruction, key_instruction, prompt_template, "
+                    "empty_template, loss, ...}} (every Task field; 'base: qa' starts from a "
+                    "registered task)")
+
+
+def _add_tasks_file(parser: argparse.ArgumentParser) -> None:
+    """``--tasks-file``: read by :func:`main` before parsing (see :func:`_tasks_files`); declared
+    here for ``--help`` and for argparse to accept it."""
+    parser.add_argument("--tasks-file", dest="tasks_files", action="append", metavar="FILE",
+                        default=argparse.SUPPRESS, help=_TASKS_FILE_HELP)
 
 
 def _given(args: argparse.Namespace, config_class: type) -> Dict[str, Any]:
@@ -61,9 +81,21 @@ def build_config(config_class: Type[C], path: Optional[str], overrides: Mapping[
 def _add_label(sub: argparse._SubParsersAction) -> None:
     from .label import LabelConfig
 
-    p = sub.add_parser("label", help="score candidates of each query with the frozen LLM",
-                       description="Label queries with likelihood and rank-aware rewards from a "
-                                   "frozen LLM (docs/method.md). Resumable: re-run to continue.")
+    p = sub.add_parser(
+        "label", help="score candidates of each query with the frozen LLM",
+        description="Label queries with likelihood and rank-aware rewards from a frozen LLM "
+                    "(docs/method.md). Resumable: re-run to continue. Under torchrun (or any "
+                    "launcher setting RANK and WORLD_SIZE > 1) without --shard/--num-shards, "
+                    "rank r labels shard r into OUT.rank{r}-of-{W} (on cuda:LOCAL_RANK when "
+                    "--device is unset or 'cuda' and there is a GPU), marks it done in "
+                    "OUT.rank{r}-of-{W}.done, and the last rank to finish merges the shards "
+                    "into OUT, equal to a one-process run. A killed run resumes when started "
+                    "again; shard files stay beside OUT (a re-run skips their queries). Ranks "
+                    "on several machines need OUT on a shared filesystem (or copy the shards "
+                    "and run `llm-embedder merge`).",
+        epilog="example: torchrun --nproc_per_node 4 -m llm_embedder.cli label --task qa "
+               "--queries q.jsonl --corpus c.jsonl --out qa.labels.jsonl")
+    _add_tasks_file(p)
     p.add_argument("--task", required=True, choices=sorted(TASKS))
     p.add_argument("--queries", required=True, help="queries JSONL (id, text, answers, ...)")
     p.add_argument("--corpus", required=True, help="corpus JSONL (id, text, ...)")
@@ -96,15 +128,151 @@ def _add_label(sub: argparse._SubParsersAction) -> None:
 def _run_label(args: argparse.Namespace) -> int:
     from .label import LabelConfig, label
 
-    config = build_config(LabelConfig, args.config, _given(args, LabelConfig))
+    given = _given(args, LabelConfig)
+    config = build_config(LabelConfig, args.config, given)
+    explicit = "shard" in given or "num_shards" in given or config.num_shards != 1
+    world = None if explicit else _launcher_world()
+    if world is not None:
+        config = dataclasses.replace(config, device=_rank_device(config.device))
     embedder = None
     if config.negatives in ("embedder", "both"):
         from .embedder import Embedder
 
         embedder = Embedder.from_pretrained(args.embedder, device=config.device)
-    label(args.task, args.queries, args.corpus, args.out, llm=args.llm, embedder=embedder,
-          config=config)
+    if world is None:
+        label(args.task, args.queries, args.corpus, args.out, llm=args.llm, embedder=embedder,
+              config=config)
+    else:
+        _label_as_rank(args, config, embedder, *world)
     return 0
+
+
+# ----------------------------------------------------------------------------- label, by rank
+
+
+def _env_int(name: str) -> Optional[int]:
+    value = os.environ.get(name)
+    if value is None or not value.strip():
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer (set by "
+                         f"torchrun or your launcher)") from None
+
+
+def _launcher_world() -> Optional[Tuple[int, int]]:
+    """``(rank, world_size)`` from a launcher's RANK / WORLD_SIZE when there is more than one
+    process; None otherwise."""
+    world = _env_int("WORLD_SIZE")
+    if world is None or world <= 1:
+        return None
+    rank = _env_int("RANK")
+    if rank is None or not 0 <= rank < world:
+        raise ValueError(f"WORLD_SIZE={world} needs RANK in 0..{world - 1}, got "
+                         f"{os.environ.get('RANK')!r}")
+    return rank, world
+
+
+def _rank_device(device: Any) -> Any:
+    """``cuda:LOCAL_RANK`` for an unset or plain ``cuda`` device when there is a GPU, so ranks
+    on one machine use one GPU each; any other device as given."""
+    local = _env_int("LOCAL_RANK")
+    if local is None or device not in (None, "cuda"):
+        return device
+    import torch
+
+    return f"cuda:{local}" if torch.cuda.is_available() else device
+
+
+def rank_shard_path(out: str, rank: int, world: int) -> Path:
+    """Where rank ``rank`` of ``world`` writes its shard of ``label --out out``.
+
+    Example:
+        >>> rank_shard_path("qa.labels.jsonl", 1, 4)
+        PosixPath('qa.labels.jsonl.rank1-of-4')
+    """
+    return Path(f"{out}.rank{rank}-of-{world}")
+
+
+def _done_path(shard: Path) -> Path:
+    return shard.with_name(shard.name + ".done")
+
+
+def _assignments(task: str, queries_path: str, limit: Optional[int], world: int) -> List[str]:
+    """A digest of each rank's queries (as label splits them): a completion marker counts only
+    for the inputs it was written for."""
+    selected = _selected_ids(queries_path, limit)
+    return [hashlib.sha256("\n".join([task, *selected[r::world]]).encode()).hexdigest()
+            for r in range(world)]
+
+
+def _selected_ids(queries_path: str, limit: Optional[int]) -> List[str]:
+    """The query ids ``label`` works on, in file order (the merge restores this order)."""
+    from .data import load_queries
+
+    ids = [q.id for q in load_queries(queries_path)]
+    return ids[:limit] if limit is not None else ids
+
+
+def _check_merge_target(out: Path, task: str) -> None:
+    """Refuse, before any labelling, an OUT the merge would replace that is not a labelled file
+    of ``task`` (a user's own file must never be overwritten)."""
+    from .data import DataError, iter_labelled
+
+    if not out.exists():
+        return
+    if not out.is_file():
+        raise DataError(out, None, "the output is not a regular file: choose another --out")
+    for number, _, record in iter_labelled(out):
+        if record.task != task:
+            raise DataError(out, number, f"field 'task' is {record.task!r} but this run labels "
+                                         f"{task!r}: choose another --out")
+
+
+def _complete(shards: List[Path], digests: List[str]) -> List[int]:
+    """The ranks whose shard is marked done, for these inputs, and unchanged since."""
+    done = []
+    for rank, (shard, digest) in enumerate(zip(shards, digests)):
+        try:
+            marker = json.loads(_done_path(shard).read_text(encoding="utf-8"))
+            ok = (marker.get("assignment") == digest
+                  and marker.get("bytes") == shard.stat().st_size)
+        except (OSError, ValueError, AttributeError):
+            ok = False
+        if ok:
+            done.append(rank)
+    return done
+
+
+def _label_as_rank(args: argparse.Namespace, config: Any, embedder: Any, rank: int,
+                   world: int) -> None:
+    """Label this rank's shard, mark it done, and merge all shards into ``args.out`` when every
+    rank is done (the last to finish does it). No collective communication: a marker written
+    atomically after the shard's last record is what says a shard is complete."""
+    from .io import atomic_write_json
+    from .label import label, merge_labelled
+
+    out = Path(args.out)
+    _check_merge_target(out, args.task)
+    shards = [rank_shard_path(args.out, r, world) for r in range(world)]
+    digests = _assignments(args.task, args.queries, config.limit, world)
+    mine = shards[rank]
+    _done_path(mine).unlink(missing_ok=True)  # a re-run may add records: not done until said
+    label(args.task, args.queries, args.corpus, mine, llm=args.llm, embedder=embedder,
+          config=dataclasses.replace(config, shard=rank, num_shards=world))
+    atomic_write_json(_done_path(mine), {"rank": rank, "world_size": world, "task": args.task,
+                                         "assignment": digests[rank],
+                                         "bytes": mine.stat().st_size})
+    done = _complete(shards, digests)
+    if len(done) < world:
+        waiting = [r for r in range(world) if r not in done]
+        print(f"rank {rank}/{world}: shard done ({mine}); ranks {waiting} still labelling: the "
+              f"last one to finish merges into {out}", file=sys.stderr)
+        return
+    count = merge_labelled(shards, out, order=_selected_ids(args.queries, config.limit))
+    print(f"rank {rank}/{world}: merged {world} shard(s), {count} record(s), into {out}",
+          file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- merge, train
@@ -132,6 +300,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="YAML or JSON config (model, tasks, output_dir, max_steps, ...)")
     p.add_argument("--resume", action="store_true", default=argparse.SUPPRESS,
                    help="continue from output_dir/checkpoint")
+    _add_tasks_file(p)
     p.set_defaults(handler=_run_train)
 
 
@@ -150,6 +319,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     from .evaluate import SYSTEMS, EvalConfig
 
     p = sub.add_parser("eval", help="retrieval and downstream metrics with baselines")
+    _add_tasks_file(p)
     p.add_argument("--model", default=None, help="model folder (default: packaged MiniLM)")
     p.add_argument("--config", default=None, help="YAML or JSON file of EvalConfig fields; "
                                                   "options given here win over it")
@@ -167,6 +337,13 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--llm", default=None, help="frozen LLM of the downstream metrics (default: "
                                                "packaged SmolLM2-135M-Instruct)")
     _knob(p, "--device", EvalConfig, "device", "cpu, cuda, cuda:1, ...")
+    _knob(p, "--max-queries", EvalConfig, "max_queries", "keep the first test queries", type=int)
+    p.add_argument("--beir", default=None, metavar="DIR",
+                   help="full-corpus nDCG@10 / Recall@100 on a BEIR folder (corpus.jsonl, "
+                        "queries.jsonl, qrels/SPLIT.tsv) or one in the project's layout")
+    p.add_argument("--split", default="test", help="--beir: the split to evaluate")
+    p.add_argument("--task", default="qa", choices=sorted(TASKS),
+                   help="--beir: the task whose instructions the encoders use")
     p.add_argument("--out", default=None,
                    help="write the results: NAME.json gets JSON and NAME.md Markdown beside it; "
                         "NAME.md gets Markdown and NAME.json JSON beside it")
@@ -177,6 +354,13 @@ def _run_eval(args: argparse.Namespace) -> int:
     from .evaluate import EvalConfig, main_eval
 
     config = build_config(EvalConfig, args.config, _given(args, EvalConfig))
+    if args.beir:
+        from .beir import main_beir
+
+        return main_beir(args.beir, split=args.split, model=args.model, task=args.task,
+                         max_queries=config.max_queries, systems=config.systems,
+                         device=config.device, batch_size=config.batch_size, out=args.out,
+                         verbose=config.verbose)
     return main_eval(model=args.model, out=args.out, config=config, llm=args.llm)
 
 
@@ -185,6 +369,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 def _add_index(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("index", help="encode a corpus and save a searchable index")
+    _add_tasks_file(p)
     p.add_argument("--corpus", required=True, help="corpus JSONL")
     p.add_argument("--task", required=True, choices=sorted(TASKS))
     p.add_argument("--out", required=True, help="index folder to write")
@@ -241,6 +426,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                        description="OpenAI /v1/embeddings, TEI /embed, /search, /health and "
                                    "/metrics on FastAPI + uvicorn; 127.0.0.1:8080 by default.")
     add_arguments(p)
+    _add_tasks_file(p)
     p.set_defaults(handler=_run_serve)
 
 
@@ -253,6 +439,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 def _add_search(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("search", help="search an index (or a bundled corpus) with queries",
                        description="Without --index, searches the bundled corpus of --task.")
+    _add_tasks_file(p)
     p.add_argument("queries", nargs="+", help="query texts")
     p.add_argument("--task", default=None, choices=sorted(TASKS),
                    help="task whose query instruction to use (default: the index's, else qa)")
@@ -316,6 +503,89 @@ def _run_search(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- convert
+
+#: (--from, --to) -> the options that direction needs besides the input file.
+_CONVERSIONS = {("flag", "queries"): ("queries", "corpus"), ("flag", "labelled"): ("out",),
+                ("labelled", "flag"): ("out",), ("queries", "flag"): ("corpus", "out")}
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert", help="FlagEmbedding fine-tuning data to and from queries/labelled files",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Convert FlagEmbedding's fine-tuning JSONL ({"query", "pos": [...], "neg": [...], "pos_scores"?,
+"neg_scores"?, "prompt"?, "type"?} and LLM-Embedder's "teacher_scores", "answers", "task",
+"history") to and from this package's files:
+
+  --from flag --to queries IN --queries Q --corpus C [--pool shared|query]
+      queries + corpus for `label`; texts deduplicated into the corpus (ids: content hashes),
+      pos -> positive_ids, neg -> negative_ids (for reference: label mines its own negatives,
+      unless --pool query gives each query a pool of exactly its pos + neg)
+  --from flag --to labelled IN --out L [--task NAME] [--unscored labels]
+      records with teacher scores -> a labelled file for `train` (method "flag")
+  --from labelled --to flag IN --out F [--reward rank] [--queries Q]
+      a labeller's output -> pos/neg with pos_scores/neg_scores and teacher_scores
+  --from queries --to flag IN --corpus C --out F
+      queries + corpus -> unscored pos/neg
+
+Score your own FlagEmbedding data with the frozen LLM, then train on it with FlagEmbedding:
+  llm-embedder convert --from flag --to queries train.jsonl --queries q.jsonl --corpus c.jsonl
+  llm-embedder label --task qa --queries q.jsonl --corpus c.jsonl --out qa.labels.jsonl
+  llm-embedder convert --from labelled --to flag qa.labels.jsonl --queries q.jsonl \\
+      --out train.scored.jsonl""")
+    p.add_argument("input", help="the file to convert")
+    p.add_argument("--from", dest="source", required=True, choices=["flag", "labelled", "queries"])
+    p.add_argument("--to", dest="target", required=True, choices=["flag", "labelled", "queries"])
+    p.add_argument("--queries", default=None,
+                   help="--to queries: the queries file to write; --from labelled: the queries "
+                        "file it was labelled from (restores FlagEmbedding fields, answers)")
+    p.add_argument("--corpus", default=None,
+                   help="--to queries: the corpus file to write; --from queries: its corpus")
+    p.add_argument("--out", default=None, help="the file to write (--to labelled / flag)")
+    p.add_argument("--pool", default="shared", choices=["shared", "query"],
+                   help="--to queries: one corpus for all queries (shared), or each query's own "
+                        "pos + neg as its candidate pool (query)")
+    p.add_argument("--task", default=None, choices=sorted(TASKS),
+                   help="--to labelled: the task of every record (default: each record's "
+                        "'task' field)")
+    p.add_argument("--unscored", default="error", choices=["error", "labels"],
+                   help="--to labelled: a record without teacher scores is an error, or gets "
+                        "1.0 for pos and 0.0 for neg (labels)")
+    p.add_argument("--reward", default="rank",
+                   help="--from labelled: the reward written as scores (default: rank, what "
+                        "train uses)")
+    _add_tasks_file(p)
+    p.set_defaults(handler=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from . import flag
+
+    direction = (args.source, args.target)
+    if direction not in _CONVERSIONS:
+        known = ", ".join(f"--from {a} --to {b}" for a, b in _CONVERSIONS)
+        raise ValueError(f"cannot convert --from {args.source} --to {args.target}; known: "
+                         f"{known}")
+    missing = [f"--{name}" for name in _CONVERSIONS[direction] if getattr(args, name) is None]
+    if missing:
+        raise ValueError(f"convert --from {args.source} --to {args.target} needs "
+                         f"{' and '.join(missing)}")
+    if direction == ("flag", "queries"):
+        summary = flag.flag_to_queries(args.input, args.queries, args.corpus, pool=args.pool)
+    elif direction == ("flag", "labelled"):
+        summary = flag.flag_to_labelled(args.input, args.out, task=args.task,
+                                        unscored=args.unscored)
+    elif direction == ("labelled", "flag"):
+        summary = flag.labelled_to_flag(args.input, args.out, reward=args.reward,
+                                        queries=args.queries)
+    else:
+        summary = flag.queries_to_flag(args.input, args.corpus, args.out)
+    print(summary)
+    return 0
+
+
 # ----------------------------------------------------------------------------- quickstart
 
 
@@ -330,6 +600,9 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
                        help="all bundled data and more steps (uses a GPU when there is one)")
     sizes.add_argument("--config", default=None,
                        help="YAML or JSON file of QuickstartConfig fields (sizes of the run)")
+    p.add_argument("--relabel", action="store_true",
+                   help="label with the frozen LLM in this run instead of training from the "
+                        "project's LLM labels of the bundled queries (bundled/labels)")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_run_quickstart)
@@ -340,7 +613,7 @@ def _run_quickstart(args: argparse.Namespace) -> int:
 
     config = QuickstartConfig.load(args.config) if args.config else None
     run_quickstart(out_dir=args.out, full=args.full, device=args.device, seed=args.seed,
-                   config=config)
+                   config=config, relabel=args.relabel)
     return 0
 
 
@@ -363,11 +636,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"llm-embedder {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error")
+    _add_tasks_file(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_quickstart, _add_label, _add_merge, _add_train, _add_eval, _add_index,
-                _add_search, _add_serve):
+                _add_search, _add_serve, _add_convert):
         add(sub)
     return parser
+
+
+def _tasks_files(argv: Sequence[str]) -> List[str]:
+    """The values of every ``--tasks-file`` in ``argv`` (global or a subcommand's), found before
+    parsing: the parser's ``--task`` choices must already know the tasks they register."""
+    files = []
+    for i, token in enumerate(argv):
+        if token == "--":
+            break
+        if token == "--tasks-file" and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif token.startswith("--tasks-file="):
+            files.append(token.split("=", 1)[1])
+    return files
+
+
+def _register_tasks_files(paths: Sequence[str]) -> List[Task]:
+    """Register the tasks of every file, all or none; returns them for :func:`main` to remove
+    once the command is done (a notebook or test calling ``main`` twice gets a clean slate)."""
+    from .tasks import register_tasks_file, unregister_task
+
+    added: List[Task] = []
+    try:
+        for path in paths:
+            added += register_tasks_file(path)
+    except BaseException:
+        for task in added:
+            unregister_task(task.name)
+        raise
+    return added
 
 
 def _ours(err: BaseException) -> bool:
@@ -396,7 +700,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         >>> main(["eval", "--tasks", "tool", "--no-downstream"])
         0
     """
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        added = _register_tasks_files(_tasks_files(argv))
+    except Exception as err:
+        return _report(err, debug="--debug" in argv)
+    try:
+        return _run(build_parser(), argv)
+    finally:
+        from .tasks import unregister_task
+
+        for task in added:
+            unregister_task(task.name)
+
+
+def _run(parser: argparse.ArgumentParser, argv: List[str]) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as done:  # --help, --version, or a usage error argparse has printed
@@ -407,13 +725,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("llm-embedder: interrupted; re-run to resume", file=sys.stderr)
         return 130
     except Exception as err:
-        if not _ours(err):
-            raise
-        if args.debug:
-            traceback.print_exc()
-        # An actionable message; a traceback would only bury it (--debug shows it).
-        print(f"llm-embedder: error: {_one_line(err)}", file=sys.stderr)
-        return 2
+        return _report(err, debug=args.debug)
+
+
+def _report(err: Exception, debug: bool) -> int:
+    """Print one of our errors as one line and return 2; re-raise a bug (see :func:`_ours`)."""
+    if not _ours(err):
+        raise err
+    if debug:
+        traceback.print_exception(err)
+    # An actionable message; a traceback would only bury it (--debug shows it).
+    print(f"llm-embedder: error: {_one_line(err)}", file=sys.stderr)
+    return 2
 
 
 def _entry(argv: Optional[List[str]] = None) -> None:

@@ -11,8 +11,13 @@ with one space), so that checkpoint works unchanged with this package.
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import string
+import typing
 from dataclasses import dataclass
-from typing import Dict, Literal, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Mapping, Optional, Union
 
 LossName = str  # a name in llm_embedder.losses.LOSSES: "graded", "kl", "contrastive", ...
 Side = Literal["query", "key"]
@@ -84,14 +89,29 @@ def register_task(task: Task, *, overwrite: bool = False, _check_names: bool = T
         >>> register_task(Task("faq", "Query: ", "Passage: ", "{key}\\n{query}", "{query}",
         ...                    loss="contrastive", primary_metric="mrr@10"))
     """
-    if not task.name:
-        raise ValueError("task name must be a non-empty string")
     if task.name in TASKS and not overwrite:
         raise ValueError(f"task {task.name!r} is already registered; pass overwrite=True")
+    validate_task(task, check_registries=_check_names)
+    TASKS[task.name] = task
+    return task
+
+
+def validate_task(task: Task, *, check_registries: bool = True) -> None:
+    """Raise a ValueError naming the field unless ``task`` can be labelled, trained and
+    evaluated: a name, templates holding ``{query}`` (and ``{key}``) and no other placeholder,
+    a known downstream kind, budgets >= 1 and (``check_registries``) a registered loss and a
+    metric evaluation reports (:func:`check_names`). Registers nothing.
+
+    Example:
+        >>> validate_task(Task("faq", "Q: ", "P: ", "{key}\\n{query}", "{query}"))
+    """
+    if not task.name:
+        raise ValueError("task name must be a non-empty string")
     for field, template in (("prompt_template", task.prompt_template),
                             ("empty_template", task.empty_template)):
         if "{query}" not in template:
             raise ValueError(f"task {task.name!r}: {field} must contain '{{query}}'")
+        _check_placeholders(task.name, field, template)
     if "{key}" not in task.prompt_template:
         raise ValueError(f"task {task.name!r}: prompt_template must contain '{{key}}'")
     if task.downstream is not None and task.downstream not in DOWNSTREAM_KINDS:
@@ -99,10 +119,23 @@ def register_task(task: Task, *, overwrite: bool = False, _check_names: bool = T
                          f"None, got {task.downstream!r}")
     if task.max_new_tokens < 1 or task.downstream_k < 1:
         raise ValueError(f"task {task.name!r}: max_new_tokens and downstream_k must be >= 1")
-    if _check_names:
+    if check_registries:
         check_names(task)
-    TASKS[task.name] = task
-    return task
+
+
+def _check_placeholders(name: str, field: str, template: str) -> None:
+    """Only ``{query}`` and ``{key}``: any other placeholder would fail at the first prompt,
+    deep inside labelling or evaluation, instead of here."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:  # a lone "{" or "}"
+        raise ValueError(f"task {name!r}: {field} is not a valid template ({exc}); write a "
+                         f"literal brace as '{{{{' or '}}}}'") from None
+    for _, placeholder, _, _ in parsed:
+        if placeholder is not None and placeholder not in ("query", "key"):
+            raise ValueError(f"task {name!r}: {field} has the placeholder {{{placeholder}}}; "
+                             f"only {{query}} and {{key}} are filled (write a literal brace as "
+                             f"'{{{{' or '}}}}')")
 
 
 def check_names(task: Task) -> None:
@@ -141,6 +174,120 @@ def get_task(name: str) -> Task:
         return TASKS[name]
     except KeyError:
         raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}") from None
+
+
+# ----------------------------------------------------------------------------- tasks files
+
+PathLike = Union[str, "os.PathLike[str]"]
+#: Fields a task in a tasks file must give unless it names a ``base`` task to start from.
+_REQUIRED = ("query_instruction", "key_instruction", "prompt_template", "empty_template")
+
+
+def load_tasks_file(path: PathLike) -> List[Task]:
+    """The tasks declared in a YAML or JSON file, validated but not registered.
+
+    The file holds one key, ``tasks``: a mapping from each new task's name to its
+    :class:`Task` fields. ``query_instruction``, ``key_instruction``, ``prompt_template`` and
+    ``empty_template`` are required unless ``base`` names a registered task (or one earlier in
+    the file) whose fields the task starts from; every other field has the Task default. Quote
+    instructions in YAML: an unquoted value loses its trailing space. Any error is a
+    :class:`~llm_embedder.config.ConfigError` naming the file and the key
+    (``tasks.<name>.<field>``).
+
+    Example:
+        >>> # tasks.yaml:
+        >>> # tasks:
+        >>> #   faq:
+        >>> #     base: qa
+        >>> #     query_instruction: "Find the FAQ entry answering: "
+        >>> #     loss: contrastive
+        >>> [task.name for task in load_tasks_file("tasks.yaml")]
+        ['faq']
+    """
+    from .config import ConfigError, read_config_file
+
+    path = Path(path)
+    values = read_config_file(path)  # FileNotFoundError / ConfigError naming the file
+    unknown = sorted(set(values) - {"tasks"})
+    if unknown or "tasks" not in values:
+        raise ConfigError(f"{path}: a tasks file holds one key, 'tasks' (a mapping of task "
+                          f"names to their fields)" + (f"; unknown key(s) {unknown}"
+                                                        if unknown else ""))
+    declared = values["tasks"]
+    if not isinstance(declared, Mapping) or not declared:
+        raise ConfigError(f"{path}: 'tasks' must be a non-empty mapping of task names to their "
+                          f"fields, got {type(declared).__name__}")
+    tasks: Dict[str, Task] = {}
+    for name, fields in declared.items():
+        try:
+            tasks[str(name)] = _task_from_fields(str(name), fields, tasks)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    return list(tasks.values())
+
+
+def _task_from_fields(name: str, fields: Any, earlier: Mapping[str, Task]) -> Task:
+    """One ``tasks.<name>`` entry as a validated Task; ValueErrors name the key."""
+    from .config import _expected, _matches
+
+    key = f"tasks.{name}"
+    if not name.strip():
+        raise ValueError(f"{key}: a task name must be a non-empty string")
+    if not isinstance(fields, Mapping):
+        raise ValueError(f"{key}: expected a mapping of Task fields, got "
+                         f"{type(fields).__name__}")
+    hints = typing.get_type_hints(Task)
+    allowed = [f.name for f in dataclasses.fields(Task) if f.name != "name"]
+    unknown = sorted(set(fields) - set(allowed) - {"base"})
+    if unknown:
+        raise ValueError(f"{key}: unknown field(s) {unknown}; known: {['base'] + allowed}")
+    values: Dict[str, Any] = {}
+    if "base" in fields:
+        base = fields["base"]
+        known = {**TASKS, **earlier}
+        if not isinstance(base, str) or base not in known:
+            raise ValueError(f"{key}.base: {base!r} is not a registered task (nor one earlier "
+                             f"in the file); known: {sorted(known)}")
+        values = {f: getattr(known[base], f) for f in allowed}
+    for field in allowed:
+        if field in fields:
+            value = fields[field]
+            if not _matches(value, hints[field]):
+                raise ValueError(f"{key}.{field}: expected {_expected(hints[field])}, got "
+                                 f"{type(value).__name__} {value!r}")
+            values[field] = value
+    missing = [f for f in _REQUIRED if f not in values]
+    if missing:
+        raise ValueError(f"{key}: missing field(s) {missing} (or name a task to start from "
+                         f"with 'base')")
+    task = Task(name=name, **values)
+    try:
+        validate_task(task)
+    except ValueError as exc:
+        raise ValueError(f"{key}: {exc}") from None
+    return task
+
+
+def register_tasks_file(path: PathLike) -> List[Task]:
+    """Register every task of a tasks file (see :func:`load_tasks_file`); all or none: a task
+    whose name is already registered is an error naming the file and the key, and nothing is
+    registered then. Returns the tasks (give them to :func:`unregister_task` to undo).
+
+    Example:
+        >>> [task.name for task in register_tasks_file("tasks.yaml")]
+        ['faq']
+    """
+    from .config import ConfigError
+
+    tasks = load_tasks_file(path)
+    for task in tasks:
+        if task.name in TASKS:
+            raise ConfigError(f"{os.fspath(path)}: tasks.{task.name}: a task {task.name!r} is "
+                              f"already registered; give yours another name (start from it "
+                              f"with 'base: {task.name}')")
+    for task in tasks:
+        TASKS[task.name] = task
+    return tasks
 
 
 _QA_PROMPT = "Knowledge: {key}\n\nQuestion: {query}\n\nAnswer:"
