@@ -18,8 +18,17 @@ import pytest
 from llm_embedder.config import ConfigError
 from llm_embedder.data import DataError, load_corpus, load_labelled, load_queries
 from llm_embedder.io import OutputLockedError
-from llm_embedder.label import REWARDS, LabelConfig, Reward, label, merge_labelled
-from llm_embedder.llm import LLMBackend
+from llm_embedder.label import (
+    REWARDS,
+    LabelConfig,
+    Reward,
+    compact_labelled,
+    expand_labelled,
+    label,
+    merge_labelled,
+    reward_report,
+)
+from llm_embedder.llm import LLMBackend, stable_seed
 from llm_embedder.tasks import get_task
 
 # A small labelling configuration shared by every LLM test (and its reference run).
@@ -325,7 +334,9 @@ OLD_DEFAULTS = {"method": "llm", "num_samples": 8, "num_negatives": 7, "negative
                 "limit": None, "shard": 0, "num_shards": 1, "max_key_tokens": 192,
                 "max_prompt_tokens": 512, "max_output_tokens": 64, "max_new_tokens": None,
                 "sampling_temperature": 1.0, "top_p": 0.95, "max_batch_tokens": None, "seed": 0,
-                "device": None, "skip_answer_negatives": True, "show_progress": True}
+                "device": None, "skip_answer_negatives": True, "show_progress": True,
+                # new: samples also drawn with the top candidates as context (docs/method.md)
+                "sample_contexts": 2, "oversample": 2.0}
 
 
 def test_label_config_defaults_are_the_old_keyword_defaults():
@@ -451,7 +462,8 @@ def test_label_runs_end_to_end_with_a_fake_backend(tmp_path, qa_files):
         assert record["sample_likelihoods"] == [[round(float(v), 6) for v in row]
                                                 for row in table[:, 1:]]
         assert "rank_rewards_shift" not in record and record["method"] == "llm"
-    assert [c["temperature"] for c in fake.calls] == [1.0] * 4
+    # Per query: one draw without context and one with its top candidates as context.
+    assert [c["temperature"] for c in fake.calls] == [1.0] * 8
 
 
 def test_every_registered_reward_is_written_to_its_field(tmp_path, qa_files, monkeypatch):
@@ -593,3 +605,140 @@ def test_label_config_fields_are_label_keywords(tmp_path, qa_files):
     values.update(method="labels", show_progress=False, limit=1)
     summary = label("qa", queries, corpus, tmp_path / "o.jsonl", **values)
     assert summary.queries == 1
+
+
+# ----------------------------------------------------------------------------- samples with context
+
+class RepetitiveLLM(FakeLLM):
+    """Samples mostly repeat each other and the desired output: de-duplication is put to work."""
+
+    def sample(self, prompts, n, **kwargs):
+        super().sample(prompts, n, **kwargs)
+        seed = kwargs["seed"] % 1000
+        return [[answer for answer in ("Denver Broncos", f"guess {seed}", f"other {seed} {p}",
+                                       f"third {seed} {p}")][:n] for p in range(len(prompts))]
+
+
+class PerPromptLLM(FakeLLM):
+    """Samples that differ per prompt, and a record of the prompts sampled from."""
+
+    def sample(self, prompts, n, **kwargs):
+        super().sample(prompts, n, **kwargs)
+        self.calls[-1]["prompts"] = list(prompts)
+        return [[f"guess {p} {k}" for k in range(n)] for p in prompts]
+
+
+def test_samples_come_with_and_without_context_distinct_and_not_the_answer(tmp_path, qa_files):
+    queries, corpus = qa_files
+    out = tmp_path / "llm.jsonl"
+    fake = PerPromptLLM()
+    label("qa", queries, corpus, out, llm=fake, **{**FAKE, "num_samples": 6})
+    # Per query: 6 draws without context, then 3 with each of the two context candidates.
+    assert [len(c["prompts"]) for c in fake.calls] == [1, 2] * 4
+    for record in _records(out):
+        assert len(record["samples"]) == 6 == len(set(record["samples"]))
+        contexts = record["sample_contexts"]
+        assert len(contexts) == 6 and contexts[0] == ""
+        used = {c for c in contexts if c}
+        ids = [c["id"] for c in record["candidates"]]
+        # The first two non-empty candidates (the positive first) are the sampling contexts.
+        assert used == set(ids[:2]) and ids[0] in record["positive_ids"]
+        assert contexts.count("") == 3
+
+
+def test_duplicates_and_the_desired_output_are_dropped_before_n_is_counted(tmp_path, qa_files):
+    queries, corpus = qa_files
+    out = tmp_path / "llm.jsonl"
+    label("qa", queries, corpus, out, llm=RepetitiveLLM(), limit=1, **{**FAKE, "num_samples": 4})
+    record = _records(out)[0]
+    assert record["answer"] not in record["samples"]
+    assert len(record["samples"]) == len(set(record["samples"])) == 4
+
+
+def test_sample_contexts_zero_draws_without_context_only(tmp_path, qa_files):
+    queries, corpus = qa_files
+    fake = FakeLLM()
+    out = tmp_path / "llm.jsonl"
+    label("qa", queries, corpus, out, llm=fake, limit=2, sample_contexts=0, oversample=1.0,
+          **FAKE)
+    ids = [r["query_id"] for r in _records(out)]
+    assert [c["seed"] for c in fake.calls] == [stable_seed(FAKE["seed"], q) for q in ids]
+    assert all(set(r["sample_contexts"]) == {""} for r in _records(out))
+
+
+# ----------------------------------------------------------------------------- compact labels
+
+def test_compact_labels_expand_to_the_labelled_file_byte_for_byte(tmp_path, qa_files):
+    queries, corpus = qa_files
+    for method in ("llm", "labels"):
+        full = tmp_path / f"{method}.jsonl"
+        label("qa", queries, corpus, full, method=method, llm=FakeLLM(), **FAKE)
+        compact = tmp_path / f"{method}.compact.jsonl"
+        assert compact_labelled(full, compact) == 4
+        text = compact.read_text(encoding="utf-8")
+        assert '"candidates"' not in text and '"query":' not in text
+        assert len(text) < len(full.read_text(encoding="utf-8")) / 3
+        again = tmp_path / f"{method}.again.jsonl"
+        assert expand_labelled(compact, queries, corpus, again) == 4
+        assert again.read_bytes() == full.read_bytes()
+        one = tmp_path / "one.jsonl"
+        first = _records(full)[0]["query_id"]
+        assert expand_labelled(compact, queries, corpus, one, query_ids=[first]) == 1
+
+
+def test_compact_labels_for_other_data_are_named(tmp_path, qa_files):
+    queries, corpus = qa_files
+    full, compact = tmp_path / "llm.jsonl", tmp_path / "compact.jsonl"
+    label("qa", queries, corpus, full, llm=FakeLLM(), limit=2, **FAKE)
+    compact_labelled(full, compact)
+    lines = compact.read_text(encoding="utf-8").splitlines()
+    bad = json.loads(lines[1])
+    bad["candidate_ids"][1] = "no-such-passage"
+    (tmp_path / "bad.jsonl").write_text(lines[0] + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(DataError,
+                       match=r"bad.jsonl:2: candidate 'no-such-passage' is not in the corpus"):
+        expand_labelled(tmp_path / "bad.jsonl", queries, corpus, tmp_path / "x.jsonl")
+    bad = json.loads(lines[0])
+    bad["query_id"] = "nobody"
+    (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: query 'nobody' is not in the queries file"):
+        expand_labelled(tmp_path / "bad.jsonl", queries, corpus, tmp_path / "x.jsonl")
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_reward_report_counts_distinct_ranks_spread_and_positive_on_top(tmp_path):
+    record = {"query_id": "q", "task": "qa", "query": "q?", "answer": "a", "llm": "x",
+              "candidates": [{"id": "p", "text": "P"}, {"id": "n", "text": "N"},
+                             {"id": "", "text": ""}],
+              "positive_ids": ["p"], "samples": ["s1", "s2"], "sample_contexts": ["", "p"],
+              "likelihood_rewards": [-1.0, -3.0, -2.0],
+              # target above both samples / below both / between: three distinct ranks
+              "sample_likelihoods": [[-2.0, -1.5], [-1.0, -2.0], [-1.0, -2.5]],
+              "rank_rewards": [0.9, 0.1, 0.5], "method": "llm"}
+    path = tmp_path / "l.jsonl"
+    path.write_text(json.dumps(record) + "\n" + json.dumps({**record, "query_id": "h",
+                                                             "method": "labels"}) + "\n")
+    report = reward_report(path)
+    assert report["queries"] == 1 and report["distinct_ranks"] == 3
+    assert report["samples"] == 2 and report["with_context"] == 0.5
+    assert report["rank"]["distinct"] == 3 and report["rank"]["positive_on_top"] == 1.0
+    assert report["likelihood"]["spread"] == pytest.approx(np.std([-1.0, -3.0, -2.0]))
+
+
+def test_merge_keeps_query_order_when_a_shard_skipped_a_query(tmp_path, qa_files):
+    queries, corpus = qa_files
+    rows = [json.loads(line) for line in queries.read_text(encoding="utf-8").splitlines()]
+    rows[1]["positive_ids"] = []  # the labels method skips it: shard 1 writes one record less
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    whole = tmp_path / "whole.jsonl"
+    label("qa", path, corpus, whole, method="labels", show_progress=False)
+    shards = [tmp_path / f"s{i}.jsonl" for i in range(2)]
+    for i, shard in enumerate(shards):
+        label("qa", path, corpus, shard, method="labels", shard=i, num_shards=2,
+              show_progress=False)
+    merged = tmp_path / "merged.jsonl"
+    merge_labelled(shards, merged, order=[r["id"] for r in rows])
+    assert merged.read_bytes() == whole.read_bytes()
+    merge_labelled(shards, merged)  # without the order, round-robin cannot know
+    assert merged.read_bytes() != whole.read_bytes()

@@ -237,7 +237,7 @@ def test_tiny_quickstart_runs_end_to_end_and_resumes(tmp_path, capsys):
 def test_label_training_data_runs_only_the_labelling_stages_and_resumes(tmp_path, capsys):
     cfg = QuickstartConfig(tasks=("chat",), label_token_budget={"chat": 10**9},
                            max_llm_label_queries=1, max_label_only=3, num_samples=2,
-                           num_negatives=2)
+                           num_negatives=2, relabel=True)
     out = tmp_path / "source"
     plan = label_training_data(out, cfg, device="cpu")
     assert plan["chat"]["llm_queries"] == 1 and plan["chat"]["label_only_queries"] == 3
@@ -252,3 +252,40 @@ def test_label_training_data_runs_only_the_labelling_stages_and_resumes(tmp_path
     assert (out / "labels" / "chat.jsonl").read_bytes() == before
     with pytest.raises(ValueError, match="another configuration"):
         label_training_data(out, QuickstartConfig(tasks=("chat",)), device="cpu")
+
+
+def test_bundled_llm_labels_are_expanded_not_recomputed(tmp_path, monkeypatch):
+    """Without --relabel a task with project labels trains from them: no LLM is loaded."""
+    from llm_embedder import quickstart
+    from llm_embedder.label import compact_labelled, label
+
+    files = bundled_task_files("chat")
+    ids = [q.id for q in load_queries(files["train"])][:40:10]  # 4 queries, any order
+    queries = tmp_path / "q.jsonl"
+    rows = [line for line in files["train"].read_text(encoding="utf-8").splitlines()
+            if json.loads(line)["id"] in ids]
+    queries.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    full = tmp_path / "full.jsonl"
+    label("chat", queries, files["corpus"], full, method="labels", num_negatives=2,
+          show_progress=False)
+    compact = tmp_path / "chat.compact.jsonl"
+    compact_labelled(full, compact)
+    monkeypatch.setattr(quickstart, "bundled_labels_file", lambda task: compact)
+
+    class NoLLM:
+        stats = {"forward_tokens": 0}
+
+        def __getattr__(self, name):
+            raise AssertionError("the frozen LLM was used although the labels are bundled")
+
+    cfg = QuickstartConfig(tasks=("chat",), max_label_only=2)
+    out = tmp_path / "run"
+    plan = label_training_data(out, cfg, device="cpu", llm=NoLLM())
+    assert plan["chat"]["llm_labels"] == "bundled" and plan["chat"]["llm_queries"] == 4
+    assert plan["chat"]["label_only_queries"] == 2
+    expanded = (out / "labels" / "chat.llm.jsonl").read_text(encoding="utf-8")
+    assert sorted(expanded.splitlines()) == sorted(full.read_text(encoding="utf-8").splitlines())
+    merged = (out / "labels" / "chat.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(merged) == 6
+    summary = json.loads((out / "labels" / "summary.json").read_text())
+    assert summary["chat/llm"]["source"] == "bundled/labels"

@@ -364,3 +364,16 @@ def bundled_task_files(task: str) -> Dict[str, Path]:
     if missing:
         raise FileNotFoundError(f"bundled data missing (broken install?): {missing}")
     return files
+
+
+def bundled_labels_file(task: str) -> Optional[Path]:
+    """The project's compact LLM labels of ``task``'s bundled training queries
+    (``bundled/labels/<task>.jsonl``, made by ``scripts/label_bundled.py``), or None.
+
+    Example:
+        >>> bundled_labels_file("qa")
+        PosixPath('.../llm_embedder/bundled/labels/qa.jsonl')
+    """
+    path = bundled_data_dir() / "labels" / f"{task}.jsonl"
+    return path if path.is_file() else None
+

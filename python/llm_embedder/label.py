@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -37,6 +38,7 @@ from .data import (
     Query,
     candidate_pool,
     decode_line,
+    iter_jsonl,
     iter_labelled,
     load_corpus,
     load_queries,
@@ -120,8 +122,11 @@ class LabelConfig(Config):
     ``method``: ``llm`` (rewards from the frozen LLM) or ``labels`` (1.0 for positives, 0.0
     otherwise, no LLM). ``negatives``: where mined negatives come from (``bm25``, ``embedder``
     or ``both``). ``sampling_temperature`` and ``top_p`` shape the LLM's own samples (the old
-    name ``temperature`` still works, with a DeprecationWarning). Token budgets are in tokens of
-    the LLM; see :func:`label` for what each one cuts.
+    name ``temperature`` still works, with a DeprecationWarning). ``sample_contexts``: how many
+    of the query's top candidates (positives first, then mined ones) the LLM also samples with as
+    context, besides sampling without context; ``oversample``: draws per kept sample, so that
+    ``num_samples`` distinct outputs survive de-duplication. Token budgets are in tokens of the
+    LLM; see :func:`label` for what each one cuts.
 
     Example:
         >>> config = LabelConfig.load({"num_samples": 8, "limit": 100})
@@ -141,6 +146,8 @@ class LabelConfig(Config):
     max_new_tokens: Optional[int] = None
     sampling_temperature: float = 1.0
     top_p: float = 0.95
+    sample_contexts: int = 2
+    oversample: float = 2.0
     max_batch_tokens: Optional[int] = None
     seed: int = 0
     device: Any = None
@@ -180,6 +187,9 @@ class LabelConfig(Config):
         check(self.sampling_temperature > 0, "sampling_temperature",
               f"must be > 0, got {self.sampling_temperature}")
         check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        check(self.sample_contexts >= 0, "sample_contexts",
+              f"must be >= 0, got {self.sample_contexts}")
+        check(self.oversample >= 1, "oversample", f"must be >= 1, got {self.oversample}")
 
 
 def _renamed_keys(values: Mapping[str, Any]) -> Dict[str, Any]:
@@ -594,31 +604,66 @@ def _label_by_hand(task: Task, q: Query, candidates: List[Dict[str, str]],
 def _label_with_llm(llm: LLMBackend, task: Task, q: Query, candidates: List[Dict[str, str]],
                     cfg: LabelConfig) -> LabelledQuery:
     answer = next(a for a in q.answers if a.strip()).strip()
-    samples = _draw_samples(llm, task, q, answer, cfg)
+    samples, contexts = _draw_samples(llm, task, q, answer, candidates, cfg)
     table = _likelihood_table(llm, task, q, [answer, *samples], candidates, cfg)
     positive_ids = [c["id"] for c in candidates if c["id"] in set(q.positive_ids)]
     return _reward_fields(
         {reward.field: _round(reward.compute(table)) for reward in REWARDS.values()},
-        {"sample_likelihoods": [_round(row) for row in table[:, 1:]], "method": "llm"},
+        {"sample_likelihoods": [_round(row) for row in table[:, 1:]],
+         "sample_contexts": contexts, "method": "llm"},
         query_id=q.id, task=task.name, query=q.text, answer=answer, candidates=candidates,
         samples=samples, positive_ids=positive_ids, llm=llm.name)
 
 
 def _draw_samples(llm: LLMBackend, task: Task, q: Query, answer: str,
-                  cfg: LabelConfig) -> List[str]:
-    """The LLM's own outputs without context, other than the desired one: its rivals."""
+                  candidates: List[Dict[str, str]], cfg: LabelConfig
+                  ) -> Tuple[List[str], List[str]]:
+    """``num_samples`` distinct outputs of the LLM other than the desired one (its rivals), and
+    the id of the candidate each was drawn with (``""``: no context).
+
+    Half the draws are made without context and half with the query's top ``sample_contexts``
+    candidates as context ("with and without retrieval"): samples of one kind only tend to be
+    all more likely, or all less likely, than the desired output under every candidate, which
+    leaves the rank-aware reward one or two distinct values per query. ``oversample`` times
+    ``num_samples`` are drawn and the first distinct ones are kept, taken in turn from each
+    context, so de-duplication does not shrink N.
+    """
     max_new_tokens = cfg.max_new_tokens
     if max_new_tokens is None:
         # Samples much longer than the desired output only cost time: they are rivals to it.
         answer_tokens = llm.count_tokens(task.answer_prefix + answer)
         max_new_tokens = min(task.max_new_tokens, max(8, 2 * answer_tokens + 4))
-    # The seed depends on the query id only: a resumed or sharded run draws the same samples.
-    drawn = llm.sample([task.format_prompt(q.text, None)], cfg.num_samples,
-                       max_new_tokens=max_new_tokens, temperature=cfg.sampling_temperature,
-                       top_p=cfg.top_p, seed=stable_seed(cfg.seed, q.id),
-                       stop_at_newline=not task.multiline,
-                       max_prompt_tokens=cfg.max_prompt_tokens)[0]
-    return [s for s in drawn if normalise_text(s) != normalise_text(answer)]
+    draws = max(cfg.num_samples, math.ceil(cfg.num_samples * cfg.oversample))
+    context_ids = [c["id"] for c in candidates if c["id"]][:cfg.sample_contexts]
+    keys = {c["id"]: c["text"] for c in candidates}
+    free = draws if not context_ids else math.ceil(draws / 2)
+    per_context = math.ceil((draws - free) / len(context_ids)) if context_ids else 0
+    # The seeds depend on the query id only: a resumed or sharded run draws the same samples.
+    common = dict(max_new_tokens=max_new_tokens, temperature=cfg.sampling_temperature,
+                  top_p=cfg.top_p, stop_at_newline=not task.multiline,
+                  max_prompt_tokens=cfg.max_prompt_tokens)
+    free_texts = llm.sample([task.format_prompt(q.text, None)], free,
+                            seed=stable_seed(cfg.seed, q.id), **common)[0]
+    # Without context and with context in turn; the contexts in turn among themselves.
+    streams: List[List[Tuple[str, str]]] = [[("", text) for text in free_texts], []]
+    if context_ids:
+        contexts = llm.truncate([keys[i] for i in context_ids], cfg.max_key_tokens)
+        drawn = llm.sample([task.format_prompt(q.text, k) for k in contexts], per_context,
+                           seed=stable_seed(cfg.seed, q.id, "with context"), **common)
+        streams[1] = [(source, texts[k]) for k in range(max(map(len, drawn)))
+                      for source, texts in zip(context_ids, drawn) if k < len(texts)]
+    seen = {normalise_text(answer)}
+    samples: List[str] = []
+    sources: List[str] = []
+    for position in range(max(map(len, streams))):
+        for stream in streams:
+            if position < len(stream) and len(samples) < cfg.num_samples:
+                source, text = stream[position]
+                if normalise_text(text) not in seen:
+                    seen.add(normalise_text(text))
+                    samples.append(text)
+                    sources.append(source)
+    return samples, sources
 
 
 def _likelihood_table(llm: LLMBackend, task: Task, q: Query, outputs: List[str],
@@ -662,11 +707,143 @@ def _tally(out: Path, ids: set) -> Dict[str, float]:
     return tally
 
 
-def merge_labelled(shard_files: Sequence[PathLike], out: PathLike) -> int:
+#: Fields a compact labelled record drops: they are resolved again from the queries and corpus.
+_TEXT_FIELDS = ("query", "answer", "candidates")
+
+
+def compact_labelled(labelled: PathLike, out: PathLike) -> int:
+    """Write ``labelled`` without its texts: ids, rewards, samples and likelihoods only.
+
+    The compact file is what the project keeps under version control (the texts are already in
+    the queries and corpus files, and some corpora may not be redistributed); each record has
+    ``candidate_ids`` in place of ``candidates`` and no ``query``/``answer``.
+    :func:`expand_labelled` restores the full file byte for byte. Returns the record count.
+
+    Example:
+        >>> compact_labelled("work/qa.jsonl", "labels/qa.jsonl")
+        784
+    """
+    rows = []
+    for _, obj, record in iter_labelled(labelled):
+        row = {"query_id": record.query_id, "task": record.task,
+               "candidate_ids": [c["id"] for c in record.candidates]}
+        row.update((k, v) for k, v in obj.items() if k not in _TEXT_FIELDS and k not in row)
+        rows.append(json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n")
+    atomic_write_text(out, "".join(rows))
+    return len(rows)
+
+
+def expand_labelled(compact: PathLike, queries: Any, corpus: Any, out: PathLike, *,
+                    query_ids: Optional[Iterable[str]] = None) -> int:
+    """Rebuild the full labelled file from a compact one (:func:`compact_labelled`), taking the
+    query texts, desired outputs and candidate texts from ``queries`` and ``corpus`` (paths or
+    lists). ``query_ids`` keeps only those queries. A query or candidate id that is not in the
+    data is a DataError naming the compact file and line: the labels belong to other data.
+    Returns the record count.
+
+    Example:
+        >>> expand_labelled("labels/qa.jsonl", "qa/queries.train.jsonl", "qa/corpus.jsonl",
+        ...                 "out/qa.labels.jsonl")
+    """
+    queries, corpus, _, _ = _load_inputs(queries, corpus, require_answers=False)
+    by_query = {q.id: q for q in queries}
+    texts = {p.id: p.full_text for p in corpus}
+    texts[""] = ""
+    keep = None if query_ids is None else set(query_ids)
+    rows = []
+    for number, obj in iter_jsonl(compact):
+        qid = obj.get("query_id")
+        if keep is not None and qid not in keep:
+            continue
+        ids = obj.get("candidate_ids")
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise DataError(compact, number, "field 'candidate_ids' must be a list of strings: "
+                                             "is this a compact labelled file?")
+        if qid not in by_query:
+            raise DataError(compact, number, f"query {qid!r} is not in the queries file: these "
+                                             f"labels were made for other data")
+        missing = [i for i in ids if i not in texts]
+        if missing:
+            raise DataError(compact, number, f"candidate {missing[0]!r} is not in the corpus: "
+                                             f"these labels were made for another corpus")
+        q = by_query[qid]
+        full = {"query_id": qid, "task": obj.get("task"), "query": q.text,
+                "answer": next((a.strip() for a in q.answers if a.strip()), ""),
+                "candidates": [{"id": i, "text": texts[i]} for i in ids]}
+        full.update((k, v) for k, v in obj.items() if k not in full and k != "candidate_ids")
+        parse_labelled(full, compact, number)  # the same checks as a labelled file
+        rows.append(json.dumps(full, ensure_ascii=False) + "\n")
+    atomic_write_text(out, "".join(rows))
+    return len(rows)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else math.nan
+
+
+def reward_report(path: PathLike) -> Dict[str, Any]:
+    """How much each reward in a labelled file can tell candidates apart, per query on average.
+
+    For every registered reward: ``distinct`` (distinct reward values among a query's
+    candidates, the empty context included), ``spread`` (their standard deviation) and
+    ``positive_on_top`` (share of queries with positives where a positive gets the top reward).
+    For the LLM's rank-aware reward, ``distinct_ranks`` counts the distinct ranks of the desired
+    output among the samples (the reward without its margin), and ``samples`` / ``with_context``
+    the samples per query and the share drawn with a retrieved candidate as context. Records of
+    the ``labels`` method (1/0 rewards) are left out.
+
+    Example:
+        >>> reward_report("labels/qa.jsonl")["rank"]["distinct_ranks"]
+        5.2
+    """
+    per: Dict[str, Dict[str, List[float]]] = {name: {"distinct": [], "spread": [], "top": []}
+                                              for name in REWARDS}
+    ranks: List[int] = []
+    samples: List[int] = []
+    with_context: List[float] = []
+    for _, obj, record in iter_labelled(path):
+        if obj.get("method") != "llm":
+            continue
+        ids = [c["id"] for c in record.candidates]
+        positives = set(record.positive_ids)
+        for name, reward in REWARDS.items():
+            values = np.asarray(obj.get(reward.field, []), dtype=np.float64)
+            if len(values) != len(ids):
+                continue
+            per[name]["distinct"].append(len(np.unique(values)))
+            per[name]["spread"].append(float(values.std()))
+            if positives:
+                best = values.max()
+                per[name]["top"].append(float(any(v == best for c, v in zip(ids, values)
+                                                  if c in positives)))
+        table = obj.get("sample_likelihoods") or []
+        if table and len(table[0]):
+            sampled = np.asarray(table, dtype=np.float64)
+            target = np.asarray(record.likelihood_rewards, dtype=np.float64)[:, None]
+            rank = (sampled > target).sum(1) * 2 + (sampled == target).sum(1)
+            ranks.append(len(np.unique(rank)))
+        samples.append(len(record.samples))
+        contexts = obj.get("sample_contexts") or []
+        if contexts:
+            with_context.append(sum(1 for c in contexts if c) / len(contexts))
+    report: Dict[str, Any] = {"queries": len(samples), "samples": _mean(samples),
+                              "with_context": _mean(with_context), "distinct_ranks": _mean(ranks)}
+    for name, values in per.items():
+        report[name] = {"distinct": _mean(values["distinct"]),
+                        "spread": _mean(values["spread"]),
+                        "positive_on_top": _mean(values["top"])}
+    return report
+
+
+def merge_labelled(shard_files: Sequence[PathLike], out: PathLike, *,
+                   order: Optional[Sequence[str]] = None) -> int:
     """Merge labelled shard files into ``out`` (written atomically); returns the record count.
 
     Records are interleaved round-robin (shard 0's first, shard 1's first, ...), which restores
-    the original query order of a ``shard``/``num_shards`` split, so the merge of complete
+    the original query order of a ``shard``/``num_shards`` split when every shard wrote every
+    one of its queries. When some were skipped (the ``labels`` method skips queries without
+    positives) pass ``order``, the query ids in their original order, and the records follow
+    it (ids not in ``order`` go last, in round-robin order). Either way the merge of complete
     shards equals the unsharded file byte for byte. A partial last line (a killed shard) is
     left out; a query id found twice with different content is an error.
 
@@ -694,7 +871,7 @@ def merge_labelled(shard_files: Sequence[PathLike], out: PathLike) -> int:
             lines.append((record.query_id, line))
         per_shard.append(lines)
     seen: Dict[str, str] = {}
-    merged: List[str] = []
+    merged: List[Tuple[str, str]] = []
     for position in range(max(len(s) for s in per_shard)):
         for shard_lines in per_shard:
             if position < len(shard_lines):
@@ -705,10 +882,13 @@ def merge_labelled(shard_files: Sequence[PathLike], out: PathLike) -> int:
                                                    f"two shard files")
                     continue
                 seen[qid] = line
-                merged.append(line)
-    atomic_write_text(out, "".join(line + "\n" for line in merged))
+                merged.append((qid, line))
+    if order is not None:
+        position = {qid: k for k, qid in enumerate(order)}
+        merged.sort(key=lambda item: position.get(item[0], len(position)))  # stable
+    atomic_write_text(out, "".join(line + "\n" for _, line in merged))
     return len(merged)
 
 
 __all__ = ["REWARDS", "LabelSummary", "Reward", "get_reward", "label", "merge_labelled",
-           "register_reward"]
+           "compact_labelled", "expand_labelled", "register_reward", "reward_report"]

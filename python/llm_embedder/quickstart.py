@@ -30,7 +30,7 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -41,6 +41,7 @@ from .data import (
     BUNDLED_TASK_DIRS,
     Passage,
     Query,
+    bundled_labels_file,
     bundled_task_files,
     candidate_pool,
     iter_jsonl,
@@ -79,6 +80,9 @@ class QuickstartConfig(Config):
     ``max_test_queries`` / ``max_pool``: shrink the test split and each query's candidate pool
     (smoke tests only; None keeps the real evaluation). ``index_task``: the task whose corpus
     the trained model indexes (``DIR/index``) and whose example query searches that index.
+    ``relabel``: label with the frozen LLM here, within ``label_token_budget``, instead of
+    training from the project's LLM labels of the bundled queries (``bundled/labels``, made by
+    ``scripts/label_bundled.py`` with N=8 samples; used whenever a task has them).
 
     Example:
         >>> run_quickstart("qs_out", config=QuickstartConfig(max_steps=10, tasks=("qa", "tool")))
@@ -110,6 +114,7 @@ class QuickstartConfig(Config):
     downstream_systems: Optional[Tuple[str, ...]] = None  # None: every system
     eval_batch_size: int = 64
     index_task: str = "qa"
+    relabel: bool = False
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "QuickstartConfig":
@@ -210,7 +215,7 @@ def _write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def _stratified(queries: Sequence[Query], seed: int) -> List[Query]:
+def stratified_order(queries: Sequence[Query], seed: int) -> List[Query]:
     """A seeded order that cycles through conversations/sub-tasks, so any prefix covers them."""
     rng = np.random.default_rng(seed)
     strata: Dict[str, List[Query]] = {}
@@ -248,7 +253,7 @@ def _pick_training_queries(task: str, train: List[Query], corpus: List[Passage],
                            cfg: QuickstartConfig, seed: int
                            ) -> Tuple[List[Query], List[Query], float]:
     """(LLM-labelled queries, label-only queries, estimated LLM tokens)."""
-    order = _stratified([q for q in train if any(a.strip() for a in q.answers)], seed)
+    order = stratified_order([q for q in train if any(a.strip() for a in q.answers)], seed)
     mean_key = float(np.mean([len(p.full_text) for p in corpus]))
     budget = cfg.label_token_budget.get(task, 0)
     llm: List[Query] = []
@@ -267,6 +272,22 @@ def _pick_training_queries(task: str, train: List[Query], corpus: List[Passage],
     if cfg.max_label_only is not None:
         rest = rest[:cfg.max_label_only]
     return llm, rest, spent
+
+
+def _bundled_training_queries(bundled: Path, train: List[Query], cfg: QuickstartConfig,
+                              seed: int) -> Tuple[List[Query], List[Query]]:
+    """(queries with the project's LLM labels, label-only queries): the labelled ones in their
+    file's order (capped by ``max_llm_label_queries``), the rest with positives as ever."""
+    by_id = {q.id: q for q in train}
+    llm = [by_id[str(obj["query_id"])] for _, obj in iter_jsonl(bundled)
+           if str(obj.get("query_id")) in by_id]
+    if cfg.max_llm_label_queries is not None:
+        llm = llm[:cfg.max_llm_label_queries]
+    chosen = {q.id for q in llm}
+    rest = [q for q in stratified_order(train, seed) if q.id not in chosen and q.positive_ids]
+    if cfg.max_label_only is not None:
+        rest = rest[:cfg.max_label_only]
+    return llm, rest
 
 
 def _shrink_pools(corpus: List[Passage], queries: List[Query], max_pool: int) -> List[Passage]:
@@ -292,7 +313,12 @@ def _prepare(out: Path, cfg: QuickstartConfig, seed: int) -> Dict[str, Dict[str,
         corpus = load_corpus(files["corpus"])
         train = load_queries(files["train"])
         test = load_queries(files["test"])
-        llm, rest, tokens = _pick_training_queries(task, train, corpus, cfg, seed)
+        bundled = None if cfg.relabel else bundled_labels_file(task)
+        if bundled is not None:
+            llm, rest = _bundled_training_queries(bundled, train, cfg, seed)
+            tokens = 0.0  # labelled already: no LLM work here
+        else:
+            llm, rest, tokens = _pick_training_queries(task, train, corpus, cfg, seed)
         raw_train = _raw_lines(files["train"])
         _write_jsonl(folder / "train.llm.jsonl", [raw_train[q.id] for q in llm])
         if rest:
@@ -309,9 +335,12 @@ def _prepare(out: Path, cfg: QuickstartConfig, seed: int) -> Dict[str, Dict[str,
                 corpus_path = folder / "corpus.jsonl"
                 _write_jsonl(corpus_path, [raw_corpus[p.id] for p in small])
         plan[task] = {"corpus": str(corpus_path), "test": str(test_path),
+                      "llm_labels": "bundled" if bundled is not None else "here",
                       "llm_queries": len(llm), "label_only_queries": len(rest),
                       "estimated_llm_tokens": int(tokens), "test_queries": len(test)}
-        _say(f"   {task:5s} LLM-labelled {len(llm):4d} queries (~{int(tokens):,} LLM tokens), "
+        source = ("bundled LLM labels" if bundled is not None
+                  else f"~{int(tokens):,} LLM tokens")
+        _say(f"   {task:5s} LLM-labelled {len(llm):4d} queries ({source}), "
              f"label-only {len(rest):4d}, test {len(test)}")
     atomic_write_json(out / "data" / "plan.json", plan)
     return plan
@@ -319,7 +348,7 @@ def _prepare(out: Path, cfg: QuickstartConfig, seed: int) -> Dict[str, Dict[str,
 
 def _label(out: Path, cfg: QuickstartConfig, plan: Mapping[str, Mapping[str, Any]],
            get_llm: Callable[[], Any], seed: int, device: Optional[str]) -> Dict[str, Any]:
-    from .label import LabelConfig, label
+    from .label import LabelConfig, expand_labelled, label, reward_report
 
     # The LLM-labelled subset and the label-only rest share the negatives and the seed.
     by_llm = LabelConfig(method="llm", num_samples=cfg.num_samples,
@@ -336,7 +365,16 @@ def _label(out: Path, cfg: QuickstartConfig, plan: Mapping[str, Mapping[str, Any
             continue
         parts = []
         start = time.perf_counter()
-        if plan[task]["llm_queries"]:
+        if plan[task]["llm_queries"] and plan[task].get("llm_labels") == "bundled":
+            path = labels / f"{task}.llm.jsonl"
+            files = bundled_task_files(task)
+            ids = [str(obj["id"]) for _, obj in iter_jsonl(folder / "train.llm.jsonl")]
+            count = expand_labelled(bundled_labels_file(task), files["train"], files["corpus"],
+                                    path, query_ids=ids)
+            summaries[f"{task}/llm"] = {"source": "bundled/labels", "queries": count,
+                                        **reward_report(path)}
+            parts.append(path)
+        elif plan[task]["llm_queries"]:
             path = labels / f"{task}.llm.jsonl"
             summary = label(task, folder / "train.llm.jsonl", plan[task]["corpus"], path,
                             llm=get_llm(), config=by_llm)
@@ -765,13 +803,14 @@ def label_training_data(out_dir: Union[str, Path],
 def run_quickstart(out_dir: str = "quickstart_out", full: bool = False,
                    device: Optional[str] = None, seed: int = 0, *, tiny: bool = False,
                    config: Union[None, QuickstartConfig, Mapping[str, Any], str, Path] = None,
-                   llm: Any = None) -> Dict[str, Any]:
+                   llm: Any = None, relabel: bool = False) -> Dict[str, Any]:
     """Label → train → evaluate → index → examples → report, on the bundled real data.
 
     Returns ``{task: {system: {metric: value}}}`` (also ``out_dir/results.json``). Re-running
     with the same ``out_dir`` skips the stages already done. ``full`` uses all bundled data and
     more steps (and the GPU when there is one); ``tiny`` (or ``config``: a QuickstartConfig,
-    a mapping or a YAML/JSON file of its fields) is for smoke tests.
+    a mapping or a YAML/JSON file of its fields) is for smoke tests. ``relabel`` labels with the
+    frozen LLM here instead of using the project's labels (``QuickstartConfig.relabel``).
 
     Example:
         >>> results = run_quickstart("quickstart_out")
@@ -784,6 +823,8 @@ def run_quickstart(out_dir: str = "quickstart_out", full: bool = False,
     cfg = QuickstartConfig.load(config or (
         QuickstartConfig.full() if full else QuickstartConfig.tiny() if tiny
         else QuickstartConfig.default()))
+    if relabel:
+        cfg = replace(cfg, relabel=True)
     if cfg.index_task not in cfg.tasks:
         raise ConfigError(f"config key 'index_task': the quickstart indexes the corpus of "
                           f"{cfg.index_task!r}: keep it in tasks {list(cfg.tasks)}")

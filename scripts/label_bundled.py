@@ -1,0 +1,124 @@
+"""Label the bundled training queries with the packaged SmolLM2 and keep the labels compact.
+
+This makes the project's versioned reward artefact, ``python/llm_embedder/bundled/labels/``:
+one compact labelled file per task (ids, rewards, samples and likelihoods; the texts come back
+from the bundled queries and corpus, see ``label.expand_labelled``) and a ``README.md`` saying
+how they were made (command, LLM, N, CPU time). The quickstart trains from them unless it is run
+with ``--relabel``.
+
+Hours of CPU in all, so it works in rounds: each round labels the next ``--step`` queries of
+every task (in the quickstart's stratified order, so any prefix covers every conversation and
+sub-task), then rewrites the compact files. Kill it at any time; run it again and it resumes
+(the full labelled files in ``--work`` are appended to query by query).
+
+    nohup python scripts/label_bundled.py --work work/labels > work/label.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+from llm_embedder.data import bundled_data_dir, bundled_task_files, iter_jsonl, load_queries
+from llm_embedder.io import atomic_write_json, atomic_write_text
+from llm_embedder.label import LabelConfig, compact_labelled, label, reward_report
+from llm_embedder.llm import FrozenLLM
+from llm_embedder.quickstart import TASK_ORDER, stratified_order
+
+#: The labelling settings of the artefact (the quickstart's --relabel uses the same).
+SETTINGS = {"num_samples": 8, "num_negatives": 7, "negatives": "bm25", "seed": 0,
+            "sample_contexts": 2, "oversample": 2.0}
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _ordered_queries(task: str, work: Path) -> Path:
+    """The task's training queries with answers, in the quickstart's stratified order."""
+    files = bundled_task_files(task)
+    queries = [q for q in load_queries(files["train"]) if any(a.strip() for a in q.answers)]
+    raw = {str(obj["id"]): obj for _, obj in iter_jsonl(files["train"])}
+    path = work / f"{task}.queries.jsonl"
+    atomic_write_text(path, "".join(json.dumps(raw[q.id], ensure_ascii=False) + "\n"
+                                    for q in stratified_order(queries, SETTINGS["seed"])))
+    return path
+
+
+def _write_readme(target: Path, state: Dict[str, Dict[str, float]], llm_name: str) -> None:
+    lines = [
+        "# LLM labels of the bundled training queries",
+        "",
+        "Made by `python scripts/label_bundled.py` (rounds of `llm_embedder.label` with "
+        f"`{json.dumps(SETTINGS)}`), i.e. per task:",
+        "",
+        "    llm-embedder label --task TASK --queries <bundled train, stratified order> "
+        "--corpus <bundled corpus> --out TASK.jsonl --num-samples 8 --num-negatives 7",
+        "",
+        f"LLM: {llm_name}, float32 on CPU. Compact records (ids, rewards, samples, likelihoods);",
+        "`llm_embedder.label.expand_labelled` restores the texts from the bundled data.",
+        "",
+        "| task | labelled queries | of | CPU hours | distinct ranks/query | samples/query | "
+        "positive on top (rank) | (likelihood) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for task, row in state.items():
+        lines.append(f"| {task} | {int(row['labelled'])} | {int(row['total'])} | "
+                     f"{row['cpu_seconds'] / 3600:.2f} | {row.get('distinct_ranks', 0):.2f} | "
+                     f"{row.get('samples', 0):.2f} | {row.get('rank_top', float('nan')):.3f} | "
+                     f"{row.get('likelihood_top', float('nan')):.3f} |")
+    atomic_write_text(target / "README.md", "\n".join(lines) + "\n")
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", default="work/labels", help="full labelled files (resumable)")
+    parser.add_argument("--tasks", nargs="+", default=list(TASK_ORDER))
+    parser.add_argument("--step", type=int, default=25, help="queries per task and round")
+    parser.add_argument("--rounds", type=int, default=1000)
+    args = parser.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    target = bundled_data_dir() / "labels"
+    state_path = work / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    ordered = {task: _ordered_queries(task, work) for task in args.tasks}
+    totals = {task: sum(1 for _ in iter_jsonl(path)) for task, path in ordered.items()}
+    llm = FrozenLLM.load()
+    config = LabelConfig(show_progress=False, **SETTINGS)
+    for round_ in range(1, args.rounds + 1):
+        busy = False
+        for task in args.tasks:
+            out = work / f"{task}.jsonl"
+            row = state.setdefault(task, {"cpu_seconds": 0.0})
+            if row.get("labelled", 0) >= totals[task]:
+                continue
+            busy = True
+            cpu, start = _cpu_seconds(), time.time()
+            summary = label(task, ordered[task], bundled_task_files(task)["corpus"], out,
+                            llm=llm, config=config, limit=round_ * args.step)
+            row["cpu_seconds"] += _cpu_seconds() - cpu
+            report = reward_report(out)
+            row.update(labelled=summary.queries, total=totals[task],
+                       distinct_ranks=report["distinct_ranks"], samples=report["samples"],
+                       rank_top=report["rank"]["positive_on_top"],
+                       likelihood_top=report["likelihood"]["positive_on_top"])
+            target.mkdir(exist_ok=True)
+            compact_labelled(out, target / f"{task}.jsonl")
+            atomic_write_json(state_path, state)
+            _write_readme(target, state, llm.name)
+            print(f"round {round_} {task}: {summary.queries}/{totals[task]} queries, "
+                  f"{time.time() - start:.0f} s, {json.dumps(report)}", flush=True)
+        if not busy:
+            break
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
