@@ -177,6 +177,30 @@ def test_a_short_deterministic_run_gives_the_pinned_losses_and_weights(tiny_conf
     assert total == pytest.approx(PINNED_WEIGHT_SUM, rel=1e-7, abs=0)
 
 
+# The same for the packaged MiniLM on bundled qa data (labels without an LLM), computed before
+# the speed work of issue 16 (micro-batching, mixed precision): none of it is on by default, so
+# the default run must keep these numbers.
+PINNED_MINILM_LOSSES = [0.24762689261115156, 0.001880703988717869, 0.0020996503299102187]
+PINNED_MINILM_WEIGHT_SUM = 1709.1158460990005
+
+
+def test_the_packaged_minilm_on_bundled_data_gives_the_pinned_losses(tmp_path):
+    from llm_embedder.label import label
+
+    bundled = Path(llm_embedder.__file__).parent / "bundled" / "qa" / "xquad"
+    labels = tmp_path / "qa.jsonl"
+    label("qa", bundled / "queries.train.jsonl", bundled / "corpus.jsonl", labels,
+          method="labels", num_negatives=3, limit=12, show_progress=False)
+    model_dir = train({"tasks": {"qa": str(labels)}, "output_dir": str(tmp_path / "run"),
+                       "max_steps": 3, "batch_size": 4, "group_size": 4,
+                       "query_max_length": 64, "key_max_length": 128, "save_steps": 0,
+                       "progress_bar": False, "plot": False, "seed": 3})
+    losses = [r["loss"] for r in _log(model_dir.parent)]
+    assert losses == pytest.approx(PINNED_MINILM_LOSSES, rel=1e-6, abs=0)
+    total = float(sum(v.double().sum() for v in _weights(model_dir).values()))
+    assert total == pytest.approx(PINNED_MINILM_WEIGHT_SUM, rel=1e-7, abs=0)
+
+
 def test_log_holds_every_step_with_loss_lr_and_scales_and_the_plot_is_drawn(tiny_config):
     model_dir = train({**tiny_config, "plot": True, "max_steps": 5, "warmup_ratio": 0.4})
     run = model_dir.parent
@@ -254,14 +278,119 @@ def test_gradient_checkpointing_trains_to_the_same_weights(tiny_config):
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
 
 
+@pytest.fixture(scope="session")
+def tiny_bert_without_dropout(tiny_bert, tmp_path_factory) -> Path:
+    """tiny_bert with dropout off: micro-batched and whole-batch passes then see the same
+    network, so their gradients must agree to float rounding."""
+    from transformers import AutoTokenizer, BertModel
+
+    out = tmp_path_factory.mktemp("tiny-bert-no-dropout")
+    model = BertModel.from_pretrained(tiny_bert, hidden_dropout_prob=0.0,
+                                      attention_probs_dropout_prob=0.0)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(out)
+    return out
+
+
+def _step_gradients(config, indices=None):
+    """(loss, {name: grad}) of one training step's backward, through the Trainer's own forward,
+    loss and (micro-batching) replay — before the optimizer touches anything."""
+    trainer = Trainer(config)
+    trainer.setup()
+    trainer._close_outputs()
+    if indices is None:
+        indices = next(iter(trainer.sampler))
+    batch = trainer._batch_tensors(indices)
+    loss = trainer._forward_loss(batch).mean()
+    loss.backward()
+    if batch.cached:
+        trainer._replay_chunks(batch)
+    grads = {name: param.grad.clone() for name, param in trainer.embedder.named_parameters()
+             if param.grad is not None}
+    return loss.item(), grads, indices, trainer
+
+
+@pytest.mark.parametrize("task", ["tool", "chat"])  # graded with in-batch negatives; KL
+def test_micro_batches_give_the_whole_batch_loss_and_gradient(tiny_config,
+                                                             tiny_bert_without_dropout, task):
+    config = {**tiny_config, "model": str(tiny_bert_without_dropout),
+              "tasks": {task: tiny_config["tasks"][task]}, "batch_size": 8, "group_size": 4}
+    want_loss, want, indices, _ = _step_gradients(config)
+    got_loss, got, _, _ = _step_gradients({**config, "micro_batch_size": 3, "overwrite": True},
+                                          indices)
+    assert got_loss == pytest.approx(want_loss, rel=1e-6)
+    assert want.keys() == got.keys() and len(want) > 10
+    # One vector over all parameters: some (the attention key biases) have a gradient that is
+    # zero in exact arithmetic, i.e. pure rounding noise, which no relative test can compare.
+    want_all = torch.cat([want[name].flatten() for name in sorted(want)])
+    got_all = torch.cat([got[name].flatten() for name in sorted(want)])
+    assert float(want_all.norm()) > 0
+    assert float((got_all - want_all).norm()) <= 1e-4 * float(want_all.norm())
+
+
+def test_micro_batching_replays_each_chunks_dropout(tiny_config):
+    config = {**tiny_config, "tasks": {"tool": tiny_config["tasks"]["tool"]},
+              "micro_batch_size": 5}
+    trainer = Trainer(config)
+    trainer.setup()
+    trainer._close_outputs()
+    outputs = []
+    trainer.embedder.model.register_forward_hook(
+        lambda module, args, output: outputs.append(output[0].detach().clone()))
+    batch = trainer._batch_tensors(next(iter(trainer.sampler)))
+    trainer._forward_loss(batch).mean().backward()
+    first = len(outputs)
+    after_first_pass = torch.get_rng_state()
+    trainer._replay_chunks(batch)
+    assert first == len(outputs) - first == 2 + 32 // 5 + 1  # 8 queries, 32 keys
+    for a, b in zip(outputs[:first], outputs[first:]):
+        assert torch.equal(a, b)
+    assert torch.equal(torch.get_rng_state(), after_first_pass)
+
+
+def test_micro_batching_trains_with_checkpointing_to_the_same_weights(tiny_config):
+    config = {**tiny_config, "max_steps": 2, "save_steps": 0, "micro_batch_size": 4}
+    plain = train({**config, "output_dir": config["output_dir"] + "-plain"})
+    checkpointed = train({**config, "gradient_checkpointing": True})
+    want, got = _weights(plain), _weights(checkpointed)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+    assert [r["loss"] for r in _log(plain.parent)] == \
+        pytest.approx([r["loss"] for r in _log(checkpointed.parent)], rel=1e-6)
+
+
+def test_bf16_autocast_trains_on_the_cpu_close_to_float32(tiny_config):
+    config = {**tiny_config, "max_steps": 2, "save_steps": 0}
+    fp32 = _log(train({**config, "output_dir": config["output_dir"] + "-fp32"}).parent)
+    bf16 = _log(train({**config, "mixed_precision": "bf16"}).parent)
+    for a, b in zip(fp32, bf16):
+        assert a["task"] == b["task"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=5e-2)
+    assert [a["loss"] for a in fp32] != [b["loss"] for b in bf16]  # autocast did run
+
+
+def test_mixed_precision_the_device_cannot_run_is_a_config_error(tiny_config):
+    with pytest.raises(ConfigError, match="'mixed_precision'.*fp16 needs a CUDA GPU"):
+        train({**tiny_config, "mixed_precision": "fp16", "device": "cpu"})
+    assert not Path(tiny_config["output_dir"]).exists()
+    with pytest.raises(ConfigError, match="'mixed_precision'.*one of"):
+        load_config({**tiny_config, "mixed_precision": "fp8"})
+    with pytest.raises(ConfigError, match="'mixed_precision'.*not both"):
+        load_config({**tiny_config, "mixed_precision": "bf16", "bf16": True})
+    with pytest.raises(ConfigError, match="'micro_batch_size'"):
+        load_config({**tiny_config, "micro_batch_size": 0})
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def test_two_processes_under_torchrun_with_gloo(tiny_config, tmp_path):
-    config = {**tiny_config, "max_steps": 4, "batch_size": 4, "save_steps": 2}
+@pytest.mark.parametrize("micro_batch_size", [None, 3])  # 3: micro-batches under DDP
+def test_two_processes_under_torchrun_with_gloo(tiny_config, tmp_path, micro_batch_size):
+    config = {**tiny_config, "max_steps": 4, "batch_size": 4, "save_steps": 2,
+              "micro_batch_size": micro_batch_size}
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     package_root = str(Path(llm_embedder.__file__).resolve().parents[1])
