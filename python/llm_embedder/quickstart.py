@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -199,10 +200,15 @@ class _Stages:
         # little, CPU time says what the stage costs.
         cpu_seconds = round(time.process_time() - cpu, 1)
         # Tokens through the frozen LLM: what the stage costs independent of the machine.
+        # The process's peak resident memory so far: the stage where it jumps is the one that
+        # needs it (the quickstart's memory target is on the peak).
+        peak_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         self.timings[name] = {"seconds": seconds, "cpu_seconds": cpu_seconds,
-                              "llm_tokens": self.llm_tokens() - tokens, "skipped": False}
+                              "llm_tokens": self.llm_tokens() - tokens, "skipped": False,
+                              "peak_rss_mb": peak_mb}
         atomic_write_json(self.path, self.timings)
-        _say(f"   {name} took {seconds:.1f} s ({cpu_seconds:.1f} CPU s)")
+        _say(f"   {name} took {seconds:.1f} s ({cpu_seconds:.1f} CPU s), peak memory so far "
+             f"{peak_mb} MB")
         return value
 
 
@@ -456,8 +462,26 @@ def _evaluate(out: Path, cfg: QuickstartConfig, plan: Mapping[str, Mapping[str, 
     # encoding the corpora again (the tool corpus alone is ~270k tokens).
     for task, stored in vectors.items():
         _save_vectors(out / "vectors" / f"{task}.npz", stored["ids"], stored["vectors"])
-    atomic_write_json(out / "results.json", results)
+    _write_card(out, cfg, plan, results)
+    atomic_write_json(out / "results.json", results)  # last: it marks the stage done
     return results
+
+
+def _write_card(out: Path, cfg: QuickstartConfig, plan: Mapping[str, Mapping[str, Any]],
+                results: Mapping[str, Any]) -> None:
+    """The trained model's card, now with its training data and evaluation table."""
+    from .embedder import write_model_card
+
+    data = [f"{task}: {BUNDLED_TASK_DIRS[task]} (bundled), {plan[task]['llm_queries']} queries "
+            f"with LLM rewards ({plan[task].get('llm_labels', 'here')}), "
+            f"{plan[task]['label_only_queries']} with 1/0 rewards from human positives"
+            for task in cfg.tasks]
+    training = {"method": "llm-embedder quickstart", "reward": "rank-aware",
+                "steps": cfg.max_steps, "batch size": cfg.batch_size, "lr": cfg.lr,
+                "score temperature": cfg.score_temperature}
+    write_model_card(out / "model", {"base_model": "sentence-transformers/all-MiniLM-L6-v2",
+                                     "training_data": data, "training": training,
+                                     "results": dict(results)})
 
 
 def _save_vectors(path: Path, ids: Sequence[str], vectors: np.ndarray) -> None:
