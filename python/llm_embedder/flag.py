@@ -47,6 +47,7 @@ from .data import (
     DataError,
     LabelledQuery,
     Query,
+    _string_list,
     iter_jsonl,
     load_corpus,
     load_labelled,
@@ -129,23 +130,13 @@ def passage_id(text: str, group: Optional[str] = None) -> str:
 
 
 def _strings(obj: Dict[str, Any], name: str, path: PathLike, line: int) -> List[str]:
-    value = obj.get(name)
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list):
-        raise DataError(path, line, f"field '{name}' must be a list of strings, got "
-                                    f"{type(value).__name__}")
-    out = []
-    for i, item in enumerate(value):
-        if isinstance(item, bool) or not isinstance(item, (str, int)):
-            raise DataError(path, line, f"field '{name}'[{i}] must be a string, got "
-                                        f"{type(item).__name__}")
-        if name != "answers" and not str(item).strip():
-            raise DataError(path, line, f"field '{name}'[{i}] is empty")
-        out.append(str(item))
-    return out
+    """data.py's list-of-strings field check, plus: texts (all but answers) must not be empty."""
+    values = _string_list(obj, name, path, line)
+    if name != "answers":
+        for i, item in enumerate(values):
+            if not item.strip():
+                raise DataError(path, line, f"field '{name}'[{i}] is empty")
+    return values
 
 
 def _scores(obj: Dict[str, Any], name: str, n: int, what: str, path: PathLike,
