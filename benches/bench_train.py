@@ -117,9 +117,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="queries per step")
     parser.add_argument("--group-size", type=int, default=8, help="candidates per query")
     parser.add_argument("--max-length", type=int, default=256, help="query and key max tokens")
-    parser.add_argument("--micro-batch-size", type=int, default=4,
+    parser.add_argument("--micro-batch-size", type=int, default=None,
                         help="texts per forward pass (ours: micro_batch_size; peer: "
-                             "CachedMNRL mini_batch_size); 0: the whole batch (peer: MNRL)")
+                             "CachedMNRL mini_batch_size); 0: the whole batch (peer: MNRL); "
+                             "default: ours 'auto' (its default), the peer the same number")
     parser.add_argument("--queries", type=int, default=None,
                         help="label only the first N training queries (default: all 784)")
     parser.add_argument("--child", choices=["ours", "peer"], help=argparse.SUPPRESS)
@@ -135,11 +136,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         folder = Path(tmp)
         labels = make_labels(folder, args.group_size, args.queries)
-        micro = args.micro_batch_size or None
+        # Ours at its default ("auto": AUTO_TOKENS_PER_PASS padded tokens per pass on a CPU),
+        # the peer with the same number of texts per pass.
+        from llm_embedder.train import AUTO_TOKENS_PER_PASS
+
+        auto = args.micro_batch_size is None
+        micro = (max(1, AUTO_TOKENS_PER_PASS // args.max_length) if auto
+                 else args.micro_batch_size or None)
         config = {"tasks": {"qa": str(labels)}, "output_dir": str(folder / "ours"),
                   "max_steps": args.steps, "batch_size": args.batch_size,
                   "group_size": args.group_size, "query_max_length": args.max_length,
-                  "key_max_length": args.max_length, "micro_batch_size": micro,
+                  "key_max_length": args.max_length,
+                  "micro_batch_size": "auto" if auto else micro,
                   "save_steps": 0, "progress_bar": False, "plot": False, "device": "cpu"}
         rows = peer_rows(config)
         spec = folder / "spec.json"
@@ -154,8 +162,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     peer_rate = throughput(peer["step_s"], args.batch_size)
     peer_name = ("CachedMNRL (mini_batch_size {})".format(micro) if micro
                  else "MultipleNegativesRankingLoss")
-    ours_name = f"llm_embedder.train (micro_batch_size {micro})" if micro \
-        else "llm_embedder.train (whole batch)"
+    ours_name = (f"llm_embedder.train (micro_batch_size auto = {micro})" if auto
+                 else f"llm_embedder.train (micro_batch_size {micro})" if micro
+                 else "llm_embedder.train (whole batch)")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load "
           f"{os.getloadavg()[0]:.1f} at the end; batch {args.batch_size}, group "
           f"{args.group_size}, max length {args.max_length}, {args.steps} steps (first not "

@@ -166,7 +166,9 @@ PINNED_WEIGHT_SUM = 152.19676571085736
 
 
 def test_a_short_deterministic_run_gives_the_pinned_losses_and_weights(tiny_config):
-    model_dir = train({**tiny_config, "max_steps": 5, "save_steps": 0, "warmup_ratio": 0.2})
+    # The whole-batch path (micro_batch_size null) is the one these numbers were taken on.
+    model_dir = train({**tiny_config, "max_steps": 5, "save_steps": 0, "warmup_ratio": 0.2,
+                       "micro_batch_size": None})
     got = [(r["task"], r["loss"], r["lr"]) for r in _log(model_dir.parent)]
     assert [g[0] for g in got] == [p[0] for p in PINNED_STEPS]
     for (_, loss, lr), (_, want_loss, want_lr) in zip(got, PINNED_STEPS):
@@ -178,8 +180,8 @@ def test_a_short_deterministic_run_gives_the_pinned_losses_and_weights(tiny_conf
 
 
 # The same for the packaged MiniLM on bundled qa data (labels without an LLM), computed before
-# the speed work of issue 16 (micro-batching, mixed precision): none of it is on by default, so
-# the default run must keep these numbers.
+# the speed work of issue 16 (micro-batching, mixed precision): the whole-batch path must keep
+# these numbers (the default now micro-batches on a CPU, which draws other dropout masks).
 PINNED_MINILM_LOSSES = [0.24762689261115156, 0.001880703988717869, 0.0020996503299102187]
 PINNED_MINILM_WEIGHT_SUM = 1709.1158460990005
 
@@ -194,9 +196,12 @@ def test_the_packaged_minilm_on_bundled_data_gives_the_pinned_losses(tmp_path):
     model_dir = train({"tasks": {"qa": str(labels)}, "output_dir": str(tmp_path / "run"),
                        "max_steps": 3, "batch_size": 4, "group_size": 4,
                        "query_max_length": 64, "key_max_length": 128, "save_steps": 0,
-                       "progress_bar": False, "plot": False, "seed": 3})
+                       "progress_bar": False, "plot": False, "seed": 3,
+                       "micro_batch_size": None})
     losses = [r["loss"] for r in _log(model_dir.parent)]
-    assert losses == pytest.approx(PINNED_MINILM_LOSSES, rel=1e-6, abs=0)
+    # 1e-4: another CPU or torch build rounds MiniLM's float32 sums differently (8e-6 seen on
+    # a fresh install); a change of method, data order or dropout moves these by far more.
+    assert losses == pytest.approx(PINNED_MINILM_LOSSES, rel=1e-4, abs=0)
     total = float(sum(v.double().sum() for v in _weights(model_dir).values()))
     assert total == pytest.approx(PINNED_MINILM_WEIGHT_SUM, rel=1e-7, abs=0)
 
@@ -315,7 +320,7 @@ def test_micro_batches_give_the_whole_batch_loss_and_gradient(tiny_config,
                                                              tiny_bert_without_dropout, task):
     config = {**tiny_config, "model": str(tiny_bert_without_dropout),
               "tasks": {task: tiny_config["tasks"][task]}, "batch_size": 8, "group_size": 4}
-    want_loss, want, indices, _ = _step_gradients(config)
+    want_loss, want, indices, _ = _step_gradients({**config, "micro_batch_size": None})
     got_loss, got, _, _ = _step_gradients({**config, "micro_batch_size": 3, "overwrite": True},
                                           indices)
     assert got_loss == pytest.approx(want_loss, rel=1e-6)
@@ -326,6 +331,23 @@ def test_micro_batches_give_the_whole_batch_loss_and_gradient(tiny_config,
     got_all = torch.cat([got[name].flatten() for name in sorted(want)])
     assert float(want_all.norm()) > 0
     assert float((got_all - want_all).norm()) <= 1e-4 * float(want_all.norm())
+
+
+def test_auto_micro_batches_hold_a_fixed_token_budget_on_a_cpu(tiny_config):
+    from llm_embedder.train import AUTO_TOKENS_PER_PASS
+
+    trainer = Trainer({**tiny_config, "query_max_length": 64, "key_max_length": 256})
+    trainer.setup()
+    trainer._close_outputs()
+    assert trainer.config.micro_batch_size == "auto"  # the default
+    assert AUTO_TOKENS_PER_PASS == 1024
+    assert trainer._micro_rows(256) == 4 and trainer._micro_rows(64) == 16
+    assert trainer._micro_rows(4096) == 1  # never zero texts per pass
+    batch = trainer._batch_tensors(next(iter(trainer.sampler)))
+    trainer._forward_loss(batch)
+    assert [len(c.chunks) for c in batch.cached] == [1, 8]  # 8 queries; 32 keys by 4
+    trainer.device = torch.device("cuda")  # no chunks where the accelerator has the memory
+    assert trainer._micro_rows(256) is None
 
 
 def test_micro_batching_replays_each_chunks_dropout(tiny_config):

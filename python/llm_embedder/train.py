@@ -44,7 +44,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -89,6 +89,11 @@ DEFAULT_LR_PACKAGED = 5e-5
 DEFAULT_LR = 5e-6
 
 #: ``TrainConfig.mixed_precision`` values -> the autocast dtype (None: float32).
+#: ``micro_batch_size="auto"`` on a CPU: padded tokens per forward pass. At length 256 that is 4
+#: texts, which keeps a MiniLM step (batch 8, group 8) under 2 GB resident (issue 16: 1.9 GB,
+#: against 8.7 GB for the whole batch in one pass).
+AUTO_TOKENS_PER_PASS = 1024
+
 MIXED_PRECISION: Dict[str, Optional[torch.dtype]] = {"no": None, "bf16": torch.bfloat16,
                                                      "fp16": torch.float16}
 
@@ -148,18 +153,23 @@ class TrainConfig(Config):
     The old keys ``temperature`` (now ``score_temperature``) and ``reward_temperature`` /
     ``kl_temperature`` (now ``teacher_temperature``) are still read, with a DeprecationWarning.
 
-    Speed and memory (none of them is on by default, so the default numbers stay as they are):
+    Speed and memory:
 
-    - ``micro_batch_size`` (texts per forward pass; default None: every query, then every key
-      of the step, in one pass): embeds the step's queries and keys in chunks of this many
-      texts, GradCache-style — all chunks without gradients first (longest texts together, each
-      chunk padded to its own longest, which also saves the padding a whole-batch pass pays),
+    - ``micro_batch_size`` (texts per forward pass; ``"auto"``, the default: on a CPU as many
+      as fit in ``AUTO_TOKENS_PER_PASS`` = 1024 padded tokens at the side's max length — 4 keys
+      of 256 tokens, 16 queries of 64 —, on a GPU the whole batch; ``None``: every query,
+      then every key of the step, in one pass; an int: that many): embeds the step's queries
+      and keys in chunks of this many texts, GradCache-style — all chunks without gradients
+      first (longest texts together, each chunk padded to its own longest, which also saves
+      the padding a whole-batch pass pays),
       then the loss over the *whole* batch and its gradient with respect to the embeddings,
       then each chunk again with gradients, replaying the chunk's dropout, backpropagating the
       cached gradient. In-batch negatives and the gradient are those of the full batch (equal
       up to float rounding when dropout is off); memory is that of one chunk; it costs one
       extra forward pass without gradients. At batch 8, group 8, length 256 on the packaged
-      MiniLM the peak resident memory is 1.9 GB with 4, 2.4 GB with 8, 8.7 GB without.
+      MiniLM the peak resident memory is 1.9 GB with 4, 2.4 GB with 8, 8.7 GB without. With
+      dropout on, chunks draw other dropout masks than one whole-batch pass would, so a run
+      with ``micro_batch_size: null`` gives other (equally valid) numbers than the default.
     - ``gradient_checkpointing``: keep only each layer's input and recompute the layer in the
       backward pass (about a third more compute, far less activation memory); the same
       weights as without it.
@@ -203,7 +213,8 @@ class TrainConfig(Config):
     save_steps: int = 500  # checkpoint every this many steps (0: only at the end)
     resume: bool = False  # continue from output_dir/checkpoint when there is one
     overwrite: bool = False  # start afresh over a checkpoint; write into a foreign folder
-    micro_batch_size: Optional[int] = None  # texts per forward pass, GradCache (docstring)
+    # texts per forward pass, GradCache: "auto" (CPU: AUTO_TOKENS_PER_PASS), null, or an int
+    micro_batch_size: Union[int, Literal["auto"], None] = "auto"
     gradient_checkpointing: bool = False  # recompute activations in backward (docstring)
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16" autocast (docstring)
     bf16: bool = False  # older switch: bf16 on a GPU, ignored elsewhere (mixed_precision errs)
@@ -271,8 +282,9 @@ class TrainConfig(Config):
                   f"must be one of {list(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         check_key(self.mixed_precision == "no" or not (self.bf16 or self.fp16), "mixed_precision",
                   "give either mixed_precision or the older bf16/fp16 switch, not both")
-        check_key(self.micro_batch_size is None or self.micro_batch_size >= 1,
-                  "micro_batch_size", "must be >= 1 (or null: the whole batch in one pass)")
+        check_key(self.micro_batch_size in (None, "auto") or self.micro_batch_size >= 1,
+                  "micro_batch_size", "must be >= 1, \"auto\" or null (the whole batch in one "
+                                      "pass)")
         output_dir = Path(self.output_dir)
         check_key(output_dir.is_dir() or not output_dir.exists(), "output_dir",
                   f"{output_dir} exists and is not a folder: choose another output_dir")
@@ -970,11 +982,14 @@ class Trainer:
     def _forward_loss(self, batch: _Batch) -> torch.Tensor:
         """[B] loss of each query under its task's loss."""
         device, size = self.embedder.device, len(batch.examples)
-        if self.config.micro_batch_size is None:
+        query_rows = self._micro_rows(self.config.query_max_length)
+        key_rows = self._micro_rows(self.config.key_max_length)
+        if query_rows is None or key_rows is None:
             with self._autocast():
                 query_emb, flat_keys = self.model(batch.queries, batch.keys)
         else:
-            batch.cached = [self._embed_chunks(batch.queries), self._embed_chunks(batch.keys)]
+            batch.cached = [self._embed_chunks(batch.queries, query_rows),
+                            self._embed_chunks(batch.keys, key_rows)]
             query_emb, flat_keys = (cached.embeddings for cached in batch.cached)
         key_emb = flat_keys.new_zeros(size * self.config.group_size, flat_keys.shape[-1])
         key_emb = key_emb.index_copy(0, torch.tensor(batch.valid_slots, device=device),
@@ -1002,13 +1017,22 @@ class Trainer:
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         return torch.get_rng_state(), cuda
 
-    def _embed_chunks(self, features: Dict[str, torch.Tensor]) -> _Cached:
-        """Micro-batching, first pass: embed ``features`` in chunks of ``micro_batch_size``
-        rows (longest first, each cut to its own longest) without gradients, noting the RNG
-        state before each chunk so the second pass draws the same dropout."""
+    def _micro_rows(self, max_length: int) -> Optional[int]:
+        """Texts per forward pass for one side (None: the whole batch in one pass)."""
+        rows = self.config.micro_batch_size
+        if rows != "auto":
+            return rows
+        if self.device.type != "cpu":  # accelerators have the memory; chunks only cost time
+            return None
+        return max(1, AUTO_TOKENS_PER_PASS // max_length)
+
+    def _embed_chunks(self, features: Dict[str, torch.Tensor], rows_per_pass: int) -> _Cached:
+        """Micro-batching, first pass: embed ``features`` in chunks of ``rows_per_pass`` rows
+        (longest first, each cut to its own longest) without gradients, noting the RNG state
+        before each chunk so the second pass draws the same dropout."""
         lengths = features["attention_mask"].sum(dim=1)
         order = torch.argsort(lengths, descending=True, stable=True)
-        chunks = list(torch.split(order, self.config.micro_batch_size))
+        chunks = list(torch.split(order, rows_per_pass))
         left_padded = getattr(self.embedder.tokenizer, "padding_side", "right") == "left"
         states, parts = [], []
         with torch.no_grad(), self._autocast():
