@@ -9,7 +9,10 @@ with ``--relabel``.
 Hours of CPU in all, so it works in rounds: each round labels the next ``--step`` queries of
 every task (in the quickstart's stratified order, so any prefix covers every conversation and
 sub-task), then rewrites the compact files. Kill it at any time; run it again and it resumes
-(the full labelled files in ``--work`` are appended to query by query).
+(the full labelled files in ``--work`` are appended to query by query). On a new checkout,
+where ``--work`` is empty, it first expands the committed compact files into ``--work`` and
+takes the CPU time spent so far from ``labels/state.json``, so the artefact grows across
+machines and sessions.
 
     nohup python scripts/label_bundled.py --work work/labels > work/label.log 2>&1 &
 """
@@ -26,7 +29,8 @@ from typing import Dict, List
 
 from llm_embedder.data import bundled_data_dir, bundled_task_files, iter_jsonl, load_queries
 from llm_embedder.io import atomic_write_json, atomic_write_text
-from llm_embedder.label import LabelConfig, compact_labelled, label, reward_report
+from llm_embedder.label import (LabelConfig, compact_labelled, expand_labelled, label,
+                                 reward_report)
 from llm_embedder.llm import FrozenLLM
 from llm_embedder.quickstart import TASK_ORDER, stratified_order
 
@@ -86,9 +90,16 @@ def main(argv: List[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     target = bundled_data_dir() / "labels"
-    state_path = work / "state.json"
+    # The state (CPU time, counts) lives with the artefact: it must survive a lost --work.
+    state_path = target / "state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     ordered = {task: _ordered_queries(task, work) for task in args.tasks}
+    for task in args.tasks:
+        full, compact = work / f"{task}.jsonl", target / f"{task}.jsonl"
+        if not full.is_file() and compact.is_file():
+            restored = expand_labelled(compact, ordered[task], bundled_task_files(task)["corpus"],
+                                       full)
+            print(f"{task}: {restored} labelled queries restored from {compact.name}", flush=True)
     totals = {task: sum(1 for _ in iter_jsonl(path)) for task, path in ordered.items()}
     llm = FrozenLLM.load()
     config = LabelConfig(show_progress=False, **SETTINGS)
@@ -101,8 +112,10 @@ def main(argv: List[str] | None = None) -> int:
                 continue
             busy = True
             cpu, start = _cpu_seconds(), time.time()
+            # Step from what is there, so a resumed run does not redo no-op rounds.
+            limit = max(round_ * args.step, int(row.get("labelled", 0)) + args.step)
             summary = label(task, ordered[task], bundled_task_files(task)["corpus"], out,
-                            llm=llm, config=config, limit=round_ * args.step)
+                            llm=llm, config=config, limit=limit)
             row["cpu_seconds"] += _cpu_seconds() - cpu
             report = reward_report(out)
             row.update(labelled=summary.queries, total=totals[task],
