@@ -315,3 +315,47 @@ def test_unknown_loss_and_bad_temperatures_are_named():
         build_loss("kl", teacher_temperature=-1.0)
     with pytest.raises(TypeError, match="temperature"):
         build_loss("graded", temperature=0.01)  # the old name is gone: one naming scheme
+
+
+# ---- teacher_temperature="auto": T per query from the spread of its rewards -----------------
+
+
+@pytest.mark.parametrize("name", ["graded", "kl"])
+# (ranges where float32 still resolves the rewards: a tiny spread on a large offset does not)
+@given(seed=st.integers(0, 10_000), scale=st.floats(1e-2, 1e2), shift=st.floats(-5, 5))
+@settings(max_examples=25, deadline=None)
+def test_auto_teacher_ignores_the_rewards_scale_and_offset(name, seed, scale, shift):
+    q, k, rewards, mask, ids = _batch(seed)
+    loss_fn = build_loss(name, score_temperature=TAU, teacher_temperature="auto",
+                         reduction="none")
+    want = loss_fn(q, k, rewards, mask, ids)
+    got = loss_fn(q, k, rewards * scale + shift, mask, ids)
+    assert torch.allclose(got, want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["graded", "kl"])
+def test_auto_teacher_is_the_fixed_teacher_at_spread_times_std(name):
+    q, k, rewards, mask, ids = _batch(3, pad=False)
+    auto = build_loss(name, score_temperature=TAU, teacher_temperature="auto",
+                      teacher_spread=0.7, reduction="none")(q, k, rewards, mask, ids)
+    for b in range(q.shape[0]):
+        temperature = 0.7 * float(rewards[b].std(unbiased=False))
+        fixed = build_loss(name, score_temperature=TAU, teacher_temperature=temperature,
+                           reduction="none")(q, k, rewards, mask, ids)
+        assert float(auto[b]) == pytest.approx(float(fixed[b]), rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["graded", "kl"])
+def test_auto_teacher_skips_queries_whose_rewards_are_all_equal(name):
+    q, k, rewards, mask, ids = _batch(4, pad=False)
+    rewards[1] = 0.25  # a tie everywhere: no order to learn
+    q.requires_grad_(True)
+    losses = build_loss(name, score_temperature=TAU, teacher_temperature="auto",
+                        reduction="none")(q, k, rewards, mask, ids)
+    assert float(losses[1]) == 0.0 and bool((losses[[0, 2, 3, 4]] > 0).all())
+    losses.sum().backward()
+    assert float(q.grad[1].abs().sum()) == 0.0  # and no gradient from it
+    with pytest.raises(ValueError, match="teacher_temperature must be > 0 or 'auto'"):
+        build_loss(name, teacher_temperature="spread")
+    with pytest.raises(ValueError, match="teacher_spread must be > 0"):
+        build_loss(name, teacher_temperature="auto", teacher_spread=0.0)

@@ -117,6 +117,45 @@ def test_bad_arguments_are_named():
 # ----------------------------------------------------------------------------- self-paced
 
 
+def _quickstart_like():
+    """Sizes of the quickstart's tasks (qa, tool, chat, icl): icl is the small one."""
+    task_ids = np.repeat(np.arange(4), [784, 600, 429, 75])
+    return task_ids, np.random.default_rng(0).integers(5, 400, len(task_ids))
+
+
+@pytest.mark.parametrize("share", [0.15, 0.2, 0.3])
+def test_a_small_task_gets_its_minimum_share_of_the_first_steps(share):
+    task_ids, lengths = _quickstart_like()
+    plain = HomogeneousBatchSampler(task_ids, lengths, batch_size=24, seed=1,
+                                    task_temperature=2.0)
+    sampler = HomogeneousBatchSampler(task_ids, lengths, batch_size=24, seed=1,
+                                      task_temperature=2.0, min_share={3: share})
+    first = list(itertools.islice(iter(plain), 44))
+    assert sum(plain.task_of(b) == 3 for b in first) / 44 < 0.15  # without it: too few
+    assert plain.task_repeats() == {0: 1, 1: 1, 2: 1, 3: 1}
+    epoch = _epoch(sampler)
+    copies = sampler.task_repeats()[3]
+    assert copies >= 2 and {t: n for t, n in sampler.task_repeats().items() if t != 3} == \
+        {0: 1, 1: 1, 2: 1}
+    icl_share = sum(sampler.task_of(b) == 3 for b in epoch[:44]) / 44
+    assert icl_share >= share - 0.05  # the share of the draws, up to their randomness
+    used = np.concatenate(epoch)
+    counts = np.bincount(used, minlength=len(task_ids))
+    assert (counts[task_ids == 3] == copies).all() and (counts[task_ids != 3] == 1).all()
+    for batch in epoch:  # homogeneous, and no example twice in a batch
+        assert len(set(task_ids[batch].tolist())) == 1 and len(set(batch.tolist())) == len(batch)
+
+
+def test_min_share_is_checked_and_part_of_the_resume_state():
+    task_ids, lengths = _quickstart_like()
+    with pytest.raises(ValueError, match="min_share of task 3 must be in"):
+        HomogeneousBatchSampler(task_ids, lengths, batch_size=24, min_share={3: 1.0})
+    sampler = HomogeneousBatchSampler(task_ids, lengths, batch_size=24, min_share={3: 0.3})
+    other = HomogeneousBatchSampler(task_ids, lengths, batch_size=24)
+    with pytest.raises(ValueError, match="repeats"):
+        other.load_state_dict(sampler.state_dict())
+
+
 def test_self_paced_scale_falls_for_a_task_whose_loss_falls_and_not_for_a_flat_one():
     pace = SelfPacedScheduler(["learnt", "hard"], s_min=0.1, ema=0.8, init_batches=3)
     rng = np.random.default_rng(0)

@@ -499,7 +499,13 @@ def test_config_errors_name_the_key(tiny_config, tmp_path):
              ({"tasks": {"tool": {"file": "x", "teacher_temperature": -1.0}}},
               "'tasks.tool.teacher_temperature'"),
              ({"tasks": {"tool": {"file": "x", "lose": "kl"}}}, "tasks.tool"),
-             ({"tasks": {"tool": {"loss": "kl"}}}, "'tasks.tool.file'")]
+             ({"tasks": {"tool": {"loss": "kl"}}}, "'tasks.tool.file'"),
+             ({"teacher_temperature": "spread"}, "'teacher_temperature'"),
+             ({"teacher_temperature": "auto", "teacher_spread": 0}, "'teacher_spread'"),
+             ({"tasks": {"tool": {"file": "x", "teacher_temperature": "hot"}}},
+              "tasks.tool: config key 'teacher_temperature'.*'auto'"),
+             ({"task_min_share": {"qa": 0.2}}, "'task_min_share.qa'"),
+             ({"task_min_share": {"chat": 1.5}}, "'task_min_share.chat'")]
     for change, key in cases:
         with pytest.raises(ConfigError, match=key):
             load_config({**tiny_config, **change})
@@ -508,6 +514,18 @@ def test_config_errors_name_the_key(tiny_config, tmp_path):
     with pytest.raises(ConfigError, match="'output_dir'.*run-file"):
         load_config({**tiny_config, "output_dir": str(a_file)})
     assert a_file.read_text() == "mine"
+
+
+def test_auto_teacher_and_a_minimum_task_share_reach_the_losses_and_the_sampler(tiny_config):
+    trainer = Trainer({**tiny_config, "teacher_temperature": "auto", "teacher_spread": 0.3,
+                       "task_min_share": {"chat": 0.6}})
+    trainer.setup()
+    trainer._close_outputs()
+    for loss_fn in trainer.loss_fns.values():
+        assert loss_fn.teacher_temperature == "auto" and loss_fn.teacher_spread == 0.3
+    chat = trainer.task_names.index("chat")
+    assert trainer.sampler.task_repeats()[chat] >= 2
+    assert trainer.sampler.task_repeats()[1 - chat] == 1
 
 
 def test_old_temperature_keys_are_read_with_a_deprecation_warning(tiny_config):

@@ -21,7 +21,7 @@ rank (:func:`gather_with_grad`), serve as extra negatives when ``in_batch_negati
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type, TypeVar, Union
 
 import torch
 import torch.distributed as dist
@@ -40,6 +40,13 @@ __all__ = [
 ]
 
 _NEG_INF = float("-inf")
+
+#: ``teacher_temperature="auto"``: T of each query is this times the standard deviation of its
+#: candidates' rewards (``teacher_spread`` overrides it), so one reward's scale (rank-aware
+#: rewards step by 1/(N+1), likelihoods by fractions of a nat) sets no sharpness of its own.
+DEFAULT_TEACHER_SPREAD = 0.5
+#: Rewards whose within-query standard deviation is below this carry no order to learn.
+_FLAT_REWARD_STD = 1e-6
 
 
 def _distributed() -> bool:
@@ -143,7 +150,10 @@ class EmbeddingLoss(nn.Module):
 
     - ``score_temperature`` (tau): scores are ``s = cos(q, k) / tau``;
     - ``teacher_temperature`` (T): the teacher distribution is ``softmax(r / T)`` over a
-      query's candidates (graded and KL distillation; contrastive ignores it);
+      query's candidates (graded and KL distillation; contrastive ignores it). ``"auto"``: T
+      of each query is ``teacher_spread`` times the standard deviation of its rewards, i.e.
+      ``softmax(z / teacher_spread)`` of the rewards' z-scores, whatever the reward's scale;
+      a query whose rewards are all equal has nothing to teach and gets loss 0;
     - ``in_batch_negatives``: keys of the other queries in the batch are extra negatives (KL
       ignores it: it compares each query with its own candidates only);
     - ``cross_device``: under ``torch.distributed`` those of every rank too;
@@ -156,24 +166,47 @@ class EmbeddingLoss(nn.Module):
         >>> loss_fn = GradedDistillationLoss(score_temperature=0.01, teacher_temperature=0.1)
     """
 
-    def __init__(self, score_temperature: float = 0.01, teacher_temperature: float = 0.1, *,
+    def __init__(self, score_temperature: float = 0.01,
+                 teacher_temperature: Union[float, str] = 0.1, *,
+                 teacher_spread: float = DEFAULT_TEACHER_SPREAD,
                  in_batch_negatives: bool = True, cross_device: bool = True,
                  reduction: str = "mean"):
         super().__init__()
         if not score_temperature > 0:
             raise ValueError(f"score_temperature must be > 0, got {score_temperature}")
-        if not teacher_temperature > 0:
-            raise ValueError(f"teacher_temperature must be > 0, got {teacher_temperature}")
+        if teacher_temperature != "auto" and not (
+                isinstance(teacher_temperature, (int, float)) and teacher_temperature > 0):
+            raise ValueError(f"teacher_temperature must be > 0 or 'auto', got "
+                             f"{teacher_temperature!r}")
+        if not teacher_spread > 0:
+            raise ValueError(f"teacher_spread must be > 0, got {teacher_spread}")
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         self.reduction = reduction
         self.score_temperature = float(score_temperature)
-        self.teacher_temperature = float(teacher_temperature)
+        self.teacher_temperature: Union[float, str] = (
+            "auto" if teacher_temperature == "auto" else float(teacher_temperature))
+        self.teacher_spread = float(teacher_spread)
         self.in_batch_negatives = in_batch_negatives
         self.cross_device = cross_device
 
     def _reduce(self, per_query: Tensor) -> Tensor:
         return per_query.mean() if self.reduction == "mean" else per_query
+
+    def _teacher_logits(self, rewards: Tensor, valid: Tensor) -> Tuple[Tensor, Tensor]:
+        """([B, G] float32 ``r / T`` with -inf on padding, [B] bool: the query teaches)."""
+        reward = rewards.float()
+        if self.teacher_temperature == "auto":
+            count = valid.sum(dim=1, keepdim=True).clamp_min(1)
+            mean = reward.masked_fill(~valid, 0.0).sum(dim=1, keepdim=True) / count
+            var = ((reward - mean) ** 2).masked_fill(~valid, 0.0).sum(dim=1, keepdim=True) / count
+            std = var.sqrt()
+            teaches = std[:, 0] > _FLAT_REWARD_STD
+            scaled = (reward - mean) / (self.teacher_spread * std.clamp_min(_FLAT_REWARD_STD))
+        else:
+            teaches = torch.ones(reward.shape[0], dtype=torch.bool, device=reward.device)
+            scaled = reward / self.teacher_temperature
+        return scaled.masked_fill(~valid, _NEG_INF), teaches
 
     def _own_scores(self, query_emb: Tensor, key_emb: Tensor) -> Tensor:
         """[B, G] float32 scores of each query against its own candidates."""
@@ -262,8 +295,8 @@ class GradedDistillationLoss(EmbeddingLoss):
         # Padding gets a finite dummy score so that its own (zero-weight) row stays finite.
         own = torch.gather(self._own_scores(query_emb, key_emb), 1, order)
         own = own.masked_fill(~valid, 0.0)
-        weights = torch.softmax((reward / self.teacher_temperature).masked_fill(~valid, _NEG_INF),
-                                dim=1)
+        logits, teaches = self._teacher_logits(reward, valid)
+        weights = torch.softmax(logits, dim=1)
         group = own.shape[1]
         rank = torch.arange(group, device=own.device)
         # keep[b, i, j]: candidate j competes in row i (not ranked above i, not padding);
@@ -276,7 +309,7 @@ class GradedDistillationLoss(EmbeddingLoss):
             rows = torch.cat([rows, other[:, None, :].expand(-1, group, -1)], dim=2)
         cross_entropy = torch.logsumexp(rows, dim=2) - own  # [B, G]
         per_query = (weights * cross_entropy.masked_fill(~valid, 0.0)).sum(dim=1)
-        return self._reduce(per_query)
+        return self._reduce(per_query * teaches)
 
 
 @register_loss("kl")
@@ -297,15 +330,15 @@ class KLDistillationLoss(EmbeddingLoss):
         mask = _check_inputs(query_emb, key_emb, rewards, mask, key_ids)
         own = self._own_scores(query_emb, key_emb).masked_fill(~mask, _NEG_INF)
         log_student = torch.log_softmax(own, dim=1).masked_fill(~mask, 0.0)
-        teacher = torch.softmax(
-            (rewards.float() / self.teacher_temperature).masked_fill(~mask, _NEG_INF), dim=1)
+        logits, teaches = self._teacher_logits(rewards, mask)
+        teacher = torch.softmax(logits, dim=1)
         kl = torch.xlogy(teacher, teacher) - teacher * log_student
-        return self._reduce(kl.sum(dim=1))
+        return self._reduce(kl.sum(dim=1) * teaches)
 
 
 def build_loss(name: str, **kwargs: Any) -> nn.Module:
     """The registered loss called ``name``, built with the shared keywords of
-    :class:`EmbeddingLoss` (``score_temperature``, ``teacher_temperature``,
+    :class:`EmbeddingLoss` (``score_temperature``, ``teacher_temperature``, ``teacher_spread``,
     ``in_batch_negatives``, ``cross_device``, ``reduction``).
 
     ``reduction="none"`` returns the loss of each query ([B]) instead of their mean.

@@ -38,6 +38,10 @@ class HomogeneousBatchSampler:
             uniformly at random, without length bucketing, which would otherwise sort
             examples by task wherever tasks differ in length.
         task_temperature: 1 draws tasks in proportion to their size, larger is more uniform.
+        min_share: task id -> the least share of an epoch's batches it should get (e.g.
+            ``{3: 0.15}``): a task below it is repeated whole, as many times as it takes (each
+            copy batched on its own, so no batch holds an example twice; an epoch then uses
+            that task's examples that many times). See :meth:`task_repeats`.
         bucket_factor: batches per length-sorting pool (larger: less padding, less random).
         rank, world_size: this process's share (default: from ``torch.distributed`` when
             initialised, else 0 and 1).
@@ -54,6 +58,7 @@ class HomogeneousBatchSampler:
 
     def __init__(self, task_ids: Sequence[int], lengths: Sequence[int], batch_size: int,
                  seed: int = 0, *, mixed: bool = False, task_temperature: float = 1.0,
+                 min_share: Optional[Dict[int, float]] = None,
                  bucket_factor: int = 16, rank: Optional[int] = None,
                  world_size: Optional[int] = None) -> None:
         self.task_ids = np.ascontiguousarray(task_ids, dtype=np.int64)
@@ -75,23 +80,56 @@ class HomogeneousBatchSampler:
         self.task_temperature = float(task_temperature)
         self.bucket_factor = 1 if mixed else int(bucket_factor)
         self.rank, self.world_size = rank, world_size
+        self.min_share = dict(min_share or {})
+        for task, share in self.min_share.items():
+            if not 0 <= share < 1:
+                raise ValueError(f"min_share of task {task} must be in [0, 1), got {share}")
+        self.repeats = self.task_repeats()
         self.epoch = 0
         self.position = 0  # global batches of `epoch` already yielded
         self._cache: Dict[int, List[IntArray]] = {}
 
     # ---- batches --------------------------------------------------------------------------
 
+    def task_repeats(self) -> Dict[int, int]:
+        """Copies per epoch of each task (1 unless ``min_share`` asks for more): the fewest
+        with which the task's share of the first draws, ``copies * batches^(1/T)`` over the
+        sum of all, reaches its minimum (draws follow remaining batches^(1/T))."""
+        tasks, counts = np.unique(self.task_ids, return_counts=True)
+        size = self.batch_size * self.world_size
+        weight = {int(t): math.ceil(int(n) / size) ** (1.0 / self.task_temperature)
+                  for t, n in zip(tasks, counts)}
+        repeats = {t: 1 for t in weight}
+        if self.mixed:
+            return repeats
+        for task, share in self.min_share.items():
+            if task not in weight or share <= 0:
+                continue
+            others = sum(w * repeats[t] for t, w in weight.items() if t != task)
+            # copies * w / (copies * w + others) >= share
+            repeats[task] = max(1, math.ceil(share * others / ((1 - share) * weight[task])))
+        return repeats
+
     def global_batches(self, epoch: int) -> List[IntArray]:
         """All ranks' batches of ``epoch`` (each ``batch_size * world_size`` or fewer)."""
         if epoch not in self._cache:
             from . import _native
 
-            task_ids = np.zeros_like(self.task_ids) if self.mixed else self.task_ids
+            # Copies of a repeated task are pseudo-tasks of their own (ids past the real ones).
+            pool = np.arange(len(self.task_ids), dtype=np.int64)
+            pseudo = np.zeros_like(self.task_ids) if self.mixed else self.task_ids.copy()
+            next_id = int(self.task_ids.max()) + 1
+            for task, copies in self.repeats.items():
+                mine = np.flatnonzero(self.task_ids == task)
+                for _ in range(copies - 1):
+                    pool = np.concatenate([pool, mine])
+                    pseudo = np.concatenate([pseudo, np.full(len(mine), next_id)])
+                    next_id += 1
             batches = _native.bucket_batches(
-                task_ids, self.lengths, self.batch_size * self.world_size,
-                (self.seed + epoch) % 2**63, shuffle=True, bucket_factor=self.bucket_factor,
-                task_temperature=self.task_temperature)
-            self._cache = {epoch: [np.asarray(b, dtype=np.int64) for b in batches]}
+                np.ascontiguousarray(pseudo), np.ascontiguousarray(self.lengths[pool]),
+                self.batch_size * self.world_size, (self.seed + epoch) % 2**63, shuffle=True,
+                bucket_factor=self.bucket_factor, task_temperature=self.task_temperature)
+            self._cache = {epoch: [pool[np.asarray(b, dtype=np.int64)] for b in batches]}
         return self._cache[epoch]
 
     def local_share(self, batch: IntArray) -> IntArray:
@@ -127,11 +165,12 @@ class HomogeneousBatchSampler:
     def state_dict(self) -> Dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
                 "batch_size": self.batch_size, "world_size": self.world_size,
-                "mixed": self.mixed, "num_examples": len(self.task_ids)}
+                "mixed": self.mixed, "num_examples": len(self.task_ids),
+                "repeats": {str(t): n for t, n in self.repeats.items()}}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Continue from a saved position; the batching itself must be configured the same."""
-        for key in ("seed", "batch_size", "world_size", "mixed", "num_examples"):
+        for key in ("seed", "batch_size", "world_size", "mixed", "num_examples", "repeats"):
             mine = self.state_dict()[key]
             if state.get(key, mine) != mine:
                 raise ValueError(f"cannot resume the batch order: {key} was {state[key]!r} and "

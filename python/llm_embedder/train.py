@@ -119,7 +119,8 @@ class TaskSpec(Config):
     file: str
     loss: Optional[str] = None  # a name in losses.LOSSES; default: the task's own
     reward: Optional[str] = None  # a name in label.REWARDS; default: TrainConfig.reward
-    teacher_temperature: Optional[float] = None  # default: TrainConfig.teacher_temperature
+    # a float, "auto" (from the rewards' within-query spread), default TrainConfig's
+    teacher_temperature: Union[float, Literal["auto"], None] = None
 
 
 # Old key -> its name now. reward_temperature (graded) and kl_temperature (KL) were two names
@@ -145,9 +146,16 @@ class TrainConfig(Config):
       in every loss;
     - ``teacher_temperature`` (T, default 0.1): the teacher distribution ``softmax(r / T)``
       over a query's candidate rewards — the weights of graded distillation and the target of
-      KL distillation. A task may set its own (``tasks.<name>.teacher_temperature``);
+      KL distillation. A task may set its own (``tasks.<name>.teacher_temperature``).
+      ``"auto"``: T of each query is ``teacher_spread`` (default 0.5) times the standard
+      deviation of its rewards, so a reward's own scale (rank-aware rewards step by 1/(N+1),
+      likelihoods by fractions of a nat) does not set the sharpness, and a query whose
+      rewards are all equal is skipped (nothing to learn from it);
     - ``task_temperature`` (default 1): task sampling; 1 draws tasks in proportion to their
       size, larger is more uniform;
+    - ``task_min_share`` (task name -> share in [0, 1), default none): the least share of
+      steps a (small) task gets: it is repeated whole within an epoch as often as it takes
+      (``HomogeneousBatchSampler.task_repeats``; each copy batched on its own);
     - (the labeller's ``sampling_temperature`` in ``LabelConfig`` is the LLM's, not ours).
 
     The old keys ``temperature`` (now ``score_temperature``) and ``reward_temperature`` /
@@ -206,8 +214,10 @@ class TrainConfig(Config):
     ema: float = 0.9  # decay of the per-task loss EMA
     pace_init_batches: int = 3  # batches of a task that define its initial loss L⁰
     score_temperature: float = 0.01  # tau (see the docstring)
-    teacher_temperature: float = 0.1  # T (see the docstring)
+    teacher_temperature: Union[float, Literal["auto"]] = 0.1  # T (see the docstring)
+    teacher_spread: float = 0.5  # with teacher_temperature "auto" (see the docstring)
     task_temperature: float = 1.0  # task sampling (see the docstring)
+    task_min_share: Dict[str, float] = field(default_factory=dict)  # (see the docstring)
     cross_device_negatives: bool = True
     seed: int = 0
     save_steps: int = 500  # checkpoint every this many steps (0: only at the end)
@@ -263,8 +273,15 @@ class TrainConfig(Config):
             check_key(getattr(self, key) >= 2, key, "must be >= 2")
         for key in ("weight_decay", "max_grad_norm", "save_steps", "seed"):
             check_key(getattr(self, key) >= 0, key, "must be >= 0")
-        for key in ("score_temperature", "teacher_temperature", "task_temperature"):
+        for key in ("score_temperature", "task_temperature", "teacher_spread"):
             check_key(getattr(self, key) > 0, key, "must be > 0")
+        for task, share in self.task_min_share.items():
+            check_key(task in self.tasks, f"task_min_share.{task}",
+                      f"is not one of the trained tasks {sorted(self.tasks)}")
+            check_key(isinstance(share, (int, float)) and 0 <= share < 1,
+                      f"task_min_share.{task}", f"must be a share in [0, 1), got {share!r}")
+        check_key(self.teacher_temperature == "auto" or self.teacher_temperature > 0,
+                  "teacher_temperature", "must be > 0 or \"auto\"")
         check_key(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1")
         check_key(self.epochs is None or self.epochs > 0, "epochs", "must be > 0")
         check_key(self.lr is None or self.lr > 0, "lr", "must be > 0")
@@ -341,8 +358,8 @@ def _task_spec(name: str, value: Any) -> TaskSpec:
               f"loss must be one of {sorted(LOSSES)}, got {spec.loss!r}")
     check_key(spec.reward is None or spec.reward in REWARDS, f"{key}.reward",
               f"reward must be one of {sorted(REWARDS)}, got {spec.reward!r}")
-    check_key(spec.teacher_temperature is None or spec.teacher_temperature > 0,
-              f"{key}.teacher_temperature", "must be > 0")
+    check_key(spec.teacher_temperature in (None, "auto") or spec.teacher_temperature > 0,
+              f"{key}.teacher_temperature", "must be > 0 or \"auto\"")
     return dataclasses.replace(spec, file=os.fspath(spec.file))
 
 
@@ -442,11 +459,14 @@ def _make_sampler(config: TrainConfig, examples: Sequence[_Example], rank: int =
                   world: int = 1) -> HomogeneousBatchSampler:
     """The run's batches of example indices (benches/bench_train.py feeds the same batches to
     its peer)."""
+    names = list(config.task_specs())  # task ids follow this order (_load_examples)
     return HomogeneousBatchSampler(
         [e.task for e in examples],
         [len(e.query) + sum(len(t) for t in e.texts) // len(e.texts) for e in examples],
         config.batch_size, config.seed, mixed=config.batching == "mixed",
-        task_temperature=config.task_temperature, rank=rank, world_size=world)
+        task_temperature=config.task_temperature,
+        min_share={names.index(t): share for t, share in config.task_min_share.items()},
+        rank=rank, world_size=world)
 
 
 def _group(example: _Example, group_size: int, seed: int, epoch: int, index: int) -> np.ndarray:
@@ -856,6 +876,7 @@ class Trainer:
                 config.loss or spec.loss or task.loss,
                 score_temperature=config.score_temperature,
                 teacher_temperature=config.teacher_temperature if teacher is None else teacher,
+                teacher_spread=config.teacher_spread,
                 in_batch_negatives=task.shared_corpus,
                 cross_device=config.cross_device_negatives, reduction="none")
         return loss_fns
