@@ -27,7 +27,8 @@ httpx = pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from llm_embedder import TASKS, Index  # noqa: E402
-from llm_embedder.serve import MicroBatcher, create_app, prompt_instruction  # noqa: E402
+from llm_embedder import serve  # noqa: E402
+from llm_embedder.serve import MicroBatcher, create_app, json_bytes, prompt_instruction  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CORPUS = [
@@ -136,6 +137,45 @@ def test_prompt_instruction_matches_the_saved_sentence_transformers_prompt_names
     for name, task in TASKS.items():
         assert prompt_instruction(f"{name}_query") == task.query_instruction
         assert prompt_instruction(f"{name}_key") == task.key_instruction
+
+
+def test_prompt_instruction_refuses_an_unknown_name_with_a_422_listing_the_known_ones():
+    with pytest.raises(serve.ApiError, match="unknown prompt_name 'qa_passage'.*tool_query") as err:
+        prompt_instruction("qa_passage")
+    assert err.value.status == 422
+    assert prompt_instruction(None) == ""
+
+
+def test_each_text_is_tokenized_once_and_billed_its_tokens(client, minilm, monkeypatch):
+    calls = []
+    tokenizer = minilm.tokenizer
+
+    class Counting:
+        def __call__(self, texts, *args, **kwargs):
+            calls.append(len(texts))
+            return tokenizer(texts, *args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+    monkeypatch.setattr(minilm, "tokenizer", Counting())
+    body = client.post("/v1/embeddings", json={"input": TEXTS, "task": "chat"}).json()
+    assert calls == [len(TEXTS)]
+    prefix = TASKS["chat"].query_instruction
+    expected = sum(len(ids) for ids in tokenizer([prefix + t for t in TEXTS])["input_ids"])
+    assert body["usage"]["prompt_tokens"] == expected
+
+
+def test_json_without_orjson_gives_the_same_float32_vectors(monkeypatch):
+    vectors = np.random.default_rng(0).standard_normal((3, 384)).astype(np.float32)
+    content = {"data": [{"index": i, "embedding": row} for i, row in enumerate(vectors)]}
+    fast = json.loads(json_bytes(content))
+    monkeypatch.setattr(serve, "_orjson", lambda: None)
+    plain = json.loads(json_bytes(content))
+    for body in (fast, plain):
+        decoded = np.array([row["embedding"] for row in body["data"]], dtype=np.float32)
+        np.testing.assert_array_equal(decoded, vectors)
+    assert [row["index"] for row in plain["data"]] == [0, 1, 2]
 
 
 def test_search_answers_ids_scores_and_texts_of_the_saved_index(client, minilm, index_dir):
@@ -290,6 +330,28 @@ def test_metrics_expose_requests_latency_and_batch_sizes(client):
     assert "llm_embedder_requests_in_progress 0.0" in after
 
 
+class _FailingEmbedder:
+    """Enough of an Embedder for create_app, whose encoder always fails."""
+
+    dim, device, max_seq_length = 4, "cpu", 16
+
+    def encode(self, texts, **kwargs):
+        raise RuntimeError("the encoder broke")
+
+
+def test_an_encoder_crash_is_a_500_json_body_and_is_counted():
+    app = create_app(embedder=_FailingEmbedder())
+    with TestClient(app, raise_server_exceptions=False) as broken:
+        response = broken.post("/v1/embeddings", json={"input": "a"})
+        metrics = broken.get("/metrics").text
+    assert response.status_code == 500
+    assert response.json()["error"] == {
+        "message": "internal error: RuntimeError: the encoder broke", "type": "server_error"}
+    assert _metric(metrics, "llm_embedder_requests_total",
+                   '{endpoint="/v1/embeddings",status="500"}') == 1
+    assert "llm_embedder_requests_in_progress 0.0" in metrics
+
+
 # ---- micro-batching ---------------------------------------------------------------------------
 
 
@@ -326,6 +388,21 @@ def test_batching_off_encodes_one_request_per_call(minilm):
         metrics = unbatched.get("/metrics").text
     assert _metric(metrics, "llm_embedder_batch_size_count") == len(TEXTS)
     assert _metric(metrics, "llm_embedder_batch_size_sum") == 2 * len(TEXTS)
+
+
+def test_threads_sets_torch_threads_in_the_encoder_thread_only(minilm):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        with TestClient(create_app(embedder=minilm, threads=1)) as one:
+            assert one.post("/v1/embeddings", json={"input": "a"}).status_code == 200
+            executor = one.app.state.batcher._executor
+            assert executor.submit(torch.get_num_threads).result() == 1
+    finally:
+        torch.set_num_threads(before)  # set_num_threads also moves the default of new threads
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        create_app(embedder=minilm, threads=0)
 
 
 def _fake_encode(texts, prefix, normalize):
@@ -375,6 +452,37 @@ def test_batcher_skips_cancelled_jobs_and_refuses_work_when_stopped():
 
     asyncio.run(scenario())
     assert calls == [["kept"]]
+
+
+def test_jobs_that_waited_for_a_busy_encoder_go_without_waiting_again():
+    release = threading.Event()
+    calls = []
+
+    def encode(texts, prefix, normalize):
+        calls.append(len(texts))
+        if len(calls) == 1:
+            release.wait(timeout=30)
+        return _fake_encode(texts, prefix, normalize)
+
+    async def scenario():
+        batcher = MicroBatcher(encode, max_batch_size=4, max_wait_ms=1000)
+        await batcher.start()
+        full = asyncio.ensure_future(batcher.submit(["a"] * 4, "", True))  # a full batch
+        while not calls:
+            await asyncio.sleep(0.01)
+        late = [asyncio.ensure_future(batcher.submit([t], "", True)) for t in ("b", "c")]
+        await asyncio.sleep(1.2)  # longer than max_wait: both waited for the busy encoder
+        release.set()
+        await full
+        released = time.monotonic()
+        await asyncio.gather(*late)
+        waited = time.monotonic() - released
+        await batcher.stop()
+        return waited
+
+    waited = asyncio.run(scenario())
+    assert calls == [4, 2]  # the two late jobs in one batch
+    assert waited < 0.5  # not another max_wait (1 s) for company
 
 
 def test_an_encoder_failure_fails_only_its_requests():

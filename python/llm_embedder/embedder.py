@@ -519,6 +519,7 @@ class Embedder(nn.Module):
         prompt_name: Optional[str] = None,
         normalize_embeddings: Optional[bool] = None,
         convert_to_tensor: bool = False,
+        token_counts: Optional[List[int]] = None,
     ) -> Union[npt.NDArray[np.float32], torch.Tensor]:
         """Embed ``texts`` with the instruction of ``task``/``side`` prepended.
 
@@ -541,6 +542,9 @@ class Embedder(nn.Module):
                 :attr:`device`.
             convert_to_tensor: a float32 tensor on :attr:`device`, whatever
                 ``convert_to_numpy`` says (as in sentence-transformers).
+            token_counts: a list to which the token count of each text is appended (instruction
+                and special tokens included, after truncation): what a server bills, without
+                tokenizing twice.
 
         Texts are tokenized once, bucketed by token length (native ``bucket_batches``) so
         each batch pads little, and the vectors come back in input order.
@@ -580,6 +584,8 @@ class Embedder(nn.Module):
         keys = [key for key in ("input_ids", "token_type_ids") if key in encoded]
         lengths = np.fromiter((len(ids) for ids in encoded["input_ids"]), dtype=np.int64,
                               count=len(items))
+        if token_counts is not None:
+            token_counts.extend(lengths.tolist())
         from . import _native
 
         batches = _native.bucket_batches(np.zeros(len(items), dtype=np.int64), lengths,

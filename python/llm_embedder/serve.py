@@ -35,6 +35,8 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import functools
+import json
 import logging
 import os
 import signal
@@ -93,6 +95,7 @@ class _Job:
     prefix: str
     normalize: bool
     future: "asyncio.Future[Tuple[Any, List[int]]]"
+    queued_at: float  # loop.time() at submit: the max wait counts from here
 
 
 class _Stop:
@@ -107,10 +110,13 @@ class MicroBatcher:
 
     ``encode_group(texts, prefix, normalize) -> (vectors [n, dim], token counts)`` runs in a
     thread. The worker takes the first queued job, then keeps taking jobs until
-    ``max_batch_size`` texts are waiting or ``max_wait_ms`` has passed since the first; jobs
-    with the same instruction prefix and normalisation are encoded in one call. With
-    ``batching=False`` every job is encoded on its own (one request per forward pass).
-    ``on_batch(n_texts)`` is called once per batch (the batch-size metric).
+    ``max_batch_size`` texts are waiting or ``max_wait_ms`` has passed since the first one was
+    queued: under load, jobs that already waited that long for the busy encoder go at once
+    with everything queued behind them, without waiting again. Jobs with the same instruction
+    prefix and normalisation are encoded in one call. With ``batching=False`` every job is
+    encoded on its own (one request per forward pass). ``on_batch(n_texts)`` is called once
+    per batch (the batch-size metric); ``thread_init()`` once in the encoder thread, before
+    its first job.
 
     Example:
         >>> batcher = MicroBatcher(encode_group, max_batch_size=32, max_wait_ms=5)
@@ -120,7 +126,8 @@ class MicroBatcher:
 
     def __init__(self, encode_group: EncodeGroup, *, max_batch_size: int = 32,
                  max_wait_ms: float = 5.0, batching: bool = True,
-                 on_batch: Optional[Callable[[int], None]] = None) -> None:
+                 on_batch: Optional[Callable[[int], None]] = None,
+                 thread_init: Optional[Callable[[], None]] = None) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
         if max_wait_ms < 0:
@@ -130,6 +137,7 @@ class MicroBatcher:
         self.max_wait_s = max_wait_ms / 1000.0
         self.batching = batching
         self.on_batch = on_batch
+        self.thread_init = thread_init
         self._queue: Optional["asyncio.Queue[Union[_Job, _Stop]]"] = None
         self._worker: Optional["asyncio.Task[None]"] = None
         # Always the same thread: OpenMP keeps torch's worker threads per calling thread, so
@@ -147,7 +155,8 @@ class MicroBatcher:
         """Start the worker on the running event loop."""
         self._queue = asyncio.Queue()
         self._getter = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="llm-embedder-encode")
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="llm-embedder-encode",
+                                            initializer=self.thread_init)
         self._worker = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
@@ -168,7 +177,8 @@ class MicroBatcher:
                                 "shutting down); retry shortly", "unavailable")
         future: "asyncio.Future[Tuple[Any, List[int]]]" = \
             asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Job(texts, prefix, normalize, future))
+        self._queue.put_nowait(_Job(texts, prefix, normalize, future,
+                                    asyncio.get_running_loop().time()))
         return await future
 
     async def _next(self, timeout: Optional[float]) -> Optional[Union[_Job, _Stop]]:
@@ -181,6 +191,14 @@ class MicroBatcher:
         item, self._getter = self._getter.result(), None
         return item
 
+    def _next_nowait(self) -> Optional[Union[_Job, _Stop]]:
+        # Safe beside a pending getter: a get() woken for an item taken here waits again.
+        assert self._queue is not None
+        try:
+            return self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         stopping = False
@@ -189,9 +207,12 @@ class MicroBatcher:
             if isinstance(first, _Stop) or first is None:
                 break
             batch, size = [first], len(first.texts)
-            deadline = loop.time() + self.max_wait_s
+            deadline = first.queued_at + self.max_wait_s
             while self.batching and size < self.max_batch_size:
-                item = await self._next(max(0.0, deadline - loop.time()))
+                item = self._next_nowait()
+                if item is None:
+                    left = deadline - loop.time()
+                    item = await self._next(left) if left > 0 else None
                 if item is None:
                     break
                 if isinstance(item, _Stop):
@@ -279,9 +300,9 @@ def _instruction(task: str, side: str) -> str:
 def prompt_instruction(prompt_name: Optional[str]) -> str:
     """The instruction a text-embeddings-inference ``prompt_name`` stands for.
 
-    ``None``: no instruction; ``query`` / ``document``: the qa task's query / key instruction;
-    ``<task>_query``, ``<task>_key`` or ``<task>_document``: that task's side (the prompt names
-    of the sentence-transformers config that ``Embedder.save_pretrained`` writes).
+    ``None``: no instruction; any other name is a prompt of the sentence-transformers config
+    that ``Embedder.save_pretrained`` writes (``query``, ``document``, ``<task>_query``,
+    ``<task>_key``, ``<task>_document``), looked up by :func:`llm_embedder.embedder.prompt_text`.
 
     Example:
         >>> prompt_instruction("tool_query")
@@ -289,19 +310,12 @@ def prompt_instruction(prompt_name: Optional[str]) -> str:
     """
     if prompt_name is None:
         return ""
-    if prompt_name == "query":
-        return _instruction("qa", "query")
-    if prompt_name == "document":
-        return _instruction("qa", "key")
-    task, _, side = prompt_name.rpartition("_")
-    sides = {"query": "query", "key": "key", "document": "key"}
-    if task and side in sides:
-        from .tasks import TASKS
+    from .embedder import prompt_text
 
-        if task in TASKS:
-            return _instruction(task, sides[side])
-    raise ApiError(422, f"unknown prompt_name {prompt_name!r}: use 'query', 'document' or "
-                        f"'<task>_query' / '<task>_key' with a task in {_task_names()}")
+    try:
+        return prompt_text(prompt_name)
+    except ValueError as exc:
+        raise ApiError(422, str(exc)) from None
 
 
 def _validation_message(errors: Sequence[Dict[str, Any]]) -> Tuple[int, str]:
@@ -346,6 +360,100 @@ def _import_serving() -> Dict[str, Any]:
     return {"fastapi": fastapi, "prometheus_client": prometheus_client, "pydantic": pydantic}
 
 
+@functools.lru_cache(maxsize=None)
+def _orjson() -> Any:
+    try:
+        import orjson
+    except ImportError:
+        return None
+    return orjson
+
+
+def _tolist(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def json_bytes(content: Any) -> bytes:
+    """``content`` as compact JSON, numpy arrays written as lists of numbers.
+
+    With orjson installed, each float32 is written in its shortest round-trip form, about 30x
+    faster than the ``json`` module and in half the bytes (an embedding is 384+ floats); the
+    same numbers either way once read back as float32.
+
+    Example:
+        >>> json_bytes({"embedding": np.array([0.5, 1.0], dtype=np.float32)})
+        b'{"embedding":[0.5,1.0]}'
+    """
+    orjson = _orjson()
+    if orjson is not None:
+        return orjson.dumps(content, default=_tolist, option=orjson.OPT_SERIALIZE_NUMPY)
+    return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"),
+                      default=_tolist).encode("utf-8")
+
+
+def _json_response(content: Any, status: int = 200) -> Any:
+    from starlette.responses import Response
+
+    return Response(json_bytes(content), status, media_type="application/json")
+
+
+class _Observe:
+    """ASGI middleware: refuses oversized bodies (413) and records the request metrics.
+
+    Plain ASGI rather than Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``), which
+    runs every request through an extra task group and memory streams: that cost the server
+    more CPU per request than the rest of the HTTP stack under load (benches/bench_serve.py).
+    """
+
+    def __init__(self, app: Any, *, max_body: int, limits: str, requests_total: Any,
+                 latency: Any, in_progress: Any) -> None:
+        self.app = app
+        self.max_body = max_body
+        self.limits = limits
+        self.requests_total = requests_total
+        self.latency = latency
+        self.in_progress = in_progress
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        endpoint = path if path in _ENDPOINTS else "other"
+        length = next((value for key, value in scope["headers"] if key == b"content-length"),
+                      b"")
+        if length.isdigit() and int(length) > self.max_body:
+            await _json_response(error_body(
+                f"the request body has {int(length)} bytes; the limit is {self.max_body} "
+                f"({self.limits})", "payload_too_large"), 413)(scope, receive, send)
+            self.requests_total.labels(endpoint, "413").inc()
+            return
+        status = 500
+
+        async def send_and_note(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        counted = endpoint != "/metrics"
+        start = time.perf_counter()
+        if counted:
+            self.in_progress.inc()
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception:
+            self.requests_total.labels(endpoint, "500").inc()
+            raise
+        finally:
+            if counted:
+                self.in_progress.dec()
+        self.latency.labels(endpoint).observe(time.perf_counter() - start)
+        self.requests_total.labels(endpoint, str(status)).inc()
+
+
 def _corpus_texts(index_dir: Path, corpus: Optional[str]) -> Dict[Any, str]:
     """id -> text of the corpus an index was built from, {} when it is not known or gone."""
     if not corpus:
@@ -369,6 +477,7 @@ def create_app(
     max_chars: int = 8192,
     batching: bool = True,
     device: Optional[str] = None,
+    threads: Optional[int] = None,
     embedder: Any = None,
     model_name: Optional[str] = None,
 ) -> Any:
@@ -385,6 +494,9 @@ def create_app(
         max_inputs, max_chars: texts per request and characters per text at most (413 above).
         batching: ``False`` encodes each request on its own (to measure what batching buys).
         device: where the encoder runs; default the GPU when there is one.
+        threads: torch threads of the encoder thread (default: torch's choice, one per core).
+            The event loop (HTTP, JSON) and any client on the same machine share the cores
+            with them.
         embedder: an already loaded :class:`~llm_embedder.Embedder` (``model_dir`` is then
             ignored); model_name: the name answered in ``model`` fields (default: the folder
             name).
@@ -402,7 +514,8 @@ def create_app(
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    for name, value in (("max_inputs", max_inputs), ("max_chars", max_chars)):
+    for name, value in (("max_inputs", max_inputs), ("max_chars", max_chars),
+                        ("threads", 1 if threads is None else threads)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
 
@@ -430,15 +543,14 @@ def create_app(
                              f"{served_name} embeds in {embedder.dim}: build the index with "
                              f"this model")
         corpus_texts = _corpus_texts(Path(index_dir), source.get("corpus"))
-    token_limit = min(MAX_TOKENS, embedder.max_seq_length)
 
     def encode_group(texts: List[str], prefix: str, normalize: bool) -> Tuple[Any, List[int]]:
+        tokens: List[int] = []
         vectors = embedder.encode(texts, task=None, side=None, instruction=prefix,
                                   batch_size=max_batch_size, max_length=MAX_TOKENS,
-                                  normalize=normalize, show_progress_bar=False)
-        ids = embedder.tokenizer([prefix + text for text in texts], truncation=True,
-                                 max_length=token_limit)["input_ids"]
-        return vectors, [len(row) for row in ids]
+                                  normalize=normalize, show_progress_bar=False,
+                                  token_counts=tokens)
+        return vectors, tokens
 
     registry = prom.CollectorRegistry()
     requests_total = prom.Counter("llm_embedder_requests_total", "HTTP requests answered",
@@ -451,14 +563,23 @@ def create_app(
     batch_sizes = prom.Histogram("llm_embedder_batch_size", "texts per encoder call",
                                  buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
                                  registry=registry)
+
+    def set_threads() -> None:
+        # In the encoder thread itself: OpenMP keeps the thread count per calling thread.
+        import torch
+
+        torch.set_num_threads(threads)  # type: ignore[arg-type]
+
     batcher = MicroBatcher(encode_group, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                           batching=batching, on_batch=batch_sizes.observe)
+                           batching=batching, on_batch=batch_sizes.observe,
+                           thread_init=None if threads is None else set_threads)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any) -> Any:
         await batcher.start()
-        logger.info("serving %s (dim %d) on %s, micro-batching %s", served_name, embedder.dim,
-                    embedder.device, "on" if batching else "off")
+        logger.info("serving %s (dim %d) on %s, micro-batching %s, torch threads %s",
+                    served_name, embedder.dim, embedder.device, "on" if batching else "off",
+                    threads or "default")
         try:
             yield
         finally:
@@ -472,32 +593,9 @@ def create_app(
     # JSON escapes make a character up to 6 bytes; anything longer cannot be a valid request.
     max_body = max_inputs * max_chars * 6 + 65536
 
-    @app.middleware("http")
-    async def observe(request: Any, call_next: Any) -> Any:
-        path = request.url.path
-        endpoint = path if path in _ENDPOINTS else "other"
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body:
-            response = JSONResponse(error_body(
-                f"the request body has {length} bytes; the limit is {max_body} "
-                f"({max_inputs} texts of {max_chars} characters)", "payload_too_large"), 413)
-            requests_total.labels(endpoint, "413").inc()
-            return response
-        counted = endpoint != "/metrics"
-        start = time.perf_counter()
-        if counted:
-            in_progress.inc()
-        try:
-            response = await call_next(request)
-        except Exception:
-            requests_total.labels(endpoint, "500").inc()
-            raise
-        finally:
-            if counted:
-                in_progress.dec()
-        latency.labels(endpoint).observe(time.perf_counter() - start)
-        requests_total.labels(endpoint, str(response.status_code)).inc()
-        return response
+    app.add_middleware(_Observe, max_body=max_body, limits=f"{max_inputs} texts of "
+                       f"{max_chars} characters", requests_total=requests_total,
+                       latency=latency, in_progress=in_progress)
 
     @app.exception_handler(ApiError)
     async def on_api_error(_request: Any, exc: ApiError) -> Any:
@@ -553,12 +651,12 @@ def create_app(
         prefix = _instruction(body.task, "query" if body.input_type == "query" else "key")
         vectors, tokens = await batcher.submit(texts, prefix, True)
         if body.encoding_format == "base64":
-            rows: List[Any] = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii")
-                               for row in vectors]
+            rows: Any = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii")
+                         for row in vectors]
         else:
-            rows = vectors.tolist()
+            rows = vectors
         used = int(sum(tokens))
-        return JSONResponse({
+        return _json_response({
             "object": "list",
             "data": [{"object": "embedding", "index": i, "embedding": row}
                      for i, row in enumerate(rows)],
@@ -571,7 +669,7 @@ def create_app(
         texts = _as_list(body.inputs, "inputs", max_inputs, max_chars)
         prefix = prompt_instruction(body.prompt_name)
         vectors, _ = await batcher.submit(texts, prefix, body.normalize)
-        return JSONResponse(vectors.tolist())
+        return _json_response(vectors)
 
     @app.post("/search")
     async def search(body: SearchRequest) -> Any:
@@ -586,10 +684,10 @@ def create_app(
         vectors, _ = await batcher.submit(texts, _instruction(task, "query"), True)
         k = min(body.k, len(index))
         ids, scores = await asyncio.to_thread(index.search, vectors, k)
-        return JSONResponse({
+        return _json_response({
             "task": task,
             "ids": ids,
-            "scores": scores.tolist(),
+            "scores": scores,
             "texts": [[corpus_texts.get(pid) for pid in row] for row in ids],
         })
 
@@ -665,6 +763,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-inputs", type=int, default=256, help="texts per request at most")
     parser.add_argument("--max-chars", type=int, default=8192,
                         help="characters per text at most")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the encoder (default: one per core)")
     parser.add_argument("--no-batching", dest="batching", action="store_false",
                         help="encode each request on its own")
     parser.add_argument("--graceful-timeout", type=float, default=30.0,
@@ -684,7 +784,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     run(args.model, args.index, host=args.host, port=args.port, log_level=args.log_level,
         graceful_timeout_s=args.graceful_timeout, device=args.device,
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-        max_inputs=args.max_inputs, max_chars=args.max_chars, batching=args.batching)
+        max_inputs=args.max_inputs, max_chars=args.max_chars, batching=args.batching,
+        threads=args.threads)
     return 0
 
 
