@@ -40,6 +40,8 @@ from .data import (
     Passage,
     PathLike,
     Query,
+    _string,
+    _unique_id,
     decode_line,
     iter_jsonl,
     load_corpus,
@@ -83,21 +85,6 @@ class BeirData:
 
 # ----------------------------------------------------------------------------- readers
 
-def _field(obj: Mapping[str, Any], name: str, path: PathLike, line: int, *,
-           allow_empty: bool = False, integer: bool = False) -> str:
-    value = obj.get(name)
-    if value is None:
-        raise DataError(path, line, f"missing field '{name}'")
-    if integer and isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)  # numeric ids are common in public corpora
-    if not isinstance(value, str):
-        raise DataError(path, line, f"field '{name}' must be a string, got "
-                                    f"{type(value).__name__}")
-    if not allow_empty and not value.strip():
-        raise DataError(path, line, f"field '{name}' is empty")
-    return value
-
-
 def load_beir_corpus(path: PathLike) -> List[Passage]:
     """Read a BEIR ``corpus.jsonl`` (``{"_id", "title"?, "text", "metadata"?}``); ids unique.
 
@@ -110,15 +97,12 @@ def load_beir_corpus(path: PathLike) -> List[Passage]:
     passages: List[Passage] = []
     seen: Dict[str, int] = {}
     for line, obj in iter_jsonl(path):
-        pid = _field(obj, "_id", path, line, integer=True)
-        if pid in seen:
-            raise DataError(path, line, f"duplicate _id {pid!r} (first on line {seen[pid]})")
-        seen[pid] = line
+        pid = _unique_id(seen, _string(obj, "_id", path, line, integer=True), "_id", path, line)
         title = obj.get("title")
         if title is not None and not isinstance(title, str):
             raise DataError(path, line, f"field 'title' must be a string, got "
                                         f"{type(title).__name__}")
-        passages.append(Passage(id=pid, text=_field(obj, "text", path, line, allow_empty=True),
+        passages.append(Passage(id=pid, text=_string(obj, "text", path, line, non_empty=False),
                                 title=title or None, extra=obj.get("metadata") or {}))
     if not passages:
         raise DataError(path, None, "corpus is empty")
@@ -134,11 +118,8 @@ def load_beir_queries(path: PathLike) -> List[Query]:
     queries: List[Query] = []
     seen: Dict[str, int] = {}
     for line, obj in iter_jsonl(path):
-        qid = _field(obj, "_id", path, line, integer=True)
-        if qid in seen:
-            raise DataError(path, line, f"duplicate _id {qid!r} (first on line {seen[qid]})")
-        seen[qid] = line
-        queries.append(Query(id=qid, text=_field(obj, "text", path, line),
+        qid = _unique_id(seen, _string(obj, "_id", path, line, integer=True), "_id", path, line)
+        queries.append(Query(id=qid, text=_string(obj, "text", path, line),
                              extra=obj.get("metadata") or {}))
     if not queries:
         raise DataError(path, None, "no queries in file")

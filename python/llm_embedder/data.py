@@ -178,6 +178,16 @@ _PASSAGE_FIELDS = {"id", "text", "title", "group", "task"}
 _QUERY_FIELDS = {"id", "text", "answers", "positive_ids", "group", "task", "options"}
 
 
+def _unique_id(seen: Dict[str, int], value: str, field_name: str, path: PathLike,
+               line: int) -> str:
+    """``value`` after checking it is not already in ``seen`` (id -> first line); records it."""
+    if value in seen:
+        raise DataError(path, line, f"duplicate {field_name} {value!r} (first on line "
+                                    f"{seen[value]})")
+    seen[value] = line
+    return value
+
+
 def load_corpus(path: PathLike) -> List[Passage]:
     """Read a corpus JSONL (``{"id", "text", "title"?, "group"?, ...}``); ids must be unique.
 
@@ -187,10 +197,7 @@ def load_corpus(path: PathLike) -> List[Passage]:
     passages: List[Passage] = []
     seen: Dict[str, int] = {}
     for line, obj in iter_jsonl(path):
-        pid = _string(obj, "id", path, line, integer=True)
-        if pid in seen:
-            raise DataError(path, line, f"duplicate id {pid!r} (first on line {seen[pid]})")
-        seen[pid] = line
+        pid = _unique_id(seen, _string(obj, "id", path, line, integer=True), "id", path, line)
         passages.append(Passage(
             id=pid,
             text=_string(obj, "text", path, line),
@@ -213,10 +220,7 @@ def load_queries(path: PathLike, *, require_answers: bool = False) -> List[Query
     queries: List[Query] = []
     seen: Dict[str, int] = {}
     for line, obj in iter_jsonl(path):
-        qid = _string(obj, "id", path, line)
-        if qid in seen:
-            raise DataError(path, line, f"duplicate id {qid!r} (first on line {seen[qid]})")
-        seen[qid] = line
+        qid = _unique_id(seen, _string(obj, "id", path, line), "id", path, line)
         answers = _string_list(obj, "answers", path, line)
         if require_answers and not any(a.strip() for a in answers):
             raise DataError(path, line, "field 'answers' is empty: the LLM needs a desired output")
