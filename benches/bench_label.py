@@ -1,4 +1,5 @@
-"""LLM feedback throughput: (candidate, output) pairs scored per second, KV reuse vs naive.
+"""LLM feedback throughput: labelling with and without prefix reuse, and pairs scored per
+second, KV reuse vs naive.
 
 One run, one process, the same inputs for every method:
 
@@ -13,10 +14,21 @@ One run, one process, the same inputs for every method:
    table shows wall and CPU (process) seconds, pairs/s, pair-tokens/s (prompt+output tokens
    the pairs stand for) and the speed-up over the naive loop (target >= 5x on CPU); all
    methods must agree within 1e-4.
+3. Prefix reuse, end to end: ``--reuse-queries`` queries that share ``--reuse-passages``
+   positive passages (as qa's do: ~5 questions per passage) are labelled twice with the
+   labelling settings of ``scripts/label_bundled.py`` (N=8, samples with and without the top 2
+   candidates as context, oversample 2), with ``reuse_prefixes=False`` (each prompt run in
+   full: the labeller before prefix reuse) and ``True`` (each candidate's passage run once
+   into the LLM's prefix cache, emptied first, and reused by sampling and scoring across the
+   queries; ``query_batch`` queries labelled together, their samples decoded in one batch).
+   The two alternate every ``query_batch`` queries. LLM tokens/s counts the same work for both:
+   the tokens the labeller without reuse runs for these labels; target >= 2x. Both must write
+   the same samples and rewards within 1e-4.
 
     python benches/bench_label.py                      # qa, 2 queries, 7 negatives, N=8
     python benches/bench_label.py --queries 4 --write  # also write benches/results_label.md
     python benches/bench_label.py --task chat --device cuda
+    python benches/bench_label.py --reuse-queries 0    # skip part 3
 """
 
 from __future__ import annotations
@@ -29,14 +41,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from llm_embedder.label import LabelConfig, label  # noqa: E402
+from llm_embedder.label import LabelConfig, _key_prefix, label  # noqa: E402
 from llm_embedder.llm import FrozenLLM  # noqa: E402
 from llm_embedder.tasks import get_task  # noqa: E402
 
@@ -45,19 +57,119 @@ DATA = ROOT / ".." / "shared" / "data"
 FOLDERS = {"qa": "qa/xquad", "tool": "tool/gorilla", "chat": "chat/locomo", "icl": "icl/fewshot5"}
 
 
-def pairs_of(llm: FrozenLLM, records: List[dict], task_name: str,
-             max_key_tokens: int) -> List[Tuple[List[str], List[str]]]:
-    """Per query: the candidate prompts and the outputs scored under each, as ``label`` built
-    them (keys cut to ``max_key_tokens``, the task's answer prefix before each output)."""
+def pairs_of(llm: FrozenLLM, records: List[dict], task_name: str, max_key_tokens: int
+             ) -> List[Tuple[List[str], List[str], List[Optional[str]]]]:
+    """Per query: the candidate prompts, the outputs scored under each and the prompts'
+    cacheable prefixes, as ``label`` built them (keys cut to ``max_key_tokens``, the task's
+    answer prefix before each output)."""
     task = get_task(task_name)
     groups = []
     for record in records:
         keys = llm.truncate([c["text"] for c in record["candidates"] if c["id"]], max_key_tokens)
         prompts = [task.format_prompt(record["query"], k) for k in keys]
         prompts.append(task.format_prompt(record["query"], None))
+        prefixes = [_key_prefix(task, k) for k in keys] + [None]
         outputs = [task.answer_prefix + o for o in [record["answer"], *record["samples"]]]
-        groups.append((prompts, outputs))
+        groups.append((prompts, outputs, prefixes))
     return groups
+
+
+#: The labelling settings of scripts/label_bundled.py (the project's label artefact).
+BUNDLED_SETTINGS = {"num_samples": 8, "num_negatives": 7, "negatives": "bm25", "seed": 0,
+                    "sample_contexts": 2, "oversample": 2.0}
+
+
+def shared_passage_queries(path: Path, n_queries: int, n_passages: int) -> List[str]:
+    """Lines of ``path``: ``n_queries`` queries, as evenly as possible over the first
+    ``n_passages`` positive passages (in file order) that have enough queries."""
+    per = -(-n_queries // n_passages)
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    by_passage: Dict[str, List[str]] = {}
+    for line in lines:
+        record = json.loads(line)
+        if record.get("positive_ids") and any(a.strip() for a in record.get("answers", [])):
+            by_passage.setdefault(record["positive_ids"][0], []).append(line)
+    chosen: List[str] = []
+    for group in by_passage.values():
+        if len(group) >= per and len(chosen) < n_queries:
+            chosen += group[:min(per, n_queries - len(chosen))]
+    if len(chosen) < n_queries:
+        sys.exit(f"{path}: fewer than {n_queries} queries over {n_passages} shared passages")
+    return chosen
+
+
+def reuse_comparison(llm: FrozenLLM, task: str, folder: Path, n_queries: int,
+                     n_passages: int, max_key_tokens: int) -> Tuple[List[str], bool]:
+    """Part 3: label the same queries without and with prefix reuse, alternating query by
+    query; returns the report lines and whether both arms wrote the same labels."""
+    with tempfile.TemporaryDirectory() as tmp:
+        queries = Path(tmp) / "queries.jsonl"
+        chosen = shared_passage_queries(folder / "queries.train.jsonl", n_queries, n_passages)
+        queries.write_text("\n".join(chosen) + "\n", encoding="utf-8")
+        passages = len({json.loads(line)["positive_ids"][0] for line in chosen})
+        if llm.prefix_cache is not None:
+            llm.prefix_cache.clear()  # cold: hits come from these queries only
+        stats0 = dict(llm.prefix_cache.stats) if llm.prefix_cache is not None else {}
+        arms = {"reuse off (each prompt run in full)": False,
+                "reuse on (prefix cache, joint sampling)": True}
+        outs = {name: Path(tmp) / f"{reuse}.jsonl" for name, reuse in arms.items()}
+        wall = dict.fromkeys(arms, 0.0)
+        cpu = dict.fromkeys(arms, 0.0)
+        work = dict.fromkeys(arms, 0)
+        ran = dict.fromkeys(arms, 0)
+        step = LabelConfig().query_batch
+        for k in range(min(step, len(chosen)), len(chosen) + step, step):
+            k = min(k, len(chosen))
+            for name, reuse in arms.items():
+                forward0 = llm.stats["forward_tokens"]
+                c0 = time.process_time()
+                summary = label(task, queries, folder / "corpus.jsonl", outs[name], llm=llm,
+                                limit=k, max_key_tokens=max_key_tokens, show_progress=False,
+                                reuse_prefixes=reuse, **BUNDLED_SETTINGS)
+                cpu[name] += time.process_time() - c0
+                wall[name] += summary.seconds - summary.setup_seconds
+                work[name] += summary.llm_tokens
+                ran[name] += llm.stats["forward_tokens"] - forward0
+            print(f"  reuse: query {k}/{len(chosen)}: "
+                  + ", ".join(f"{name.split(' (')[0]} {wall[name]:.1f} s" for name in arms),
+                  flush=True)
+        records = {name: [json.loads(line) for line in path.read_text().splitlines()]
+                   for name, path in outs.items()}
+    off, on = (records[name] for name in arms)
+    same_samples = [a["samples"] for a in off] == [b["samples"] for b in on]
+    diff = max(float(np.max(np.abs(np.asarray(a[f], dtype=np.float64)
+                                   - np.asarray(b[f], dtype=np.float64))))
+               for a, b in zip(off, on)
+               for f in ("likelihood_rewards", "rank_rewards", "sample_likelihoods"))
+    names = list(arms)
+    # The same work for both: the tokens the labeller without reuse runs for these labels
+    # (the reuse arm's own count, run + saved, must equal it).
+    rate = {name: work[names[0]] / max(wall[name], 1e-9) for name in names}
+    lines = [
+        (f"Prefix reuse, end to end (`label`, settings of scripts/label_bundled.py: "
+         f"{json.dumps(BUNDLED_SETTINGS)}): {len(chosen)} {task} queries over {passages} "
+         f"shared positive passages, the two arms alternating every "
+         f"{LabelConfig().query_batch} queries (query_batch), prefix cache "
+         f"emptied first."),
+        "",
+        ("| labelling | wall s | CPU s | LLM tokens (work) | model tokens run | LLM tokens/s "
+         "| speed-up (wall) | (CPU) |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in names:
+        lines.append(f"| {name} | {wall[name]:.1f} | {cpu[name]:.1f} | {work[name]} | "
+                     f"{ran[name]} | {rate[name]:.0f} | {wall[names[0]] / wall[name]:.2f}x | "
+                     f"{cpu[names[0]] / cpu[name]:.2f}x |")
+    stats = ({k: v - stats0[k] for k, v in llm.prefix_cache.stats.items()}
+             if llm.prefix_cache is not None else {})
+    size = llm.prefix_cache.bytes / 2**20 if llm.prefix_cache is not None else 0.0
+    lines += [
+        "",
+        (f"Same samples in both: {'yes' if same_samples else 'NO'}; rewards and likelihoods "
+         f"differ by at most {diff:.1e}. Prefix cache in this part: {stats}, "
+         f"{size:.0f} MiB held at the end."),
+    ]
+    return lines, same_samples and diff <= 1e-4
 
 
 def main() -> int:
@@ -71,6 +183,10 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--reuse-queries", type=int, default=6,
+                        help="part 3: queries labelled with and without prefix reuse (0: skip)")
+    parser.add_argument("--reuse-passages", type=int, default=2,
+                        help="part 3: positive passages those queries share")
     parser.add_argument("--write", action="store_true", help="write benches/results_label.md")
     args = parser.parse_args()
 
@@ -96,33 +212,39 @@ def main() -> int:
     print(summary, flush=True)
 
     groups = pairs_of(llm, records, args.task, args.max_key_tokens)
-    flat_p = [p for prompts, outputs in groups for p in prompts for _ in outputs]
-    flat_o = [o for prompts, outputs in groups for _ in prompts for o in outputs]
+    flat_p = [p for prompts, outputs, _ in groups for p in prompts for _ in outputs]
+    flat_o = [o for prompts, outputs, _ in groups for _ in prompts for o in outputs]
     n_pairs = len(flat_p)
     pair_tokens = sum(len(p) + len(o) for p, o in llm.encode_pairs(flat_p, flat_o))
 
     # Methods alternate query by query, so a change in machine load hits them alike; CPU time
     # (process time) is reported beside wall time because other jobs may share the cores.
+    # The prefix cache starts empty: the first query's passages are run, later ones reused.
+    if llm.prefix_cache is not None:
+        llm.prefix_cache.clear()
     methods = {
-        "score_grouped (KV reuse, as label)":
-            lambda prompts, outputs: np.concatenate(
+        "score_grouped + prefix cache (as label)":
+            lambda prompts, outputs, prefixes: np.concatenate(llm.score_grouped(
+                prompts, [outputs] * len(prompts), prefixes=prefixes)),
+        "score_grouped (KV reuse within a query)":
+            lambda prompts, outputs, prefixes: np.concatenate(
                 llm.score_grouped(prompts, [outputs] * len(prompts))),
         "score, batch 16 (no reuse)":
-            lambda prompts, outputs: llm.score([p for p in prompts for _ in outputs],
-                                               outputs * len(prompts), batch_size=16),
+            lambda prompts, outputs, prefixes: llm.score(
+                [p for p in prompts for _ in outputs], outputs * len(prompts), batch_size=16),
         "score, batch 1 (naive)":
-            lambda prompts, outputs: llm.score([p for p in prompts for _ in outputs],
-                                               outputs * len(prompts), batch_size=1),
+            lambda prompts, outputs, prefixes: llm.score(
+                [p for p in prompts for _ in outputs], outputs * len(prompts), batch_size=1),
     }
     parts = {name: [] for name in methods}
     wall = dict.fromkeys(methods, 0.0)
     cpu = dict.fromkeys(methods, 0.0)
     ran = dict.fromkeys(methods, 0)
-    for q, (prompts, outputs) in enumerate(groups):
+    for q, (prompts, outputs, prefixes) in enumerate(groups):
         for name, fn in methods.items():
             tokens0 = llm.stats["forward_tokens"]
             w0, c0 = time.perf_counter(), time.process_time()
-            parts[name].append(fn(prompts, outputs))
+            parts[name].append(fn(prompts, outputs, prefixes))
             wall[name] += time.perf_counter() - w0
             cpu[name] += time.process_time() - c0
             ran[name] += llm.stats["forward_tokens"] - tokens0
@@ -161,12 +283,22 @@ def main() -> int:
          f"({1 / max(summary.queries_per_s, 1e-9):.1f} s/query), "
          f"{summary.tokens_per_s:.0f} LLM tokens/s, {summary.pairs_per_s:.1f} pairs/s."),
     ]
+    reuse_ok = True
+    if args.reuse_queries > 0:
+        reuse_lines, reuse_ok = reuse_comparison(llm, args.task, folder, args.reuse_queries,
+                                                 args.reuse_passages, args.max_key_tokens)
+        load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        lines += ["", *reuse_lines, "", f"Load average at the end of the run: {load_end:.2f}."]
     table = "\n".join(lines)
     print()
     print(table)
     worst = max(float(np.max(np.abs(r[0] - naive_scores))) for r in results.values())
     if worst > 1e-4:
         print(f"ERROR: methods disagree by {worst:.2e} (> 1e-4)", file=sys.stderr)
+        return 1
+    if not reuse_ok:
+        print("ERROR: labelling with prefix reuse differs from labelling without (samples, or "
+              "rewards by > 1e-4)", file=sys.stderr)
         return 1
     if args.write:
         path = ROOT / "benches" / "results_label.md"

