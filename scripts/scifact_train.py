@@ -184,19 +184,10 @@ def evaluate(data: Any, model: Optional[str], out: Path, systems: List[str]) -> 
         return results
     from llm_embedder.beir import evaluate_beir
 
-    plain = [s for s in missing if s != "trained_noinstr"]
-    for system in missing:
-        if system == "trained_noinstr":
-            # evaluate_beir scores a --model with its instructions only; as the base encoder,
-            # its no-instruction variant is that model without them.
-            got = evaluate_beir(data, base_model=model, systems=["base_noinstr"], task=TASK)
-            got["systems"] = {system: got["systems"]["base_noinstr"]}
-            got["per_query"] = {system: got["per_query"]["base_noinstr"]}
-        elif system == plain[0]:
-            got = evaluate_beir(data, model=model if "trained" in plain else None,
-                                systems=plain, task=TASK)
-        else:
-            continue  # scored with plain[0]
+    needs_model = any(s.startswith("trained") for s in missing)
+    for system in missing:  # one at a time: each finished system survives a kill
+        got = evaluate_beir(data, model=model if needs_model else None, systems=[system],
+                            task=TASK)
         for key in ("systems", "per_query"):
             got[key] = {**results.get(key, {}), **got[key]}
         results = got

@@ -145,12 +145,24 @@ def test_project_layout_gives_the_same_numbers_as_the_beir_layout(tmp_path, beir
 def test_trained_model_equal_to_the_base_scores_the_same(beir_dir, minilm):
     results = evaluate_beir(beir_dir, model=minilm, base_model=minilm, verbose=False)
     systems = results["systems"]
-    assert list(systems) == ["bm25", "base_noinstr", "base", "trained"]
+    assert list(systems) == ["bm25", "base_noinstr", "base", "trained_noinstr", "trained"]
     assert results["per_query"]["trained"] == results["per_query"]["base"]
+    assert results["per_query"]["trained_noinstr"] == results["per_query"]["base_noinstr"]
+    assert results["per_query"]["trained"] != results["per_query"]["trained_noinstr"]
     for metrics in systems.values():
         assert 0 <= metrics["ndcg@10"] <= 1 and 0 <= metrics["recall@100"] <= 1
     # both apple documents rank in the top 10 of 117 for "apple pie", for any sentence encoder
     assert results["per_query"]["base_noinstr"]["q1"]["ndcg@10"] > 0.7
+
+
+def test_key_max_length_truncates_documents(beir_dir, minilm):
+    full = evaluate_beir(beir_dir, base_model=minilm, systems=["base_noinstr"], verbose=False)
+    cut = evaluate_beir(beir_dir, base_model=minilm, systems=["base_noinstr"], verbose=False,
+                        key_max_length=3)  # [CLS] + 1 token + [SEP]: almost nothing left
+    assert cut["per_query"] != full["per_query"]
+    with pytest.raises(ValueError, match="query_max_length must be a positive int"):
+        evaluate_beir(beir_dir, base_model=minilm, systems=["base"], query_max_length=0,
+                      verbose=False)
 
 
 class Bad(NamedTuple):
@@ -229,6 +241,7 @@ def test_cli_prints_the_table_and_writes_json_and_markdown(beir_dir, tmp_path, c
 @pytest.mark.parametrize("argv, message", [
     (["--systems", "random"], "not evaluated on BEIR data"),
     (["--systems", "trained"], "needs a model"),
+    (["--systems", "trained_noinstr"], "needs a model"),
     (["--split", "dev"], "split 'dev'"),
 ])
 def test_cli_errors_are_one_line(beir_dir, capsys, argv, message):

@@ -365,6 +365,20 @@ def test_evaluate_rejects_unknown_systems_and_a_missing_trained_model():
         evaluate(None, tasks=["qa"], systems=["bm42"], downstream=False)
     with pytest.raises(ValueError, match="needs model_or_path"):
         evaluate(None, tasks=["qa"], systems=["trained"], downstream=False)
+    with pytest.raises(ValueError, match="'trained_noinstr' needs model_or_path"):
+        evaluate(None, tasks=["qa"], systems=["bm25", "trained_noinstr"], downstream=False)
+
+
+def test_trained_noinstr_is_opt_in_and_equals_base_noinstr_for_the_same_model(
+        tmp_path, shared_data, minilm):
+    root = _tiny_layout(tmp_path, shared_data)
+    results = evaluate(minilm, tasks=["qa", "chat"], data=root, base_model=minilm,
+                       downstream=False, verbose=False,
+                       systems=["base", "base_noinstr", "trained_noinstr"])
+    for task in ("qa", "chat"):
+        assert set(results[task]) == {"base", "base_noinstr", "trained_noinstr"}
+        assert results[task]["trained_noinstr"] == results[task]["base_noinstr"]
+    assert results["chat"]["trained_noinstr"] != results["chat"]["base"]  # instructions count
 
 
 @pytest.mark.slow

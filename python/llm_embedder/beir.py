@@ -17,7 +17,9 @@ scored, and a document whose id equals the query's id is left out of its ranking
 where pytrec_eval would order them by document id: identical scores are rare for real models.
 
 Systems: ``bm25``; ``base_noinstr`` (the packaged encoder, no instruction); ``base`` (the same
-with the task's instructions); ``trained`` (a model folder, with instructions).
+with the task's instructions); ``trained_noinstr`` and ``trained`` (a model folder, without and
+with instructions: a trained model has to beat the better of the two bases, and the
+instruction-free number shows what it learned apart from its instructions).
 
 Example:
     >>> results = evaluate_beir("datasets/scifact", split="test", systems=["bm25"])
@@ -50,7 +52,9 @@ from .data import (
 from .io import atomic_write_json, atomic_write_text
 
 #: Systems :func:`evaluate_beir` knows, in table order.
-BEIR_SYSTEMS = ("bm25", "base_noinstr", "base", "trained")
+BEIR_SYSTEMS = ("bm25", "base_noinstr", "base", "trained_noinstr", "trained")
+#: The systems that encode with a model folder (``model``), not the base encoder.
+_TRAINED_SYSTEMS = ("trained_noinstr", "trained")
 NDCG_K = 10
 RECALL_K = 100
 #: Qrels maps a query id to ``{document id: relevance grade}``.
@@ -386,12 +390,15 @@ def evaluate_beir(data: Union[BeirData, PathLike], *, split: str = "test", model
                   base_model: Any = None, systems: Optional[Sequence[str]] = None,
                   task: str = "qa", max_queries: Optional[int] = None,
                   device: Optional[str] = None, batch_size: int = 64,
+                  query_max_length: int = 128, key_max_length: int = 256,
                   verbose: bool = True) -> Dict[str, Any]:
     """Full-corpus nDCG@10 and Recall@100 of each system on ``split`` of a BEIR folder.
 
-    ``model`` (a folder or an Embedder) is the ``trained`` system; ``base_model`` (None: the
-    packaged MiniLM) the ``base`` and ``base_noinstr`` ones; ``task`` names the instructions.
-    ``systems``: a subset of :data:`BEIR_SYSTEMS` (None: all, ``trained`` only with a model).
+    ``model`` (a folder or an Embedder) is the ``trained`` and ``trained_noinstr`` systems;
+    ``base_model`` (None: the packaged MiniLM) the ``base`` and ``base_noinstr`` ones; ``task``
+    names the instructions. ``systems``: a subset of :data:`BEIR_SYSTEMS` (None: all, the
+    trained ones only with a model). ``query_max_length``, ``key_max_length``: tokens per
+    query / document, instruction included (longer ones are truncated).
     Returns ``{"dataset", "split", "queries", "documents", "skipped_queries", "task",
     "systems": {system: {"ndcg@10", "recall@100", "seconds"}}, "per_query": {system:
     {query id: {"ndcg@10", "recall@100"}}}}``.
@@ -403,13 +410,18 @@ def evaluate_beir(data: Union[BeirData, PathLike], *, split: str = "test", model
 
     get_task(task)
     if systems is None:
-        systems = [s for s in BEIR_SYSTEMS if s != "trained" or model is not None]
+        systems = [s for s in BEIR_SYSTEMS if s not in _TRAINED_SYSTEMS or model is not None]
     unknown = [s for s in systems if s not in BEIR_SYSTEMS]
     if unknown:
         raise ValueError(f"systems {unknown} are not evaluated on BEIR data; choose from "
                          f"{list(BEIR_SYSTEMS)}")
-    if "trained" in systems and model is None:
-        raise ValueError("system 'trained' needs a model (--model DIR)")
+    needs_model = [s for s in systems if s in _TRAINED_SYSTEMS]
+    if needs_model and model is None:
+        raise ValueError(f"system {needs_model[0]!r} needs a model (--model DIR)")
+    for name, value in (("query_max_length", query_max_length),
+                        ("key_max_length", key_max_length)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     if not isinstance(data, BeirData):
         data = load_beir(data, split, max_queries)
     elif max_queries is not None:
@@ -421,21 +433,23 @@ def evaluate_beir(data: Union[BeirData, PathLike], *, split: str = "test", model
         "dataset": data.name, "split": data.split, "queries": len(data.queries),
         "documents": len(data.corpus), "skipped_queries": data.skipped, "task": task,
         "systems": {}, "per_query": {}}
-    base = None
+    base = trained = None
     for system in [s for s in BEIR_SYSTEMS if s in systems]:
         start = time.perf_counter()
         if system == "bm25":
             rankings = rank_bm25(data, verbose=verbose)
         else:
-            if system == "trained":
-                encoder = _embedder(model, device)
+            if system in _TRAINED_SYSTEMS:
+                trained = trained or _embedder(model, device)
+                encoder = trained
             else:
                 base = base or _embedder(base_model, device)
                 encoder = base
             _log(verbose, f"{system}: encoding {len(data.corpus)} documents")
             rankings = rank_dense(data, encoder, task=task,
-                                  instructions=system != "base_noinstr",
-                                  batch_size=batch_size, verbose=verbose)
+                                  instructions=not system.endswith("_noinstr"),
+                                  batch_size=batch_size, query_max_length=query_max_length,
+                                  key_max_length=key_max_length, verbose=verbose)
         means, per_query = score_rankings(data, rankings)
         means["seconds"] = time.perf_counter() - start
         results["systems"][system] = means
@@ -490,7 +504,8 @@ def write_beir_results(results: Mapping[str, Any], out: PathLike) -> Tuple[Path,
 def main_beir(folder: PathLike, *, split: str = "test", model: Optional[str] = None,
               task: str = "qa", max_queries: Optional[int] = None,
               systems: Optional[Sequence[str]] = None, device: Optional[str] = None,
-              batch_size: int = 64, out: Optional[str] = None, verbose: bool = True) -> int:
+              batch_size: int = 64, query_max_length: int = 128, key_max_length: int = 256,
+              out: Optional[str] = None, verbose: bool = True) -> int:
     """``llm-embedder eval --beir DIR``: evaluate, print the table, optionally write the results.
 
     Example:
@@ -499,6 +514,7 @@ def main_beir(folder: PathLike, *, split: str = "test", model: Optional[str] = N
     """
     results = evaluate_beir(folder, split=split, model=model, systems=systems, task=task,
                             max_queries=max_queries, device=device, batch_size=batch_size,
+                            query_max_length=query_max_length, key_max_length=key_max_length,
                             verbose=verbose)
     print(_title(results))
     print(beir_table(results))

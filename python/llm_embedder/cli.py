@@ -344,6 +344,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", help="--beir: the split to evaluate")
     p.add_argument("--task", default="qa", choices=sorted(TASKS),
                    help="--beir: the task whose instructions the encoders use")
+    p.add_argument("--query-max-length", type=int, default=128,
+                   help="--beir: tokens per query, instruction included")
+    p.add_argument("--key-max-length", type=int, default=256,
+                   help="--beir: tokens per document, instruction included")
     p.add_argument("--out", default=None,
                    help="write the results: NAME.json gets JSON and NAME.md Markdown beside it; "
                         "NAME.md gets Markdown and NAME.json JSON beside it")
@@ -359,7 +363,9 @@ def _run_eval(args: argparse.Namespace) -> int:
 
         return main_beir(args.beir, split=args.split, model=args.model, task=args.task,
                          max_queries=config.max_queries, systems=config.systems,
-                         device=config.device, batch_size=config.batch_size, out=args.out,
+                         device=config.device, batch_size=config.batch_size,
+                         query_max_length=args.query_max_length,
+                         key_max_length=args.key_max_length, out=args.out,
                          verbose=config.verbose)
     return main_eval(model=args.model, out=args.out, config=config, llm=args.llm)
 

@@ -21,7 +21,8 @@ so systems that retrieve the same entries share one scored prompt.
 
 Systems: ``none`` (no retrieval, downstream only), ``random``, ``bm25``, ``base`` (the packaged
 encoder with the task instructions), ``base_noinstr`` (the same encoder without instructions,
-which is sometimes the stronger baseline: both are reported) and ``trained``.
+which is sometimes the stronger baseline: both are reported), ``trained`` and, when asked for,
+``trained_noinstr`` (the trained model without instructions).
 
 Each task has one primary metric (``Task.primary_metric``) and the results hold their average
 over tasks under the key ``"average"``. Every knob of :func:`evaluate` is a field of
@@ -69,7 +70,9 @@ DOWNSTREAM_METRICS = {"answer": ("answer_ll", "answer_ppl", "em"),
 HIGHER_IS_BETTER = {**{m: True for m in RETRIEVAL_METRICS}, "accuracy": True, "answer_ll": True,
                     "em": True, "answer_ppl": False}
 
-SYSTEMS = ("random", "bm25", "base", "base_noinstr", "trained")
+SYSTEMS = ("random", "bm25", "base", "base_noinstr", "trained_noinstr", "trained")
+#: Evaluated only when asked for (each system costs an encoding and LLM calls).
+OPT_IN_SYSTEMS = ("trained_noinstr",)
 #: Tasks evaluated when none are named: those with bundled data.
 DEFAULT_TASKS = tuple(BUNDLED_TASK_DIRS)
 
@@ -484,8 +487,9 @@ class EvalConfig(Config):
 
     ``tasks``: None for every task with bundled data. ``data``: None for the bundled slices, a
     folder laid out like the shared data, or ``{task: {"corpus": path, "test": path}}``.
-    ``systems``: among ``random``, ``bm25``, ``base``, ``base_noinstr``, ``trained`` (None:
-    all, ``trained`` only with a model); downstream metrics add ``none`` (no retrieval).
+    ``systems``: among ``random``, ``bm25``, ``base``, ``base_noinstr``, ``trained_noinstr``,
+    ``trained`` (None: all but ``trained_noinstr``, the trained ones only with a model);
+    downstream metrics add ``none`` (no retrieval).
     ``k``: the downstream context size (None: each task's ``downstream_k``; an int for every
     task; a mapping per task). ``max_queries`` keeps the first test queries;
     ``max_llm_queries`` caps the queries per task that the LLM sees (None: all; a mapping: per
@@ -607,13 +611,16 @@ def evaluate(model_or_path: Any = None, tasks: Optional[Sequence[str]] = None, *
     cfg = eval_config(config, overrides)
     systems = cfg.systems
     if systems is None:
-        systems = [s for s in SYSTEMS if s != "trained" or model_or_path is not None]
-    if "trained" in systems and model_or_path is None:
-        raise ValueError("system 'trained' needs model_or_path (a model folder or Embedder)")
+        systems = [s for s in SYSTEMS if s not in OPT_IN_SYSTEMS
+                   and (s != "trained" or model_or_path is not None)]
+    needs_model = [s for s in systems if s.startswith("trained")]
+    if needs_model and model_or_path is None:
+        raise ValueError(f"system {needs_model[0]!r} needs model_or_path (a model folder or "
+                         f"Embedder)")
     chosen = [get_task(t) for t in cfg.tasks or DEFAULT_TASKS]
 
     models: Dict[str, Any] = {}
-    if "trained" in systems:
+    if "trained" in systems or "trained_noinstr" in systems:
         models["trained"] = _load_embedder(model_or_path, cfg.device)
     if "base" in systems or "base_noinstr" in systems:
         models["base"] = _load_embedder(base_model, cfg.device)
@@ -645,9 +652,9 @@ def _evaluate_task(task: Task, cfg: EvalConfig, systems: Sequence[str], models: 
             store = None
             if keep_vectors is not None and system == "trained":
                 store = keep_vectors.setdefault(task.name, {})
-            rankings[system] = rank_dense(split, models["trained" if system == "trained"
-                                                        else "base"], depth,
-                                          instructions=system != "base_noinstr",
+            model = models["trained" if system.startswith("trained") else "base"]
+            rankings[system] = rank_dense(split, model, depth,
+                                          instructions=not system.endswith("_noinstr"),
                                           batch_size=cfg.batch_size, store=store)
     positives = [q.positive_ids for q in split.queries]
     out: Dict[str, Dict[str, float]] = {}
@@ -696,7 +703,8 @@ def average_primary(results: Mapping[str, Mapping[str, Mapping[str, float]]]
 # ----------------------------------------------------------------------------- reporting
 
 _LABELS = {"none": "no retrieval", "random": "random", "bm25": "BM25",
-           "base": "base (instr.)", "base_noinstr": "base (no instr.)", "trained": "trained"}
+           "base": "base (instr.)", "base_noinstr": "base (no instr.)",
+           "trained_noinstr": "trained (no instr.)", "trained": "trained"}
 
 
 def _systems_of(results: Mapping[str, Any]) -> List[str]:
