@@ -1,13 +1,15 @@
 """Load test of ``llm_embedder.serve`` on the loopback: micro-batching on vs off, and a fault.
 
-Starts two real server processes on 127.0.0.1 (the packaged MiniLM on CPU): one micro-batching,
-one encoding each request on its own (``--no-batching``, what a plain one-request-one-forward
-server does). For each number of concurrent clients, every client sends a fixed number of
-``/v1/embeddings`` requests (one short distinct question each) one after another on its own
-keep-alive connection; the run stops by itself. The clients run in this process on the same
-cores, so they are a minimal asyncio HTTP/1.1 client, not httpx (which spent more CPU per
-request than the batched encoder). Prints a Markdown table of requests/s, p50/p99 latency,
-errors and server CPU time per request for each mode, and the ratio batching on / off.
+Starts real server processes on 127.0.0.1 (the packaged MiniLM on CPU): one micro-batching (server
+defaults), and one per ``--off-encoders`` value encoding each request on its own
+(``--no-batching``, what a plain one-request-one-forward server does): with 1 encoder thread one
+forward at a time, with 2 two single-request forwards at once. For each number of concurrent
+clients, every client sends a fixed number of ``/v1/embeddings`` requests (one short distinct
+question each) one after another on its own keep-alive connection; the run stops by itself. The
+clients run in this process on the same cores, so they are a minimal asyncio HTTP/1.1 client, not
+httpx (which spent more CPU per request than the batched encoder). Prints a Markdown table of
+requests/s, p50/p99 latency, errors and server CPU time per request for each mode, and the ratio
+batching on / off, one table per one-request-one-forward server.
 
 Fault check: while 16 clients load the batching server it is killed (SIGKILL) after a quarter
 of the requests; every client must finish (errors, not hangs) within a few seconds, and a
@@ -52,7 +54,7 @@ class Server:
 
     def __init__(self, name: str, work: Path, batching: bool, port: Optional[int] = None,
                  max_batch_size: int = 32, max_wait_ms: float = 5.0,
-                 threads: Optional[int] = None) -> None:
+                 threads: Optional[int] = None, encoders: Optional[int] = None) -> None:
         self.name = name
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -64,6 +66,8 @@ class Server:
             command.append("--no-batching")
         if threads is not None:
             command += ["--threads", str(threads)]
+        if encoders is not None:
+            command += ["--encoders", str(encoders)]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
@@ -262,6 +266,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per server (default: the server's, one per core); "
                              "1 keeps a machine shared with other jobs from oversubscribing")
+    parser.add_argument("--encoders", type=int, default=None,
+                        help="encoder threads of the batching server (default: the server's)")
+    parser.add_argument("--off-encoders", type=int, nargs="+", default=[1, 2],
+                        help="one one-request-one-forward server per value, with that many "
+                             "encoder threads (default 1 and 2: serial, and two at once)")
     args = parser.parse_args(argv)
     # A SIGTERM (a timeout, a kill) still runs the finally below that stops the servers.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -269,22 +278,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     print(f"# bench_serve: {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}, torch threads "
-          f"{args.threads or 'default'}; {load_average()}; logs in {work}\n")
+          f"{args.threads or 'default'}, encoders on {args.encoders or 'default'} / off "
+          f"{' and '.join(map(str, args.off_encoders))}; {load_average()}; logs in {work}\n")
     began = time.monotonic()
-    on = Server("batching-on", work, batching=True, threads=args.threads)
-    off = Server("batching-off", work, batching=False, threads=args.threads)
-    servers = [on, off]
+    on = Server("batching-on", work, batching=True, threads=args.threads,
+                encoders=args.encoders)
+    offs = [Server(f"batching-off-{n}", work, batching=False, threads=args.threads,
+                   encoders=n) for n in args.off_encoders]
+    servers = [on, *offs]
     failed = False
     try:
-        on.wait_ready()
-        off.wait_ready()
+        for server in servers:
+            server.wait_ready()
         print(f"servers ready in {time.monotonic() - began:.0f} s\n")
         before = probe(on.url)
-        same = float(np.abs(before - probe(off.url)).max())
-        rows, client_cpu = [], 0.0
+        same = max(float(np.abs(before - probe(off.url)).max()) for off in offs)
+        measured, client_cpu = [], 0.0
         for clients in args.clients:
             results = {}
-            for server in (on, off):
+            for server in servers:
                 asyncio.run(run_load(server.url, clients, 1, args.timeout))  # warm-up
                 texts, calls = batch_totals(server.url)
                 cpu, own = cpu_seconds(server.proc.pid), cpu_seconds()
@@ -295,15 +307,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 more_texts, more_calls = batch_totals(server.url)
                 results[server.name]["batch"] = (more_texts - texts) / max(more_calls - calls, 1)
                 results[server.name]["cpu"] = 1000.0 * cpu / max(load.done, 1)
-            rows.append((clients, clients * args.requests, results["batching-on"],
-                         results["batching-off"]))
-        print(table(rows))
+            measured.append((clients, results))
+        for off in offs:
+            encoders = off.name.rsplit("-", 1)[1]
+            print(f"\nbatching on vs one request per forward pass, {encoders} encoder thread(s) "
+                  f"{'(one forward at a time)' if encoders == '1' else 'at once'}:\n")
+            print(table([(clients, clients * args.requests, results["batching-on"],
+                          results[off.name]) for clients, results in measured]))
+        rows = [(clients, clients * args.requests, results["batching-on"], results[off.name])
+                for clients, results in measured for off in offs]
         print(f"\nCPU ms/req: the server process's CPU time per request (the load generator's: "
               f"{client_cpu:.2f} ms at most); {load_average()}")
         print(f"\nbatching on vs off, same probe texts: max |difference| = {same:.2e}")
         errors = sum(on_row["errors"] + off_row["errors"] for _, _, on_row, off_row in rows)
         failed |= errors > 0 or same > 1e-5
-        off.stop()
+        for off in offs:
+            off.stop()
 
         if args.fault:
             clients = args.fault_clients
@@ -315,7 +334,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             port = on.port
             on.log.close()
             restarted = Server("restarted", work, batching=True, port=port,
-                               threads=args.threads)
+                               threads=args.threads, encoders=args.encoders)
             servers.append(restarted)
             restarted.wait_ready()
             after = probe(restarted.url)

@@ -331,12 +331,26 @@ def test_metrics_expose_requests_latency_and_batch_sizes(client):
 
 
 class _FailingEmbedder:
-    """Enough of an Embedder for create_app, whose encoder always fails."""
+    """Enough of an Embedder for create_app, whose encoder breaks once it serves (it passes the
+    warm-up call that create_app makes before serving)."""
 
     dim, device, max_seq_length = 4, "cpu", 16
 
-    def encode(self, texts, **kwargs):
-        raise RuntimeError("the encoder broke")
+    def __init__(self, calls_before_breaking: int = 1) -> None:
+        self.calls_left = calls_before_breaking
+
+    def encode(self, texts, token_counts=None, **kwargs):
+        if self.calls_left <= 0:
+            raise RuntimeError("the encoder broke")
+        self.calls_left -= 1
+        if token_counts is not None:
+            token_counts.extend(1 for _ in texts)
+        return np.zeros((len(texts), self.dim), np.float32)
+
+
+def test_an_encoder_that_fails_before_serving_fails_create_app():
+    with pytest.raises(RuntimeError, match="failed on a one-word test text.*the encoder broke"):
+        create_app(embedder=_FailingEmbedder(calls_before_breaking=0))
 
 
 def test_an_encoder_crash_is_a_500_json_body_and_is_counted():
@@ -397,8 +411,8 @@ def test_threads_sets_torch_threads_in_the_encoder_thread_only(minilm):
     try:
         with TestClient(create_app(embedder=minilm, threads=1)) as one:
             assert one.post("/v1/embeddings", json={"input": "a"}).status_code == 200
-            executor = one.app.state.batcher._executor
-            assert executor.submit(torch.get_num_threads).result() == 1
+            for executor in one.app.state.batcher._executors:
+                assert executor.submit(torch.get_num_threads).result() == 1
     finally:
         torch.set_num_threads(before)  # set_num_threads also moves the default of new threads
     with pytest.raises(ValueError, match="threads must be a positive int"):
@@ -410,12 +424,13 @@ def _fake_encode(texts, prefix, normalize):
     return vectors, [len(text) for text in texts]
 
 
-def test_batcher_stop_answers_every_queued_job_before_returning():
+@pytest.mark.parametrize("encoders", [1, 2])
+def test_batcher_stop_answers_every_queued_job_before_returning(encoders):
     sizes = []
 
     async def scenario():
         batcher = MicroBatcher(_fake_encode, max_batch_size=4, max_wait_ms=0,
-                               on_batch=sizes.append)
+                               encoders=encoders, on_batch=sizes.append)
         await batcher.start()
         jobs = [asyncio.ensure_future(batcher.submit(["x" * i] * i, "p", i % 2 == 0))
                 for i in range(1, 9)]
@@ -429,6 +444,68 @@ def test_batcher_stop_answers_every_queued_job_before_returning():
         assert vectors.tolist() == [[1 + i, float(i % 2 == 0)]] * i
         assert tokens == [i] * i
     assert sum(sizes) == sum(range(1, 9))
+
+
+def test_two_encoders_split_the_requests_in_flight_and_run_at_once():
+    both_running = threading.Barrier(2, timeout=10)  # breaks unless two calls overlap
+    calls = []
+
+    def encode(texts, prefix, normalize):
+        calls.append((threading.current_thread().name, len(texts)))
+        if len(calls) <= 2:
+            both_running.wait()
+        return _fake_encode(texts, prefix, normalize)
+
+    async def scenario():
+        batcher = MicroBatcher(encode, max_batch_size=32, max_wait_ms=50, encoders=2)
+        await batcher.start()
+        jobs = [asyncio.ensure_future(batcher.submit([f"t{i}"], "", True)) for i in range(16)]
+        results = await asyncio.gather(*jobs)
+        await batcher.stop()
+        return results
+
+    results = asyncio.run(scenario())
+    assert [tokens for _, tokens in results] == [[len(f"t{i}")] for i in range(16)]
+    assert sorted(size for _, size in calls) == [8, 8]  # each its share, not 16 and 0
+    assert len({name for name, _ in calls}) == 2
+
+
+def test_one_encoder_takes_every_queued_request_up_to_the_batch_size():
+    sizes = []
+
+    async def scenario():
+        batcher = MicroBatcher(_fake_encode, max_batch_size=32, max_wait_ms=50,
+                               on_batch=sizes.append)
+        await batcher.start()
+        await asyncio.gather(*[batcher.submit([f"t{i}"], "", True) for i in range(16)])
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert sizes == [16]
+
+
+def test_encoders_must_be_a_positive_int(minilm):
+    with pytest.raises(ValueError, match="encoders must be a positive int"):
+        MicroBatcher(_fake_encode, encoders=0)
+    with pytest.raises(ValueError, match="encoders must be a positive int"):
+        create_app(embedder=minilm, encoders=0)
+
+
+def test_default_encoders_on_a_cpu_share_out_the_torch_threads(minilm):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with TestClient(create_app(embedder=minilm)) as client:
+            assert client.post("/v1/embeddings", json={"input": "a"}).status_code == 200
+            executors = client.app.state.batcher._executors
+            assert [e.submit(torch.get_num_threads).result() for e in executors] == [1, 1]
+        with TestClient(create_app(embedder=minilm, encoders=1)) as client:
+            executors = client.app.state.batcher._executors
+            assert [e.submit(torch.get_num_threads).result() for e in executors] == [2]
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_batcher_skips_cancelled_jobs_and_refuses_work_when_stopped():

@@ -106,17 +106,20 @@ EncodeGroup = Callable[[List[str], str, bool], Tuple[Any, List[int]]]
 
 
 class MicroBatcher:
-    """Funnels concurrent encode requests through one encoder, several requests per call.
+    """Funnels concurrent encode requests through ``encoders`` encoder threads, several
+    requests per call.
 
     ``encode_group(texts, prefix, normalize) -> (vectors [n, dim], token counts)`` runs in a
-    thread. The worker takes the first queued job, then keeps taking jobs until
-    ``max_batch_size`` texts are waiting or ``max_wait_ms`` has passed since the first one was
-    queued: under load, jobs that already waited that long for the busy encoder go at once
-    with everything queued behind them, without waiting again. Jobs with the same instruction
-    prefix and normalisation are encoded in one call. With ``batching=False`` every job is
-    encoded on its own (one request per forward pass). ``on_batch(n_texts)`` is called once
-    per batch (the batch-size metric); ``thread_init()`` once in the encoder thread, before
-    its first job.
+    thread. An idle encoder takes the first queued job, then keeps taking jobs until its batch
+    is full or ``max_wait_ms`` has passed since the first one was queued: under load, jobs that
+    already waited that long for a busy encoder go at once with everything queued behind them,
+    without waiting again. A batch is full at ``max_batch_size`` texts, or, with several
+    encoders, at its share of the texts in flight (``ceil(in flight / encoders)``), so that
+    16 concurrent requests keep two encoders busy with 8 each instead of one with 16 while the
+    other waits. Jobs with the same instruction prefix and normalisation are encoded in one
+    call. With ``batching=False`` every job is encoded on its own (one request per forward
+    pass). ``on_batch(n_texts)`` is called once per batch (the batch-size metric);
+    ``thread_init()`` once in each encoder thread, before its first job.
 
     Example:
         >>> batcher = MicroBatcher(encode_group, max_batch_size=32, max_wait_ms=5)
@@ -125,94 +128,111 @@ class MicroBatcher:
     """
 
     def __init__(self, encode_group: EncodeGroup, *, max_batch_size: int = 32,
-                 max_wait_ms: float = 5.0, batching: bool = True,
+                 max_wait_ms: float = 5.0, batching: bool = True, encoders: int = 1,
                  on_batch: Optional[Callable[[int], None]] = None,
                  thread_init: Optional[Callable[[], None]] = None) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
+        if not isinstance(encoders, int) or encoders < 1:
+            raise ValueError(f"encoders must be a positive int, got {encoders!r}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
         self.encode_group = encode_group
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.batching = batching
+        self.encoders = encoders
         self.on_batch = on_batch
         self.thread_init = thread_init
         self._queue: Optional["asyncio.Queue[Union[_Job, _Stop]]"] = None
-        self._worker: Optional["asyncio.Task[None]"] = None
-        # Always the same thread: OpenMP keeps torch's worker threads per calling thread, so
-        # a rotating caller (asyncio.to_thread's pool) would keep several sets of them.
-        self._executor: Optional[ThreadPoolExecutor] = None
-        # A get() that timed out stays pending and is reused: cancelling it could drop a job.
-        self._getter: Optional["asyncio.Future[Union[_Job, _Stop]]"] = None
+        self._workers: List["asyncio.Task[None]"] = []
+        # One single-thread executor per encoder, always the same thread: OpenMP keeps torch's
+        # worker threads per calling thread, so a rotating caller (asyncio.to_thread's pool)
+        # would keep several sets of them.
+        self._executors: List[ThreadPoolExecutor] = []
+        self._in_flight = 0  # texts submitted and not yet answered
 
     @property
     def running(self) -> bool:
-        """Whether the worker is accepting jobs."""
-        return self._worker is not None and not self._worker.done()
+        """Whether the workers are accepting jobs."""
+        return bool(self._workers) and not any(worker.done() for worker in self._workers)
 
     async def start(self) -> None:
-        """Start the worker on the running event loop."""
+        """Start the workers on the running event loop."""
         self._queue = asyncio.Queue()
-        self._getter = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="llm-embedder-encode",
-                                            initializer=self.thread_init)
-        self._worker = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"llm-embedder-encode-{i}",
+                                              initializer=self.thread_init)
+                           for i in range(self.encoders)]
+        self._workers = [loop.create_task(self._run(executor)) for executor in self._executors]
 
     async def stop(self) -> None:
-        """Encode every job queued so far, then stop the worker."""
-        if self._queue is None or self._worker is None:
+        """Encode every job queued so far, then stop the workers."""
+        if self._queue is None or not self._workers:
             return
-        self._queue.put_nowait(_Stop())
-        await self._worker
-        self._queue = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        for _ in self._workers:  # each worker takes one marker, after every job before it
+            self._queue.put_nowait(_Stop())
+        await asyncio.gather(*self._workers)
+        self._queue, self._workers = None, []
+        for executor in self._executors:
+            executor.shutdown(wait=True)
+        self._executors = []
 
     async def submit(self, texts: List[str], prefix: str, normalize: bool) -> Tuple[Any, List[int]]:
         """Queue ``texts`` and wait for their vectors and token counts."""
         if self._queue is None or not self.running:
             raise ApiError(503, "the encoder is not running (the server is starting or "
                                 "shutting down); retry shortly", "unavailable")
-        future: "asyncio.Future[Tuple[Any, List[int]]]" = \
-            asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Job(texts, prefix, normalize, future,
-                                    asyncio.get_running_loop().time()))
-        return await future
-
-    async def _next(self, timeout: Optional[float]) -> Optional[Union[_Job, _Stop]]:
-        assert self._queue is not None
-        if self._getter is None:
-            self._getter = asyncio.ensure_future(self._queue.get())
-        done, _ = await asyncio.wait({self._getter}, timeout=timeout)
-        if not done:
-            return None
-        item, self._getter = self._getter.result(), None
-        return item
-
-    def _next_nowait(self) -> Optional[Union[_Job, _Stop]]:
-        # Safe beside a pending getter: a get() woken for an item taken here waits again.
-        assert self._queue is not None
-        try:
-            return self._queue.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
-
-    async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        future: "asyncio.Future[Tuple[Any, List[int]]]" = loop.create_future()
+        self._queue.put_nowait(_Job(texts, prefix, normalize, future, loop.time()))
+        self._in_flight += len(texts)
+        try:
+            return await future
+        finally:
+            self._in_flight -= len(texts)
+
+    def _batch_limit(self) -> int:
+        if self.encoders == 1:
+            return self.max_batch_size
+        share = -(-self._in_flight // self.encoders)
+        return max(1, min(self.max_batch_size, share))
+
+    async def _run(self, executor: ThreadPoolExecutor) -> None:
+        assert self._queue is not None
+        queue, loop = self._queue, asyncio.get_running_loop()
+        # A get() that timed out stays pending and is reused: cancelling it could drop a job.
+        getter: Optional["asyncio.Future[Union[_Job, _Stop]]"] = None
+
+        async def next_item(timeout: Optional[float]) -> Optional[Union[_Job, _Stop]]:
+            nonlocal getter
+            if getter is None:
+                getter = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({getter}, timeout=timeout)
+            if not done:
+                return None
+            item, getter = getter.result(), None
+            return item
+
+        def next_nowait() -> Optional[Union[_Job, _Stop]]:
+            # Safe beside a pending getter: a get() woken for an item taken here waits again.
+            try:
+                return queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return None
+
         stopping = False
         while not stopping:
-            first = await self._next(None)
+            first = await next_item(None)
             if isinstance(first, _Stop) or first is None:
                 break
             batch, size = [first], len(first.texts)
             deadline = first.queued_at + self.max_wait_s
-            while self.batching and size < self.max_batch_size:
-                item = self._next_nowait()
+            while self.batching and size < self._batch_limit():
+                item = next_nowait()
                 if item is None:
                     left = deadline - loop.time()
-                    item = await self._next(left) if left > 0 else None
+                    item = await next_item(left) if left > 0 else None
                 if item is None:
                     break
                 if isinstance(item, _Stop):
@@ -220,12 +240,11 @@ class MicroBatcher:
                     break
                 batch.append(item)
                 size += len(item.texts)
-            await self._encode(batch)
-        if self._getter is not None:
-            self._getter.cancel()
-            self._getter = None
+            await self._encode(batch, executor)
+        if getter is not None:
+            getter.cancel()
 
-    async def _encode(self, batch: List[_Job]) -> None:
+    async def _encode(self, batch: List[_Job], executor: ThreadPoolExecutor) -> None:
         live = [job for job in batch if not job.future.done()]  # skip cancelled requests
         if not live:
             return
@@ -246,7 +265,7 @@ class MicroBatcher:
             return out
 
         loop = asyncio.get_running_loop()
-        for jobs, result in await loop.run_in_executor(self._executor, work):
+        for jobs, result in await loop.run_in_executor(executor, work):
             start = 0
             for job in jobs:
                 stop = start + len(job.texts)
@@ -478,6 +497,7 @@ def create_app(
     batching: bool = True,
     device: Optional[str] = None,
     threads: Optional[int] = None,
+    encoders: Optional[int] = None,
     embedder: Any = None,
     model_name: Optional[str] = None,
 ) -> Any:
@@ -494,9 +514,15 @@ def create_app(
         max_inputs, max_chars: texts per request and characters per text at most (413 above).
         batching: ``False`` encodes each request on its own (to measure what batching buys).
         device: where the encoder runs; default the GPU when there is one.
-        threads: torch threads of the encoder thread (default: torch's choice, one per core).
-            The event loop (HTTP, JSON) and any client on the same machine share the cores
-            with them.
+        threads: torch threads of each encoder thread (default: torch's choice, one per core,
+            shared out among the encoders). The event loop (HTTP, JSON) and any client on the
+            same machine share the cores with them.
+        encoders: encoder threads, each encoding its own batch (see :class:`MicroBatcher`);
+            default 1 on a GPU, 2 on a CPU with 2 or more torch threads: there two encoders
+            of half the threads each served 13-25 % more requests/s at 16-64 clients than one
+            (benches/bench_serve.py), since small matrix products scale poorly across threads
+            and one encoder's batch runs while the other's requests come back. One request
+            alone waits a little longer (27 vs 22 ms p50 for a short query on 2 cores).
         embedder: an already loaded :class:`~llm_embedder.Embedder` (``model_dir`` is then
             ignored); model_name: the name answered in ``model`` fields (default: the folder
             name).
@@ -515,7 +541,8 @@ def create_app(
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     for name, value in (("max_inputs", max_inputs), ("max_chars", max_chars),
-                        ("threads", 1 if threads is None else threads)):
+                        ("threads", 1 if threads is None else threads),
+                        ("encoders", 1 if encoders is None else encoders)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
 
@@ -552,6 +579,19 @@ def create_app(
                                   token_counts=tokens)
         return vectors, tokens
 
+    import torch
+
+    # Several encoder threads share the model and tokenizer: inference only, and one call
+    # before serving sets the tokenizer's truncation once (changing it while another thread
+    # tokenizes is what makes a fast tokenizer raise "Already borrowed").
+    if isinstance(getattr(embedder, "model", None), torch.nn.Module):
+        embedder.model.eval()
+    try:
+        encode_group(["warm-up"], "", True)
+    except Exception as exc:
+        raise RuntimeError(f"{served_name}: the encoder failed on a one-word test text, so it "
+                           f"cannot serve: {type(exc).__name__}: {exc}") from exc
+
     registry = prom.CollectorRegistry()
     requests_total = prom.Counter("llm_embedder_requests_total", "HTTP requests answered",
                                   ["endpoint", "status"], registry=registry)
@@ -564,22 +604,28 @@ def create_app(
                                  buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
                                  registry=registry)
 
+    if encoders is None:
+        on_cpu = torch.device(embedder.device).type == "cpu"
+        encoders = 2 if on_cpu and torch.get_num_threads() >= 2 else 1
+    # Set in each encoder thread: a thread's default follows the last set_num_threads call
+    # anywhere in the process, not torch's choice for this machine.
+    encoder_threads = threads if threads is not None else max(
+        1, torch.get_num_threads() // encoders)
+
     def set_threads() -> None:
         # In the encoder thread itself: OpenMP keeps the thread count per calling thread.
-        import torch
-
-        torch.set_num_threads(threads)  # type: ignore[arg-type]
+        torch.set_num_threads(encoder_threads)  # type: ignore[arg-type]
 
     batcher = MicroBatcher(encode_group, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                           batching=batching, on_batch=batch_sizes.observe,
-                           thread_init=None if threads is None else set_threads)
+                           batching=batching, encoders=encoders, on_batch=batch_sizes.observe,
+                           thread_init=set_threads)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any) -> Any:
         await batcher.start()
-        logger.info("serving %s (dim %d) on %s, micro-batching %s, torch threads %s",
-                    served_name, embedder.dim, embedder.device, "on" if batching else "off",
-                    threads or "default")
+        logger.info("serving %s (dim %d) on %s, micro-batching %s, %d encoder(s), torch "
+                    "threads %s each", served_name, embedder.dim, embedder.device,
+                    "on" if batching else "off", encoders, encoder_threads)
         try:
             yield
         finally:
@@ -764,7 +810,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-chars", type=int, default=8192,
                         help="characters per text at most")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads of the encoder (default: one per core)")
+                        help="torch threads of each encoder (default: the cores, shared out "
+                             "among the encoders)")
+    parser.add_argument("--encoders", type=int, default=None,
+                        help="encoder threads, each running its own batch (default: 2 on a "
+                             "CPU with 2+ cores, 1 on a GPU)")
     parser.add_argument("--no-batching", dest="batching", action="store_false",
                         help="encode each request on its own")
     parser.add_argument("--graceful-timeout", type=float, default=30.0,
@@ -785,7 +835,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         graceful_timeout_s=args.graceful_timeout, device=args.device,
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
         max_inputs=args.max_inputs, max_chars=args.max_chars, batching=args.batching,
-        threads=args.threads)
+        threads=args.threads, encoders=args.encoders)
     return 0
 
 
