@@ -11,6 +11,7 @@ from llm_embedder.evaluate import (
     average_primary,
     downstream_answers,
     downstream_choice,
+    downstream_metrics,
     evaluate,
     exact_match,
     first_line,
@@ -27,6 +28,7 @@ from llm_embedder.evaluate import (
     results_markdown,
     retrieval_metrics,
 )
+from llm_embedder.tasks import get_task
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -210,6 +212,20 @@ def test_downstream_answers_rewards_the_system_that_retrieves_the_answer():
     assert out["none"]["answer_ppl"] == pytest.approx(math.e)
     # "bad" and "none" differ in prompt; identical prompts would be scored once
     assert llm.scored == 3
+
+
+def test_no_llm_query_gives_no_downstream_metric_and_no_warning():
+    import warnings
+
+    corpus = [Passage(id="p0", text="the capital is Paris")]
+    queries = [Query(id="q", text="capital?", answers=["Paris"], positive_ids=["p0"])]
+    data = TaskData.build("qa", corpus, queries)
+    llm = FakeLLM()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "mean of empty slice" would raise here
+        out = downstream_metrics(get_task("qa"), data, {"a": [np.array([0])]}, llm, k=1,
+                                 query_ids=[])
+    assert out == {} and llm.scored == 0
 
 
 def test_downstream_answers_scores_each_distinct_prompt_once():

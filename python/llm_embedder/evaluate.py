@@ -467,8 +467,8 @@ def downstream_metrics(task: Task, data: TaskData, rankings: Mapping[str, Sequen
         >>> downstream_metrics(get_task("qa"), data, {"bm25": rank_bm25(data, 10)}, llm, k=3,
         ...                    query_ids=[0, 1])["bm25"]["em"]
     """
-    if task.downstream is None:
-        return {}
+    if task.downstream is None or not len(query_ids):
+        return {}  # no query for the LLM: no metric (a mean over nothing would be NaN)
     if task.downstream == "choice":
         return downstream_choice(data, rankings, llm, k=k, query_ids=query_ids, seed=seed)
     # perplexity: the desired output is a free reply (memory), so exact match means nothing
