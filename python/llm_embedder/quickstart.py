@@ -51,6 +51,7 @@ from .data import (
     load_queries,
 )
 from .evaluate import (
+    OPT_IN_SYSTEMS,
     SYSTEMS,
     EvalConfig,
     evaluate,
@@ -478,7 +479,8 @@ def _evaluate(out: Path, cfg: QuickstartConfig, plan: Mapping[str, Mapping[str, 
               get_llm: Callable[[], Any], seed: int, device: Optional[str]) -> Dict[str, Any]:
     data = {task: {"corpus": plan[task]["corpus"], "test": plan[task]["test"]}
             for task in cfg.tasks}
-    config = EvalConfig(tasks=list(cfg.tasks), data=data, systems=list(SYSTEMS),
+    systems = [s for s in SYSTEMS if s not in OPT_IN_SYSTEMS]
+    config = EvalConfig(tasks=list(cfg.tasks), data=data, systems=systems,
                         downstream=True, max_llm_queries=cfg.max_llm_queries,
                         downstream_systems=(None if cfg.downstream_systems is None
                                             else list(cfg.downstream_systems)),
