@@ -10,11 +10,12 @@ default. Endpoints:
 - ``POST /search``: top-k ids, scores and texts from the saved index;
 - ``GET /health`` and ``GET /metrics`` (Prometheus).
 
-Concurrent requests are micro-batched: a single worker takes queued requests until
-``max_batch_size`` texts are waiting or ``max_wait_ms`` has passed, encodes them in one call in a
-thread, and answers every request. Errors are JSON ``{"error": {"message", "type"}}`` with a 4xx
-status for anything the client can fix. On SIGTERM uvicorn stops accepting connections, lets
-in-flight requests finish, then the worker drains its queue and the process exits with status 0.
+Concurrent requests are micro-batched: each encoder worker (2 on a CPU by default, 1 on a GPU)
+takes queued requests until its batch is full (``max_batch_size`` texts, or its share of the
+texts in flight) or ``max_wait_ms`` has passed, encodes them in one call in its own thread, and
+answers every request. Errors are JSON ``{"error": {"message", "type"}}`` with a 4xx status for
+anything the client can fix. On SIGTERM uvicorn stops accepting connections, lets in-flight
+requests finish, then the workers drain the queue and the process exits with status 0.
 
 Needs the ``serve`` extra (``pip install 'llm-embedder[serve]'``): fastapi, uvicorn,
 prometheus-client. This module imports them only when an app is built, so the CLI stays fast.
@@ -501,7 +502,7 @@ def create_app(
     embedder: Any = None,
     model_name: Optional[str] = None,
 ) -> Any:
-    """Build the FastAPI app serving one encoder (and one saved index, if given).
+    """Build the FastAPI app serving one model (and one saved index, if given).
 
     Args:
         model_dir: a model folder or hub id for :meth:`Embedder.from_pretrained`; ``None`` the
