@@ -519,11 +519,11 @@ def create_app(
             shared out among the encoders). The event loop (HTTP, JSON) and any client on the
             same machine share the cores with them.
         encoders: encoder threads, each encoding its own batch (see :class:`MicroBatcher`);
-            default 1 on a GPU, 2 on a CPU with 2 or more torch threads: there two encoders
-            of half the threads each served 13-25 % more requests/s at 16-64 clients than one
-            (benches/bench_serve.py), since small matrix products scale poorly across threads
-            and one encoder's batch runs while the other's requests come back. One request
-            alone waits a little longer (27 vs 22 ms p50 for a short query on 2 cores).
+            default 1 on a GPU, 2 on a CPU with 2 or more torch threads: on 2 cores two
+            single-threaded encoders served 16-18 % more requests/s at 16 and 64 clients than
+            one two-threaded one (benches/bench_serve.py, README), since small matrix products
+            gain little from a second thread and one encoder's batch runs while the other's
+            requests come back. A lone request waits a little longer (27 vs 22 ms p50).
         embedder: an already loaded :class:`~llm_embedder.Embedder` (``model_dir`` is then
             ignored); model_name: the name answered in ``model`` fields (default: the folder
             name).
