@@ -29,6 +29,7 @@ One run, one process, the same inputs for every method:
     python benches/bench_label.py --queries 4 --write  # also write benches/results_label.md
     python benches/bench_label.py --task chat --device cuda
     python benches/bench_label.py --reuse-queries 0    # skip part 3
+    python benches/bench_label.py --reuse-only         # part 3 only
 """
 
 from __future__ import annotations
@@ -172,35 +173,10 @@ def reuse_comparison(llm: FrozenLLM, task: str, folder: Path, n_queries: int,
     return lines, same_samples and diff <= 1e-4
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="qa", choices=sorted(FOLDERS))
-    parser.add_argument("--queries", type=int, default=2, help="queries labelled and re-scored")
-    parser.add_argument("--num-samples", type=int, default=8)
-    parser.add_argument("--num-negatives", type=int, default=7)
-    parser.add_argument("--max-key-tokens", type=int, default=192)
-    parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--reuse-queries", type=int, default=6,
-                        help="part 3: queries labelled with and without prefix reuse (0: skip)")
-    parser.add_argument("--reuse-passages", type=int, default=2,
-                        help="part 3: positive passages those queries share")
-    parser.add_argument("--write", action="store_true", help="write benches/results_label.md")
-    args = parser.parse_args()
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    folder = args.data / FOLDERS[args.task]
-    if not folder.is_dir():
-        sys.exit(f"{folder} not found: pass --data pointing at the shared data folder")
-    llm = FrozenLLM.load(device=args.device)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch threads {torch.get_num_threads()}, device {llm.device}, dtype {llm.dtype}, "
-          f"load average at start {load:.2f}", flush=True)
-
+def scoring_parts(llm: FrozenLLM, args: argparse.Namespace, folder: Path, load: float
+                  ) -> Tuple[List[str], float]:
+    """Parts 1 and 2: the report lines and the largest disagreement of a method with the
+    naive scores."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "labels.jsonl"
         config = LabelConfig(num_samples=args.num_samples, num_negatives=args.num_negatives,
@@ -283,6 +259,52 @@ def main() -> int:
          f"({1 / max(summary.queries_per_s, 1e-9):.1f} s/query), "
          f"{summary.tokens_per_s:.0f} LLM tokens/s, {summary.pairs_per_s:.1f} pairs/s."),
     ]
+    worst = max(float(np.max(np.abs(r[0] - naive_scores))) for r in results.values())
+    return lines, worst
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="qa", choices=sorted(FOLDERS))
+    parser.add_argument("--queries", type=int, default=2, help="queries labelled and re-scored")
+    parser.add_argument("--num-samples", type=int, default=8)
+    parser.add_argument("--num-negatives", type=int, default=7)
+    parser.add_argument("--max-key-tokens", type=int, default=192)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--reuse-queries", type=int, default=6,
+                        help="part 3: queries labelled with and without prefix reuse (0: skip)")
+    parser.add_argument("--reuse-passages", type=int, default=2,
+                        help="part 3: positive passages those queries share")
+    parser.add_argument("--reuse-only", action="store_true",
+                        help="run part 3 only (labelling with and without prefix reuse)")
+    parser.add_argument("--write", action="store_true", help="write benches/results_label.md")
+    args = parser.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folder = args.data / FOLDERS[args.task]
+    if not folder.is_dir():
+        sys.exit(f"{folder} not found: pass --data pointing at the shared data folder")
+    llm = FrozenLLM.load(device=args.device)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch threads {torch.get_num_threads()}, device {llm.device}, dtype {llm.dtype}, "
+          f"load average at start {load:.2f}", flush=True)
+
+    if args.reuse_only:
+        lines = [f"### bench_label: {args.task}, prefix reuse only (part 3)", "",
+                 (f"Machine: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+                  f"device {llm.device}, {llm.dtype}; load average {load:.2f} at start.")]
+        worst = 0.0
+        # Parts 1 and 2 warm the model up otherwise: one-off costs (the newline token table,
+        # the first forwards) must not land in part 3's first arm.
+        llm.sample(["Question: Name a colour.\n\nAnswer:"], 2, max_new_tokens=4, seed=0)
+        llm.score_grouped(["Question: Name a colour.\n\nAnswer:"], [[" red", " blue"]])
+    else:
+        lines, worst = scoring_parts(llm, args, folder, load)
     reuse_ok = True
     if args.reuse_queries > 0:
         reuse_lines, reuse_ok = reuse_comparison(llm, args.task, folder, args.reuse_queries,
@@ -292,7 +314,6 @@ def main() -> int:
     table = "\n".join(lines)
     print()
     print(table)
-    worst = max(float(np.max(np.abs(r[0] - naive_scores))) for r in results.values())
     if worst > 1e-4:
         print(f"ERROR: methods disagree by {worst:.2e} (> 1e-4)", file=sys.stderr)
         return 1

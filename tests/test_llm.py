@@ -438,3 +438,46 @@ def test_joint_sampling_with_prefixes_draws_what_separate_calls_draw(llm, monkey
     assert all(len(llm.tokenizer(s, add_special_tokens=False)["input_ids"]) <= 4
                for s in joint[1])  # its own limit, not the call's longest
     assert llm.prefix_cache.stats["hits"] >= 2
+
+
+@pytest.mark.slow
+def test_joint_sampling_drops_finished_prompts_rows_and_still_draws_the_same(llm, monkeypatch):
+    monkeypatch.setattr(llm, "prefix_cache", PrefixCache())
+    prompts, prefixes, _ = _qa_prompts()
+    chosen = [0, 3, 1]
+    # The second prompt's 6 rows stop after 2 tokens: 6 of 15 rows leave the batch.
+    counts, limits, seeds = [6, 6, 3], [12, 2, 12], [21, 22, 23]
+    separate = [llm.sample([prompts[k]], n, max_new_tokens=m, seeds=[s])[0]
+                for k, n, m, s in zip(chosen, counts, limits, seeds)]
+    selected = []
+    real = llm_module._roomy_layer().batch_select_indices
+    monkeypatch.setattr(llm_module._roomy_layer(), "batch_select_indices",
+                        lambda self, indices: (selected.append(len(indices)),
+                                               real(self, indices))[1])
+    joint = llm.sample([prompts[k] for k in chosen], counts, max_new_tokens=limits,
+                       seeds=seeds, prefixes=[prefixes[k] for k in chosen])
+    assert joint == separate
+    assert selected and set(selected) == {9}  # every layer kept the 9 rows still drawing
+
+
+@pytest.mark.slow
+def test_grouped_nucleus_draws_equal_one_sort_per_group_also_on_ties(llm):
+    """Flat rows are drawn from their top tokens, not a full sort; ties (which a sort and
+    top-k may order differently) must not change any draw."""
+    import torch
+
+    torch.manual_seed(0)
+    bounds = [(0, 5), (5, 8), (8, 12)]
+    for trial in range(12):
+        scale = [0.2, 1.0, 4.0][trial % 3]
+        logits = torch.randn(12, 4096 * 3) * scale
+        if trial % 2:
+            logits = (logits * 4).round() / 4  # many exact ties
+        done = torch.rand(12) < 0.25
+        seeds = [100 * trial + k for k in range(3)]
+        grouped = llm._pick_groups(logits, bounds, [True, True, True], 1.0, 0.9,
+                                   [torch.Generator().manual_seed(s) for s in seeds], done)
+        for (a, b), s in zip(bounds, seeds):
+            alone = llm._pick(logits[a:b], 1.0, 0.9, torch.Generator().manual_seed(s))
+            live = ~done[a:b]
+            assert torch.equal(grouped[a:b][live], alone[live]), (trial, a)

@@ -388,29 +388,24 @@ def _per_prompt(value: Union[int, Sequence[int]], count: int, what: str) -> List
 _ROOMY_LAYER: Optional[type] = None
 
 
-def _roomy_cache(layers: List[Tuple[Any, Any]], rows: Any, capacity: int) -> Any:
-    """A DynamicCache holding rows ``rows`` of ``layers`` with room for ``capacity`` tokens,
-    which forwards fill in place: a plain layer concatenates, copying the whole cache at every
-    decoding step. Where the installed transformers has no per-layer cache objects (or the
-    model's are not plain), a plain cache of those rows."""
+def _roomy_layer() -> Optional[type]:
+    """A DynamicLayer whose keys and values are leading views of buffers with spare room,
+    which forwards fill in place (a plain layer concatenates, copying the whole cache at every
+    forward); None where the installed transformers has no per-layer cache objects."""
     global _ROOMY_LAYER
     try:
         from transformers.cache_utils import DynamicLayer
     except ImportError:  # transformers < 4.56: the cache holds plain lists of tensors
-        return _new_cache([(k.index_select(0, rows), v.index_select(0, rows))
-                           for k, v in layers])
+        return None
     if _ROOMY_LAYER is None:
         class RoomyLayer(DynamicLayer):  # type: ignore[misc, valid-type]
-            """A DynamicLayer whose keys and values are views of buffers with spare room."""
+            """A DynamicLayer over buffers ``[batch, heads, room, dim]``, the first ``length``
+            entries in use."""
 
-            def __init__(self, keys: Any, values: Any, room: int):
+            def __init__(self, k_buffer: Any, v_buffer: Any, length: int):
                 super().__init__()
-                self.lazy_initialization(keys, values)
-                length, shape = keys.shape[-2], keys.shape[:-2]
-                self._k = keys.new_empty((*shape, room, keys.shape[-1]))
-                self._v = values.new_empty((*shape, room, values.shape[-1]))
-                self._k[..., :length, :] = keys
-                self._v[..., :length, :] = values
+                self.lazy_initialization(k_buffer, v_buffer)
+                self._k, self._v = k_buffer, v_buffer
                 self.keys = self._k[..., :length, :]
                 self.values = self._v[..., :length, :]
 
@@ -428,11 +423,43 @@ def _roomy_cache(layers: List[Tuple[Any, Any]], rows: Any, capacity: int) -> Any
                 self.values = self._v[..., :end, :]
                 return self.keys, self.values
 
+            def batch_select_indices(self, indices: Any) -> None:
+                if self.keys.data_ptr() != self._k.data_ptr():
+                    super().batch_select_indices(indices)
+                    return
+                length = self.keys.shape[-2]
+                self._k = self._k.index_select(0, indices)
+                self._v = self._v.index_select(0, indices)
+                self.keys = self._k[..., :length, :]
+                self.values = self._v[..., :length, :]
+
         _ROOMY_LAYER = RoomyLayer
-    cache = _new_cache([])
+    return _ROOMY_LAYER
+
+
+def _roomy_cache(layers: List[Tuple[Any, Any]], rows: Any, capacity: int) -> Any:
+    """A cache holding rows ``rows`` of ``layers`` with room for ``capacity`` tokens (see
+    :func:`_roomy_layer`); where that is unavailable, a plain cache of those rows."""
+    layer = _roomy_layer()
+    if layer is None:
+        return _new_cache([(k.index_select(0, rows), v.index_select(0, rows))
+                           for k, v in layers])
+    built = []
     # One layer's selected rows at a time: the buffers are the only full-size copy.
-    cache.layers = [_ROOMY_LAYER(k.index_select(0, rows), v.index_select(0, rows), capacity)
-                    for k, v in layers]
+    for k, v in layers:
+        length = k.shape[-2]
+        k_buffer = k.new_empty((len(rows), k.shape[1], capacity, k.shape[3]))
+        v_buffer = v.new_empty((len(rows), v.shape[1], capacity, v.shape[3]))
+        k_buffer[:, :, :length] = k.index_select(0, rows)
+        v_buffer[:, :, :length] = v.index_select(0, rows)
+        built.append(layer(k_buffer, v_buffer, length))
+    return _cache_of(built)
+
+
+def _cache_of(layers: List[Any]) -> Any:
+    """A DynamicCache made of ready cache layer objects."""
+    cache = _new_cache([])
+    cache.layers = layers
     return cache
 
 
@@ -937,14 +964,7 @@ class FrozenLLM:
         the logits there score every output's first token once for all its outputs; an
         output's segment is then its own ids but the last (those predict the others)."""
         torch = self._torch
-        cache, valid, _, last = self._prefill([(list(key), cached[key]) for key in batch],
-                                              budget, logits=True)
-        first = torch.log_softmax(last, dim=-1).cpu()
-        sums: Dict[Tuple[int, int], float] = {}
-        for b, key in enumerate(batch):
-            for (i, j, o) in groups[key]:
-                sums[(i, j)] = float(first[b, o[0]])
-        n, width = valid.shape
+        n = len(batch)
         longest = max(len(o) - 1 for key in batch for (_, _, o) in groups[key])
         cap = max(longest, self.max_logit_tokens // n, 1)
         plans: List[List[List[Tuple[int, int, List[int]]]]] = []
@@ -960,6 +980,16 @@ class FrozenLLM:
                 runs[-1].append(item)
                 used += len(item[2]) - 1
             plans.append(runs)
+        # The cache gets room for the widest pass: passes write into it, never copy it.
+        room = max(sum(len(o) - 1 for (_, _, o) in run) for runs in plans for run in runs)
+        cache, valid, _, last = self._prefill([(list(key), cached[key]) for key in batch],
+                                              budget, logits=True, room=room)
+        first = torch.log_softmax(last, dim=-1).cpu()
+        sums: Dict[Tuple[int, int], float] = {}
+        for b, key in enumerate(batch):
+            for (i, j, o) in groups[key]:
+                sums[(i, j)] = float(first[b, o[0]])
+        width = valid.shape[1]
         for k in range(max(len(runs) for runs in plans)):
             rows = [runs[k] if k < len(runs) else [] for runs in plans]
             if not any(rows):
@@ -979,48 +1009,12 @@ class FrozenLLM:
                         rows: List[List[Tuple[int, int, List[int]]]],
                         sums: Dict[Tuple[int, int], float]) -> None:
         """Add to ``sums`` the log p of each output's tokens after its first: row ``b`` packs
-        the outputs of prompt ``batch[b]``, each segment ``o[:-1]`` placed right after the
-        prompt, causal inside itself and blind to the segments beside it."""
-        torch = self._torch
-        n, width = valid.shape
-        span = max(1, max(sum(len(o) - 1 for (_, _, o) in row) for row in rows))
-        ids = torch.full((n, span), self.pad_id, dtype=torch.long)
-        positions = torch.zeros((n, span), dtype=torch.long)
-        targets = torch.full((n, span), self.pad_id, dtype=torch.long)
-        segment = torch.full((n, span), -1, dtype=torch.long)
-        allowed = torch.zeros((n, span, width + span), dtype=torch.bool)
-        allowed[:, :, :width] = valid.unsqueeze(1)
-        owners: List[Tuple[int, int]] = []
-        for b, row in enumerate(rows):
-            start = 0
-            for (i, j, o) in row:
-                stop = start + len(o) - 1
-                ids[b, start:stop] = torch.tensor(o[:-1], dtype=torch.long)
-                positions[b, start:stop] = len(batch[b]) + torch.arange(len(o) - 1)
-                allowed[b, start:stop, width + start:width + stop] = torch.ones(
-                    (len(o) - 1, len(o) - 1), dtype=torch.bool).tril()
-                targets[b, start:stop] = torch.tensor(o[1:], dtype=torch.long)
-                segment[b, start:stop] = len(owners)
-                owners.append((i, j))
-                start = stop
-            for pad in range(start, span):  # padding attends to itself: no empty softmax row
-                allowed[b, pad, width + pad] = True
-        mask = torch.zeros(allowed.shape, dtype=self.dtype)
-        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
-        logits = self.model(input_ids=ids.to(self.device),
-                            attention_mask=mask.unsqueeze(1).to(self.device),
-                            position_ids=positions.to(self.device), use_cache=True,
-                            **{self._cache_kw: cache}).logits.float()
-        picked = logits.gather(-1, targets.to(self.device).unsqueeze(-1)).squeeze(-1)
-        logp = (picked - logits.logsumexp(-1)).flatten().cpu()
-        del logits
-        seg = segment.flatten()
-        keep = seg >= 0
-        totals = torch.zeros(len(owners), dtype=torch.float64).index_add_(
-            0, seg[keep], logp[keep].double()).tolist()
+        the outputs of prompt ``batch[b]``, each segment ``o[:-1]`` (predicting ``o[1:]``)
+        placed right after the prompt."""
+        owners, totals, _ = self._pack_segments(
+            rows, lambda b, o: (o[:-1], o[1:]), [len(key) for key in batch], valid, cache)
         for s, owner in enumerate(owners):
-            sums[owner] += totals[s]
-        self.stats["forward_tokens"] += int(keep.sum())
+            sums[owner] += float(totals[s])
 
     def _score_outputs(self, batch: List[Tuple[int, ...]], prefixes: List[List[int]],
                        pmask: Any, cache: Any, groups: Dict, results: List) -> None:
@@ -1055,30 +1049,52 @@ class FrozenLLM:
     def _score_packed(self, batch: List[Tuple[int, ...]], prefixes: List[List[int]], pmask: Any,
                       cache: Any, rows: List[List[Tuple[int, int, List[int]]]],
                       results: List) -> None:
+        """Score the outputs of ``rows`` (row ``b``: prompt ``batch[b]``) on the cache of the
+        prompts but their last ids: each segment is ``[last prompt id] + o``, predicting
+        ``o``."""
+        owners, totals, counts = self._pack_segments(
+            rows, lambda b, o: ([batch[b][-1]] + o, o), [len(p) for p in prefixes], pmask,
+            cache)
+        means = (totals / counts).numpy()
+        for s, (i, j) in enumerate(owners):
+            results[i][j] = means[s]
+
+    def _pack_segments(self, rows: List[List[Tuple[int, int, List[int]]]],
+                       segment_of: Any, first_position: List[int], valid: Any,
+                       cache: Any) -> Tuple[List[Tuple[int, int]], Any, Any]:
+        """One forward over outputs packed as segments after their prompts' cache.
+
+        Row ``b`` holds the outputs ``(i, j, o)`` of one prompt; ``segment_of(b, o)`` gives the
+        ids of an output's segment and the targets its first positions predict. Segments are
+        laid side by side from position ``first_position[b]`` on, each attending to the cache
+        entries ``valid[b]`` marks (``valid``: bool ``[rows, cache length]``), causal inside
+        itself and blind to the segments beside it. Returns the ``(i, j)`` of each segment,
+        the float64 sum of log p over its targets and the number of its targets."""
         torch = self._torch
-        n, width = pmask.shape
-        span = max(1, max(sum(len(o) + 1 for (_, _, o) in row) for row in rows))
-        ids = torch.full((n, span), self.pad_id, dtype=torch.long)
+        n, width = valid.shape
+        built = [[(i, j, *segment_of(b, o)) for (i, j, o) in row] for b, row in enumerate(rows)]
+        span = max(1, max(sum(len(ids) for (_, _, ids, _) in row) for row in built))
+        ids_t = torch.full((n, span), self.pad_id, dtype=torch.long)
         positions = torch.zeros((n, span), dtype=torch.long)
         targets = torch.full((n, span), self.pad_id, dtype=torch.long)
-        segment = torch.full((n, span), -1, dtype=torch.long)  # which output a target belongs to
+        segment = torch.full((n, span), -1, dtype=torch.long)  # which output a target is of
         allowed = torch.zeros((n, span, width + span), dtype=torch.bool)
-        allowed[:, :, :width] = pmask.unsqueeze(1)
+        allowed[:, :, :width] = valid.unsqueeze(1)
         owners: List[Tuple[int, int]] = []
-        for b, row in enumerate(rows):
+        run = 0
+        for b, row in enumerate(built):
             start = 0
-            for (i, j, o) in row:
-                length = len(o) + 1
-                stop = start + length
-                ids[b, start:stop] = torch.tensor([batch[b][-1]] + o, dtype=torch.long)
-                positions[b, start:stop] = len(prefixes[b]) + torch.arange(length)
-                # Causal inside the segment, blind to the other outputs packed beside it.
+            for (i, j, ids, tgt) in row:
+                stop = start + len(ids)
+                ids_t[b, start:stop] = torch.tensor(ids, dtype=torch.long)
+                positions[b, start:stop] = first_position[b] + torch.arange(len(ids))
                 allowed[b, start:stop, width + start:width + stop] = torch.ones(
-                    (length, length), dtype=torch.bool).tril()
-                targets[b, start:stop - 1] = torch.tensor(o, dtype=torch.long)
-                segment[b, start:stop - 1] = len(owners)
+                    (len(ids), len(ids)), dtype=torch.bool).tril()
+                targets[b, start:start + len(tgt)] = torch.tensor(tgt, dtype=torch.long)
+                segment[b, start:start + len(tgt)] = len(owners)
                 owners.append((i, j))
                 start = stop
+            run += start
             for pad in range(start, span):  # padding attends to itself: no empty softmax row
                 allowed[b, pad, width + pad] = True
         mask = torch.zeros(allowed.shape, dtype=self.dtype)
@@ -1086,22 +1102,19 @@ class FrozenLLM:
         kwargs: Dict[str, Any] = {"use_cache": cache is not None}
         if cache is not None:
             kwargs[self._cache_kw] = cache
-        logits = self.model(input_ids=ids.to(self.device),
+        logits = self.model(input_ids=ids_t.to(self.device),
                             attention_mask=mask.unsqueeze(1).to(self.device),
-                            position_ids=positions.to(self.device), **kwargs).logits
-        logits = logits.float()
+                            position_ids=positions.to(self.device), **kwargs).logits.float()
         picked = logits.gather(-1, targets.to(self.device).unsqueeze(-1)).squeeze(-1)
         logp = (picked - logits.logsumexp(-1)).flatten().cpu()
         del logits
         seg = segment.flatten()
         keep = seg >= 0
-        sums = torch.zeros(len(owners), dtype=torch.float64).index_add_(
+        totals = torch.zeros(len(owners), dtype=torch.float64).index_add_(
             0, seg[keep], logp[keep].double())
         counts = torch.bincount(seg[keep], minlength=len(owners))
-        means = (sums / counts).numpy()
-        for s, (i, j) in enumerate(owners):
-            results[i][j] = means[s]
-        self.stats["forward_tokens"] += int(sum(len(o) + 1 for row in rows for (_, _, o) in row))
+        self.stats["forward_tokens"] += run
+        return owners, totals, counts
 
     # ------------------------------------------------------------------ prefix reuse
 
@@ -1168,15 +1181,16 @@ class FrozenLLM:
             self.stats["forward_tokens"] += int(mask.sum())
 
     def _prefill(self, rows: Sequence[Tuple[Sequence[int], int]], budget: int, *,
-                 logits: bool) -> Tuple[Any, Any, List[int], Any]:
+                 logits: bool, room: int = 0) -> Tuple[Any, Any, List[int], Any]:
         """Run each row's ids, the first ``length`` of them read from :attr:`prefix_cache`
         (computed and added there when missing), all rows in one forward.
 
         Returns ``(cache, valid, lengths, last_logits)``: the batch's KV cache (each row's
         cached prefix, right-padded to the longest, then its remaining ids, left-padded so
-        that every row ends in the last column), ``valid`` (bool ``[rows, columns]``, the real
-        entries), each row's length, and when ``logits`` the float32 logits after each row's
-        last id. Cached entries are copied into the batch, never modified.
+        that every row ends in the last column; with room for ``room`` more tokens, which
+        later forwards write in place), ``valid`` (bool ``[rows, columns]``, the real entries),
+        each row's length, and when ``logits`` the float32 logits after each row's last id.
+        Cached entries are copied into the batch, never modified.
         """
         torch = self._torch
         n = len(rows)
@@ -1208,17 +1222,24 @@ class FrozenLLM:
         cache = None
         if width:
             template = found[next(tuple(ids[:c]) for (ids, _), c in zip(rows, cut) if c)]
+            roomy = _roomy_layer()
+            capacity = width + span + room if roomy is not None else width
             layers = []
             for index, (k0, v0) in enumerate(template):
-                k = k0.new_zeros((n, k0.shape[0], width, k0.shape[2]))
-                v = v0.new_zeros((n, v0.shape[0], width, v0.shape[2]))
+                k = k0.new_empty((n, k0.shape[0], capacity, k0.shape[2]))
+                v = v0.new_empty((n, v0.shape[0], capacity, v0.shape[2]))
                 for b, ((ids, _), c) in enumerate(zip(rows, cut)):
                     if c:
                         entry = found[tuple(ids[:c])][index]
                         k[b, :, :c] = entry[0]
                         v[b, :, :c] = entry[1]
+                    # Padding is masked, but must be finite (0 x NaN is NaN); the room
+                    # beyond is written before it is read.
+                    k[b, :, c:width] = 0
+                    v[b, :, c:width] = 0
                 layers.append((k, v))
-            cache = _new_cache(layers)
+            cache = (_cache_of([roomy(k, v, width) for k, v in layers]) if roomy is not None
+                     else _new_cache(layers))
             for b, c in enumerate(cut):
                 prefix_valid[b, :c] = True
         lengths = [c + len(r) for c, r in zip(cut, rests)]
@@ -1342,35 +1363,65 @@ class FrozenLLM:
                      done: Any) -> Any:
         """:meth:`_pick` for each group of rows ``bounds[k]`` with ``drawing[k]``, from its
         own generator: the same draws as one call per group (softmax and top-k act row by
-        row, so they run once for all rows); rows of other groups get the pad id. Rows already
-        ``done`` get a draw that is thrown away: only its shape matters (a one-token draw
-        takes one random number per entry, whatever the values), so they are not sorted."""
+        row); rows of other groups get the pad id and cost nothing. Rows already ``done`` get
+        a draw that is thrown away: only its shape matters (a one-token draw takes one random
+        number per entry, whatever the values), so they are not sorted."""
         torch = self._torch
         token = torch.full((logits.shape[0],), self.pad_id, dtype=torch.long,
                            device=logits.device)
-        probs = torch.softmax(logits / temperature, dim=-1)
-        if top_p < 1.0:
-            top_values, top_index = probs.topk(min(probs.shape[-1], 1024), dim=-1)
-            enough = top_values.sum(-1) >= top_p
         for k, (a, b) in enumerate(bounds):
             if not drawing[k]:
                 continue
+            probs = torch.softmax(logits[a:b] / temperature, dim=-1)
             if top_p >= 1.0:
-                token[a:b] = torch.multinomial(probs[a:b], 1, generator=generators[k])[:, 0]
+                token[a:b] = torch.multinomial(probs, 1, generator=generators[k])[:, 0]
                 continue
-            values, index = top_values[a:b], top_index[a:b]
-            if not bool(enough[a:b].all()):  # as _pick: a flat row of the group needs more
-                live = (~done[a:b]).nonzero().flatten()
-                values = torch.zeros_like(probs[a:b])
-                values[:, 0] = 1.0
-                index = torch.zeros_like(values, dtype=torch.long)
-                if len(live):
-                    values[live], index[live] = probs[a:b][live].sort(dim=-1, descending=True)
+            values, index = probs.topk(min(probs.shape[-1], 1024), dim=-1)
+            flat = not bool((values.sum(-1) >= top_p).all())
+            if flat:  # as _pick: a flat row of the group needs more than the top 1024
+                values, index = self._flat_nucleus(probs, done[a:b], top_p)
             outside = values.cumsum(-1) - values > top_p
             values = values.masked_fill(outside, 0.0)
             choice = torch.multinomial(values, 1, generator=generators[k])
             token[a:b] = index.gather(-1, choice).squeeze(-1)
+            if flat:
+                self._untie(probs, values, choice, token[a:b], done[a:b])
         return token
+
+    #: Candidates a flat row's nucleus is looked for among before sorting the whole row.
+    FLAT_TOP = 4096
+
+    def _flat_nucleus(self, probs: Any, done: Any, top_p: float) -> Tuple[Any, Any]:
+        """The full-width ``(values, index)`` :meth:`_pick` sorts a flat group's rows into,
+        cheaply: the live rows' top :attr:`FLAT_TOP` probabilities in order, zeros after them
+        (they lie outside the nucleus, as in the sorted row: the top ones already sum past
+        ``top_p``; cumulative sums of a prefix do not depend on what follows it). Rows whose
+        top ones fall short are sorted whole. Only the index of an entry tied with another
+        may differ from a sort's: :meth:`_untie` settles a draw that lands on one."""
+        torch = self._torch
+        live = (~done).nonzero().flatten()
+        values = torch.zeros_like(probs)
+        values[:, 0] = 1.0
+        index = torch.zeros_like(values, dtype=torch.long)
+        if not len(live):
+            return values, index
+        top = min(self.FLAT_TOP, probs.shape[-1])
+        top_values, top_index = probs[live].topk(top, dim=-1)
+        # A margin well above float32 rounding of the sums (~1e-7).
+        short = top_values.sum(-1) <= top_p + 1e-4
+        values[live, :top], index[live, :top] = top_values, top_index
+        for r in live[short].tolist():
+            values[r], index[r] = probs[r].sort(dim=-1, descending=True)
+        return values, index
+
+    def _untie(self, probs: Any, values: Any, choice: Any, token: Any, done: Any) -> None:
+        """Where a live row's draw landed on a probability that another token of the row has
+        too, take the token a full sort puts there (a sort and top-k may order ties
+        differently); ``token`` is written in place."""
+        chosen = values.gather(-1, choice).squeeze(-1)
+        for r in (~done).nonzero().flatten().tolist():
+            if int((probs[r] == chosen[r]).sum()) > 1:
+                token[r] = probs[r].sort(dim=-1, descending=True)[1][choice[r, 0]]
 
     def _continue_together(self, ids: List[List[int]], cached: List[int], counts: List[int],
                            seeds: List[int], limits: List[int], stop_ids: Sequence[int],
@@ -1401,6 +1452,7 @@ class FrozenLLM:
         drawing = [limit > 0 for limit in limits]
         steps = []
         generated = [0] * rows
+        active = list(range(rows))  # the rows still in the batch (and its cache), in order
         for step in range(max(limits)):
             token = self._pick_groups(logits, bounds, drawing, temperature, top_p, generators,
                                       done)
@@ -1415,13 +1467,28 @@ class FrozenLLM:
                     done[a:b] = True
             if not any(drawing):
                 break
-            valid = torch.cat([valid, torch.ones((rows, 1), dtype=torch.bool)], dim=1)
-            mask = torch.zeros((rows, 1, 1, valid.shape[1]), dtype=self.dtype)
+            # The rows of prompts done drawing are never read again: once they are a quarter
+            # of the batch, the batch (and its cache) keeps only the others.
+            keep = [b for b, r in enumerate(active) if drawing[owner[r]]]
+            if len(active) - len(keep) >= max(4, len(active) // 4) \
+                    and hasattr(cache, "layers"):
+                local = torch.tensor(keep, dtype=torch.long, device=self.device)
+                for layer in cache.layers:
+                    layer.batch_select_indices(local)
+                valid = valid[local.cpu()]
+                active = [active[b] for b in keep]
+            rows_now = torch.tensor(active, dtype=torch.long)
+            valid = torch.cat([valid, torch.ones((len(active), 1), dtype=torch.bool)], dim=1)
+            mask = torch.zeros((len(active), 1, 1, valid.shape[1]), dtype=self.dtype)
             mask.masked_fill_(~valid[:, None, None, :], torch.finfo(self.dtype).min)
-            out = self.model(input_ids=token.unsqueeze(1), attention_mask=mask.to(self.device),
-                             position_ids=(positions + step).unsqueeze(1).to(self.device),
-                             use_cache=True, **{self._cache_kw: cache})
-            logits = out.logits[:, -1].float()
+            out = self.model(input_ids=token[rows_now.to(self.device)].unsqueeze(1),
+                             attention_mask=mask.to(self.device),
+                             position_ids=(positions[rows_now] + step).unsqueeze(1).to(
+                                 self.device), use_cache=True, **{self._cache_kw: cache})
+            if len(active) == rows:
+                logits = out.logits[:, -1].float()
+            else:  # rows out of the batch keep stale logits: no group of theirs draws
+                logits[rows_now.to(self.device)] = out.logits[:, -1].float()
         table = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(rows)]
         self.stats["forward_tokens"] += sum(generated)
         self.stats["generated_tokens"] += sum(generated)
