@@ -702,7 +702,9 @@ class FrozenLLM:
             raise RuntimeError(f"could not load the LLM from {where} {folder!r}: {err}") from err
         model.to(device)
         if device.type == "cpu":
-            return cls(model, tokenizer, name, max_batch_tokens=8192, max_logit_tokens=2048)
+            # Smaller passes on a CPU: the scoring buffers (logits over a 49k vocabulary,
+            # attention over padded rows) stay near 1 GB; throughput is the same there.
+            return cls(model, tokenizer, name, max_batch_tokens=4096, max_logit_tokens=512)
         return cls(model, tokenizer, name, max_batch_tokens=65536, max_logit_tokens=16384)
 
     # ------------------------------------------------------------------ tokenisation

@@ -25,6 +25,8 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -189,6 +191,18 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _release_freed_memory() -> None:
+    """Hand memory freed by earlier stages back to the OS. glibc keeps freed heap pages
+    resident (the trained model's activations, the LLM's scoring buffers), so without this a
+    stage's peak would count what the stages before it left behind."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass
+
+
 def _peak_rss_mb() -> int:
     """Peak resident memory in MB: VmHWM (resettable, Linux), else ru_maxrss (whole process)."""
     try:
@@ -219,6 +233,7 @@ class _Stages:
             self.timings.setdefault(name, {})["skipped"] = True
             return None
         _say(f"== {name}")
+        _release_freed_memory()
         stage_peak = _reset_peak_rss()
         start, cpu, tokens = time.perf_counter(), time.process_time(), self.llm_tokens()
         value = body()
