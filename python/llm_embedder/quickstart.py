@@ -117,7 +117,9 @@ class QuickstartConfig(Config):
     max_llm_queries: Dict[str, int] = field(default_factory=lambda: {
         "qa": 8, "chat": 24, "icl": 40})
     downstream_systems: Optional[Tuple[str, ...]] = None  # None: every system
-    eval_batch_size: int = 64
+    # Texts per encoder pass in the evaluation: on a CPU 32 encodes as fast as 64 and holds
+    # ~250 MB less (the tool corpus: peak +523 vs +770 MB over the loaded model).
+    eval_batch_size: int = 32
     index_task: str = "qa"
     relabel: bool = False
 
