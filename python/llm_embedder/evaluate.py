@@ -620,7 +620,7 @@ def evaluate(model_or_path: Any = None, tasks: Optional[Sequence[str]] = None, *
     chosen = [get_task(t) for t in cfg.tasks or DEFAULT_TASKS]
 
     models: Dict[str, Any] = {}
-    if "trained" in systems or "trained_noinstr" in systems:
+    if needs_model:
         models["trained"] = _load_embedder(model_or_path, cfg.device)
     if "base" in systems or "base_noinstr" in systems:
         models["base"] = _load_embedder(base_model, cfg.device)

@@ -53,7 +53,6 @@ from .data import (
     load_queries,
 )
 from .evaluate import (
-    OPT_IN_SYSTEMS,
     SYSTEMS,
     EvalConfig,
     evaluate,
@@ -496,8 +495,8 @@ def _evaluate(out: Path, cfg: QuickstartConfig, plan: Mapping[str, Mapping[str, 
               get_llm: Callable[[], Any], seed: int, device: Optional[str]) -> Dict[str, Any]:
     data = {task: {"corpus": plan[task]["corpus"], "test": plan[task]["test"]}
             for task in cfg.tasks}
-    systems = [s for s in SYSTEMS if s not in OPT_IN_SYSTEMS]
-    config = EvalConfig(tasks=list(cfg.tasks), data=data, systems=systems,
+    # systems=None: evaluate's default systems (the opt-in ones left out).
+    config = EvalConfig(tasks=list(cfg.tasks), data=data, systems=None,
                         downstream=True, max_llm_queries=cfg.max_llm_queries,
                         downstream_systems=(None if cfg.downstream_systems is None
                                             else list(cfg.downstream_systems)),
