@@ -1308,11 +1308,17 @@ class FrozenLLM:
             values, index = probs.topk(k, dim=-1)
             if not bool((values.sum(-1) >= top_p).all()):
                 values, index = probs.sort(dim=-1, descending=True)
-            outside = values.cumsum(-1) - values > top_p  # the top token always stays
-            values = values.masked_fill(outside, 0.0)
-            choice = torch.multinomial(values, 1, generator=generator)
-            return index.gather(-1, choice).squeeze(-1)
+            return self._draw_nucleus(values, index, top_p, generator)[0]
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    def _draw_nucleus(self, values: Any, index: Any, top_p: float,
+                      generator: Any) -> Tuple[Any, Any]:
+        """One draw per row from the nucleus of ``values`` (probabilities in descending
+        order; ``index`` their token ids): ``(tokens, positions drawn)``."""
+        outside = values.cumsum(-1) - values > top_p  # the top token always stays
+        values = values.masked_fill(outside, 0.0)
+        choice = self._torch.multinomial(values, 1, generator=generator)
+        return index.gather(-1, choice).squeeze(-1), choice
 
     def _continue(self, ids: List[int], n: int, max_new_tokens: int, stop_ids: Sequence[int],
                   temperature: Optional[float], top_p: float, seed: int) -> List[List[int]]:
@@ -1382,10 +1388,7 @@ class FrozenLLM:
             flat = not bool((values.sum(-1) >= top_p).all())
             if flat:  # as _pick: a flat row of the group needs more than the top 1024
                 values, index = self._flat_nucleus(probs, done[a:b], top_p)
-            outside = values.cumsum(-1) - values > top_p
-            values = values.masked_fill(outside, 0.0)
-            choice = torch.multinomial(values, 1, generator=generators[k])
-            token[a:b] = index.gather(-1, choice).squeeze(-1)
+            token[a:b], choice = self._draw_nucleus(values, index, top_p, generators[k])
             if flat:
                 self._untie(probs, values, choice, token[a:b], done[a:b])
         return token
