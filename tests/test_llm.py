@@ -224,6 +224,34 @@ def test_llm_is_loaded_once_and_in_float32_on_cpu(llm):
 
 
 @pytest.mark.slow
+def test_cpu_attention_shares_kv_heads_and_scores_as_sdpa(llm):
+    """The CPU LLM runs the grouped-query attention without copying key/value heads; the
+    scores (padded batches, packed outputs over a cache) and greedy answers equal sdpa's."""
+    from llm_embedder import llm as llm_module
+
+    assert llm.model.config._attn_implementation == llm_module.GQA_ATTENTION
+    assert llm.model.config.num_key_value_heads < llm.model.config.num_attention_heads
+    prompts = ["Knowledge: Paris is the capital of France.\n\nQuestion: capital of France?"
+               "\n\nAnswer:", "Question: 2+2?\n\nAnswer:"]
+    outputs = [[" Paris", " Lyon, in the south"], [" 4", " four, of course"]]
+    ours = (llm.score([p for p, o in zip(prompts, outputs) for _ in o],
+                      [x for o in outputs for x in o]),
+            np.concatenate(llm.score_grouped(prompts, outputs)),
+            llm.generate(prompts[:1], max_new_tokens=6))
+    llm.model.set_attn_implementation("sdpa")
+    try:
+        theirs = (llm.score([p for p, o in zip(prompts, outputs) for _ in o],
+                            [x for o in outputs for x in o]),
+                  np.concatenate(llm.score_grouped(prompts, outputs)),
+                  llm.generate(prompts[:1], max_new_tokens=6))
+    finally:
+        llm.model.set_attn_implementation(llm_module.GQA_ATTENTION)
+    np.testing.assert_allclose(ours[0], theirs[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ours[1], theirs[1], atol=1e-5, rtol=0)
+    assert ours[2] == theirs[2]
+
+
+@pytest.mark.slow
 def test_grouped_kv_reuse_scores_equal_one_pair_per_forward(llm, monkeypatch):
     prompts = [("Knowledge: The Panthers defense gave up just 308 points.\n\nQuestion: How many "
                 "points did the Panthers surrender?\n\nAnswer:"),
