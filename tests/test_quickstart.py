@@ -1,5 +1,4 @@
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -290,21 +289,3 @@ def test_bundled_llm_labels_are_expanded_not_recomputed(tmp_path, monkeypatch):
     assert len(merged) == 6
     summary = json.loads((out / "labels" / "summary.json").read_text())
     assert summary["chat/llm"]["source"] == "bundled/labels"
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim, /proc")
-def test_memory_freed_by_a_stage_goes_back_to_the_os_before_the_next():
-    from llm_embedder.quickstart import _release_freed_memory
-
-    def resident_mb() -> int:
-        with open("/proc/self/status") as handle:
-            return next(int(line.split()[1]) // 1024 for line in handle
-                        if line.startswith("VmRSS:"))
-
-    blocks = [bytearray(64 * 1024) for _ in range(3000)]  # ~190 MB of heap (under mmap's cut)
-    last = blocks[-1]  # a live block at the top of the heap: freeing alone keeps the rest
-    del blocks
-    before = resident_mb()
-    _release_freed_memory()
-    assert before - resident_mb() > 100
-    assert len(last) == 64 * 1024

@@ -25,14 +25,10 @@ Example:
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
 import os
 import platform
-import resource
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -62,6 +58,7 @@ from .evaluate import (
     results_markdown,
 )
 from .io import atomic_directory, atomic_file, atomic_write_json, atomic_write_text
+from .memory import peak_rss_mb, release_freed_memory, reset_peak_rss
 from .tasks import get_task
 
 #: The tasks with bundled data, in the order the report shows them.
@@ -181,42 +178,6 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
-def _reset_peak_rss() -> bool:
-    """Reset this process's resident high-water mark (Linux: writing 5 to clear_refs), so the
-    next :func:`_peak_rss_mb` is the peak of what ran in between. False where it cannot."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _release_freed_memory() -> None:
-    """Hand memory freed by earlier stages back to the OS. glibc keeps freed heap pages
-    resident (the trained model's activations, the LLM's scoring buffers), so without this a
-    stage's peak would count what the stages before it left behind."""
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
-            pass
-
-
-def _peak_rss_mb() -> int:
-    """Peak resident memory in MB: VmHWM (resettable, Linux), else ru_maxrss (whole process)."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024)
-    except OSError:
-        pass
-    scale = 1 if sys.platform != "darwin" else 1 / 1024  # ru_maxrss: kB on Linux, bytes on macOS
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1024)
-
-
 class _Stages:
     """Runs named stages once; records their wall time in ``timings.json``."""
 
@@ -234,8 +195,8 @@ class _Stages:
             self.timings.setdefault(name, {})["skipped"] = True
             return None
         _say(f"== {name}")
-        _release_freed_memory()
-        stage_peak = _reset_peak_rss()
+        release_freed_memory()
+        stage_peak = reset_peak_rss()
         start, cpu, tokens = time.perf_counter(), time.process_time(), self.llm_tokens()
         value = body()
         seconds = round(time.perf_counter() - start, 1)
@@ -245,7 +206,7 @@ class _Stages:
         # Tokens through the frozen LLM: what the stage costs independent of the machine.
         # Peak resident memory: of this stage alone where the OS lets us reset the high-water
         # mark (Linux), else of the process so far (the stage where it jumps needs it).
-        peak_mb = _peak_rss_mb()
+        peak_mb = peak_rss_mb()
         self.timings[name] = {"seconds": seconds, "cpu_seconds": cpu_seconds,
                               "llm_tokens": self.llm_tokens() - tokens, "skipped": False,
                               "peak_rss_mb": peak_mb,
@@ -502,7 +463,8 @@ def _evaluate(out: Path, cfg: QuickstartConfig, plan: Mapping[str, Mapping[str, 
                                             else list(cfg.downstream_systems)),
                         device=device, batch_size=cfg.eval_batch_size, seed=seed)
     vectors: Dict[str, Dict[str, Any]] = {}
-    results = evaluate(out / "model", config=config, llm=get_llm(), keep_vectors=vectors)
+    # get_llm, not the LLM: evaluate loads it once its encoders are gone (a lower peak).
+    results = evaluate(out / "model", config=config, llm=get_llm, keep_vectors=vectors)
     # The trained model's key vectors: the index and the examples reuse them instead of
     # encoding the corpora again (the tool corpus alone is ~270k tokens).
     for task, stored in vectors.items():
