@@ -316,6 +316,39 @@ def test_evaluate_ranks_real_slices_with_bm25_and_the_base_encoder(tmp_path, sha
         (results["qa"]["bm25"]["ndcg@10"] + results["chat"]["bm25"]["recall@5"]) / 2)
 
 
+def test_an_llm_loader_is_called_after_retrieval_once_the_encoders_are_freed(
+        tmp_path, shared_data, monkeypatch):
+    import gc
+    import weakref
+
+    import llm_embedder.evaluate as evaluate_module
+
+    root = _tiny_layout(tmp_path, shared_data)
+    loaded = []
+    real_load = evaluate_module._load_embedder
+
+    def tracked_load(model, device):
+        embedder = real_load(model, device)
+        loaded.append(weakref.ref(embedder))
+        return embedder
+
+    monkeypatch.setattr(evaluate_module, "_load_embedder", tracked_load)
+    calls = []
+
+    def load_llm():
+        gc.collect()
+        calls.append([ref() is None for ref in loaded])
+        return FakeLLM()
+
+    results = evaluate(None, tasks=["qa", "chat"], data=root, systems=["bm25", "base"],
+                       llm=load_llm, max_llm_queries=2, exact_match_answers=False,
+                       verbose=False)
+    assert calls == [[True]]  # once, and the encoder it loaded was gone by then
+    for task in ("qa", "chat"):
+        assert set(results[task]["base"]) > set(RETRIEVAL_METRICS)  # downstream ran too
+        assert "answer_ll" in results[task]["none"]
+
+
 def test_main_eval_writes_json_and_markdown(tmp_path, shared_data, capsys):
     root = _tiny_layout(tmp_path / "data", shared_data, tasks=("qa",))
     out = tmp_path / "eval.json"

@@ -54,6 +54,7 @@ from .data import (
     load_queries,
 )
 from .io import atomic_write_json, atomic_write_text
+from .memory import release_freed_memory
 from .tasks import TASKS, Task, get_task
 
 Results = Dict[str, Dict[str, Dict[str, float]]]
@@ -597,7 +598,8 @@ def evaluate(model_or_path: Any = None, tasks: Optional[Sequence[str]] = None, *
     system). The knobs are the fields of :class:`EvalConfig`: pass one as ``config`` (or a
     mapping / YAML path) and/or as keywords (``data=``, ``systems=``, ``downstream=``, ...),
     which win over ``config``. ``llm`` (a folder, .gguf file or loaded backend; None: the
-    packaged one) is the frozen LLM of the downstream metrics, ``base_model`` (a folder or an
+    packaged one; or a function returning one, called once retrieval is done and the encoders
+    are freed) is the frozen LLM of the downstream metrics, ``base_model`` (a folder or an
     Embedder; None: the packaged MiniLM) the ``base`` system. ``keep_vectors`` (a dict)
     receives per task the ``ids`` and key ``vectors`` the trained model computed, to build an
     index without encoding the corpus again.
@@ -624,20 +626,38 @@ def evaluate(model_or_path: Any = None, tasks: Optional[Sequence[str]] = None, *
         models["trained"] = _load_embedder(model_or_path, cfg.device)
     if "base" in systems or "base_noinstr" in systems:
         models["base"] = _load_embedder(base_model, cfg.device)
-    if cfg.downstream and any(t.downstream for t in chosen):
-        llm = _load_llm(llm, cfg.device)
 
+    # Retrieval for every task first, then the encoders go before the LLM comes: the two
+    # never hold memory at once (on a CPU each phase peaks near 1.5 GB on the bundled tasks).
     results: Results = {}
+    retrieved = {}
     for task in chosen:
-        results[task.name] = _evaluate_task(task, cfg, systems, models, llm, keep_vectors)
+        results[task.name], retrieved[task.name] = _retrieve_task(task, cfg, systems, models,
+                                                                  keep_vectors)
+    models.clear()
+    release_freed_memory()
+    if cfg.downstream and any(t.downstream for t in chosen):
+        llm = _load_llm(llm() if _is_loader(llm) else llm, cfg.device)
+        for task in chosen:
+            if task.downstream:
+                split, rankings = retrieved.pop(task.name)
+                _downstream_task(task, cfg, systems, split, rankings, llm, results[task.name])
+                release_freed_memory()  # one task's scoring buffers, before the next one's
     results["average"] = average_primary(results)
     return results
 
 
-def _evaluate_task(task: Task, cfg: EvalConfig, systems: Sequence[str], models: Mapping[str, Any],
-                   llm: Any, keep_vectors: Optional[Dict[str, Dict[str, Any]]]
-                   ) -> Dict[str, Dict[str, float]]:
-    """One task's metrics per system: retrieval, then (when asked) the downstream LLM's."""
+def _is_loader(llm: Any) -> bool:
+    """A zero-argument callable that returns the LLM (not a backend, which has ``score``)."""
+    return callable(llm) and not hasattr(llm, "score")
+
+
+def _retrieve_task(task: Task, cfg: EvalConfig, systems: Sequence[str],
+                   models: Mapping[str, Any], keep_vectors: Optional[Dict[str, Dict[str, Any]]]
+                   ) -> Tuple[Dict[str, Dict[str, float]],
+                              Tuple[TaskData, Dict[str, List[np.ndarray]]]]:
+    """One task's retrieval metrics per system, and its test split and rankings (what the
+    downstream LLM step reads)."""
     start = time.perf_counter()
     split = load_task_data(task.name, cfg.data, "test", cfg.max_queries)
     k = cfg.context_size(task)
@@ -665,17 +685,23 @@ def _evaluate_task(task: Task, cfg: EvalConfig, systems: Sequence[str], models: 
             out[system] = metrics
     _log(cfg.verbose, f"[eval] {task.name}: retrieval for {len(split.queries)} queries "
                       f"({time.perf_counter() - start:.1f}s)")
-    if cfg.downstream and task.downstream:
-        start = time.perf_counter()
-        chosen = {s: rankings[s] for s in (cfg.downstream_systems or systems) if s in rankings}
-        query_ids = _llm_queries(split, cfg.llm_budget(task), cfg.seed)
-        extra = downstream_metrics(task, split, chosen, llm, k=k, query_ids=query_ids,
-                                   seed=cfg.seed, exact_match_answers=cfg.exact_match_answers)
-        for system, metrics in extra.items():
-            out.setdefault(system, {}).update(metrics)
-        _log(cfg.verbose, f"[eval] {task.name}: downstream LLM on {len(query_ids)} queries "
-                          f"({time.perf_counter() - start:.1f}s)")
-    return out
+    return out, (split, rankings)
+
+
+def _downstream_task(task: Task, cfg: EvalConfig, systems: Sequence[str], split: TaskData,
+                     rankings: Mapping[str, List[np.ndarray]], llm: Any,
+                     out: Dict[str, Dict[str, float]]) -> None:
+    """Add the downstream LLM's metrics per system (and ``none``) to ``out``."""
+    start = time.perf_counter()
+    chosen = {s: rankings[s] for s in (cfg.downstream_systems or systems) if s in rankings}
+    query_ids = _llm_queries(split, cfg.llm_budget(task), cfg.seed)
+    extra = downstream_metrics(task, split, chosen, llm, k=cfg.context_size(task),
+                               query_ids=query_ids, seed=cfg.seed,
+                               exact_match_answers=cfg.exact_match_answers)
+    for system, metrics in extra.items():
+        out.setdefault(system, {}).update(metrics)
+    _log(cfg.verbose, f"[eval] {task.name}: downstream LLM on {len(query_ids)} queries "
+                      f"({time.perf_counter() - start:.1f}s)")
 
 
 def average_primary(results: Mapping[str, Mapping[str, Mapping[str, float]]]
