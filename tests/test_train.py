@@ -340,12 +340,12 @@ def test_auto_micro_batches_hold_a_fixed_token_budget_on_a_cpu(tiny_config):
     trainer.setup()
     trainer._close_outputs()
     assert trainer.config.micro_batch_size == "auto"  # the default
-    assert AUTO_TOKENS_PER_PASS == 1024
-    assert trainer._micro_rows(256) == 4 and trainer._micro_rows(64) == 16
+    assert AUTO_TOKENS_PER_PASS == 512
+    assert trainer._micro_rows(256) == 2 and trainer._micro_rows(64) == 8
     assert trainer._micro_rows(4096) == 1  # never zero texts per pass
     batch = trainer._batch_tensors(next(iter(trainer.sampler)))
     trainer._forward_loss(batch)
-    assert [len(c.chunks) for c in batch.cached] == [1, 8]  # 8 queries; 32 keys by 4
+    assert [len(c.chunks) for c in batch.cached] == [1, 16]  # 8 queries; 32 keys by 2
     trainer.device = torch.device("cuda")  # no chunks where the accelerator has the memory
     assert trainer._micro_rows(256) is None
 

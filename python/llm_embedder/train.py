@@ -89,10 +89,10 @@ DEFAULT_LR_PACKAGED = 5e-5
 DEFAULT_LR = 5e-6
 
 #: ``TrainConfig.mixed_precision`` values -> the autocast dtype (None: float32).
-#: ``micro_batch_size="auto"`` on a CPU: padded tokens per forward pass. At length 256 that is 4
-#: texts, which keeps a MiniLM step (batch 8, group 8) under 2 GB resident (issue 16: 1.9 GB,
-#: against 8.7 GB for the whole batch in one pass).
-AUTO_TOKENS_PER_PASS = 1024
+#: ``micro_batch_size="auto"`` on a CPU: padded tokens per forward pass. At length 256 that is 2
+#: texts: a MiniLM step (batch 8, group 8) in 1.74 GB resident (8.7 GB for the whole batch in one
+#: pass), and the quickstart's train stage 220 MB below 1024 tokens a pass, for ~4 % more time.
+AUTO_TOKENS_PER_PASS = 512
 
 MIXED_PRECISION: Dict[str, Optional[torch.dtype]] = {"no": None, "bf16": torch.bfloat16,
                                                      "fp16": torch.float16}
@@ -164,8 +164,8 @@ class TrainConfig(Config):
     Speed and memory:
 
     - ``micro_batch_size`` (texts per forward pass; ``"auto"``, the default: on a CPU as many
-      as fit in ``AUTO_TOKENS_PER_PASS`` = 1024 padded tokens at the side's max length — 4 keys
-      of 256 tokens, 16 queries of 64 —, on a GPU the whole batch; ``None``: every query,
+      as fit in ``AUTO_TOKENS_PER_PASS`` = 512 padded tokens at the side's max length — 2 keys
+      of 256 tokens, 8 queries of 64 —, on a GPU the whole batch; ``None``: every query,
       then every key of the step, in one pass; an int: that many): embeds the step's queries
       and keys in chunks of this many texts, GradCache-style — all chunks without gradients
       first (longest texts together, each chunk padded to its own longest, which also saves
