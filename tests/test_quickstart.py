@@ -19,6 +19,7 @@ from llm_embedder.quickstart import (
     train_config,
     verdict,
 )
+from llm_embedder.tasks import get_task
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -133,7 +134,32 @@ def test_report_names_each_tasks_loss_from_the_task_table():
         "graded distillation (qa, tool, icl), KL (chat)"
     plan = {t: {"test_queries": 50} for t in ("qa", "tool", "chat", "icl")}
     assert _budget_text(QuickstartConfig.default(), plan) == \
-        "qa 8 of 50, chat 24 of 50, icl 40 of 50"
+        "qa 8 of 50, chat 24 of 50, icl 50 of 50"
+
+
+@pytest.mark.parametrize("make, exact, icl", [(QuickstartConfig.default, False, 200),
+                                               (QuickstartConfig.full, True, None)])
+def test_evaluate_stage_passes_its_llm_budget_and_exact_match_choice(tmp_path, monkeypatch,
+                                                                     make, exact, icl):
+    import llm_embedder.quickstart as quickstart
+
+    seen = {}
+
+    def fake_evaluate(model, *, config, llm, keep_vectors):
+        seen["config"], seen["llm"] = config, llm
+        return {"average": {}}
+
+    monkeypatch.setattr(quickstart, "evaluate", fake_evaluate)
+    monkeypatch.setattr(quickstart, "_write_card", lambda *args: None)
+    cfg = make()
+    plan = {t: {"corpus": "c.jsonl", "test": "t.jsonl"} for t in cfg.tasks}
+    loader = lambda: None  # noqa: E731
+    quickstart._evaluate(tmp_path, cfg, plan, loader, 0, "cpu")
+    config = seen["config"]
+    assert config.exact_match_answers is exact
+    assert config.llm_budget(get_task("icl")) == icl  # full: every test query
+    assert seen["llm"] is loader  # loaded by evaluate once its encoders are freed
+    assert json.loads((tmp_path / "results.json").read_text()) == {"average": {}}
 
 
 @pytest.fixture()
