@@ -11,6 +11,11 @@ Variants (each changes one thing from the full method, which is ``rank+graded+ho
 | mixed | rank-aware | as full | mixed tasks per batch | self-paced |
 | fixed_lr | rank-aware | as full | homogeneous | fixed |
 | rank_sharp | rank-aware, teacher T 0.02 (not 0.1) | as full | homogeneous | self-paced |
+| label_only | none: 1/0 from human positives for every query | as full | homogeneous | self-paced |
+
+``label_only`` takes the LLM's feedback away: the LLM-labelled queries are labelled from their
+human positives instead (as the label-only rest already is); a query without positives (every
+icl query) then has no training signal, so icl does not train in that variant.
 
 The labelled files come from a quickstart run (``--from quickstart_out``: its ``labels/``), so
 run the quickstart first; ``--llm-only`` trains on the LLM-labelled queries alone (the only ones
@@ -18,7 +23,15 @@ where likelihood and rank-aware rewards differ: label-only queries carry 1/0 rew
 way). Every variant trains with the quickstart's sizes and seed unless ``--steps`` says
 otherwise, is evaluated with the same test queries (downstream LLM metrics included unless
 ``--no-downstream``), and one table is printed and written to ``OUT/ablation.md`` (+ JSON).
-Resumable: finished variants are skipped.
+Resumable: finished runs are skipped.
+
+``--seeds 0 1 2`` trains every variant once per seed (the training seed: batch order, groups,
+dropout; the data and test queries stay the quickstart's) and the table shows mean ± sd over
+the seeds, with the retrieval metrics, the downstream LLM metrics (qa answer log-likelihood,
+chat answer perplexity, icl accuracy) and, with ``--beir DIR``, nDCG@10 on a BEIR folder
+(e.g. ../shared/data/qa/scifact, ``--beir-split test``) with qa's instructions. It ends with
+the verdicts the method is judged by: rank-aware vs likelihood reward, graded vs
+contrastive-only, and the best variant by mean average.
 
 The default quickstart LLM-labels only a few queries per task on a CPU, too few for the reward
 variants to differ. ``--label-budget qa=150000 chat=200000 ...`` (LLM tokens per task) first
@@ -33,6 +46,7 @@ in ``llm_embedder.losses.LOSSES`` / ``llm_embedder.label.REWARDS``, e.g. one add
 Usage:
     python scripts/ablation.py --from quickstart_out --out ablation_out [--steps 60]
         [--variants full likelihood kl loss=NAME reward=NAME ...] [--llm-only]
+        [--seeds 0 1 2] [--beir DIR [--beir-split test]]
         [--no-downstream] [--device cpu] [--label-budget TASK=TOKENS ...]
 """
 
@@ -41,15 +55,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from llm_embedder.evaluate import RETRIEVAL_METRICS, EvalConfig, evaluate, primary_metric
 from llm_embedder.io import atomic_write_json, atomic_write_text
-from llm_embedder.label import REWARDS
+from llm_embedder.label import REWARDS, LabelConfig, label
 from llm_embedder.losses import LOSSES
 from llm_embedder.quickstart import QuickstartConfig, label_training_data, train_config
 from llm_embedder.train import TrainConfig
@@ -66,6 +81,9 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     # shared T = 0.1 its teacher is far flatter. This gives it a teacher of similar sharpness.
     "rank_sharp": {"teacher_temperature": 0.02},
 }
+#: Trains on human positives only (1/0 rewards), the LLM-labelled queries included: not a
+#: setting of the trainer but of its data, so it is not in VARIANTS.
+LABEL_ONLY = "label_only"
 DESCRIPTIONS = {
     "full": "rank-aware reward, graded/KL, homogeneous, self-paced",
     "likelihood": "likelihood reward instead of rank-aware",
@@ -74,7 +92,10 @@ DESCRIPTIONS = {
     "mixed": "mixed-task batches instead of homogeneous",
     "fixed_lr": "fixed lr instead of self-paced",
     "rank_sharp": "rank-aware reward with teacher temperature 0.02 instead of 0.1",
+    LABEL_ONLY: "1/0 rewards from human positives for every query instead of LLM rewards",
 }
+#: Downstream LLM metrics shown beside the primary ones: (task, metric, column title).
+DOWNSTREAM_COLUMNS = (("qa", "answer_ll", "qa answer ll"), ("chat", "answer_ppl", "chat ppl"))
 
 
 #: ``--variants KIND=NAME``: which registry holds NAME for each kind.
@@ -91,6 +112,8 @@ def variant_change(name: str) -> Dict[str, Any]:
     """
     if name in VARIANTS:
         return dict(VARIANTS[name])
+    if name == LABEL_ONLY:
+        return {}  # the trainer's settings are the full method's; its data differ
     kind, sep, value = name.partition("=")
     if not sep or kind not in REGISTRIES:
         raise SystemExit(f"unknown variant {name!r}: one of {list(VARIANTS)}, or "
@@ -109,26 +132,68 @@ def describe(name: str) -> str:
     return f"{kind} {value!r} instead of the full method's"
 
 
-def variant_config(source: Path, out: Path, name: str, cfg: QuickstartConfig, seed: int,
-                   device: Optional[str], steps: Optional[int], llm_only: bool) -> Dict[str, Any]:
-    """The quickstart's training config with the variant's one change."""
+def variant_config(source: Path, run_dir: Path, name: str, cfg: QuickstartConfig, seed: int,
+                   device: Optional[str], steps: Optional[int], llm_only: bool,
+                   human: Optional[Path] = None) -> Dict[str, Any]:
+    """The quickstart's training config with the variant's one change, trained with ``seed``
+    into ``run_dir/train``. ``human``: the folder of :func:`human_labels` (``label_only``)."""
     config = train_config(source, cfg, seed, device)
-    config["output_dir"] = str(out / name / "train")
+    config["output_dir"] = str(run_dir / "train")
     config["resume"] = True
     config["plot"] = False
     if steps is not None:
         config["max_steps"] = steps
-    for task, spec in config["tasks"].items():
+    for task, spec in list(config["tasks"].items()):
         if llm_only:
             llm_file = source / "labels" / f"{task}.llm.jsonl"
             if not llm_file.is_file():
                 raise SystemExit(f"--llm-only: {llm_file} not found (no LLM labels for {task})")
             spec["file"] = str(llm_file)
+        if name == LABEL_ONLY:
+            if human is None:
+                raise ValueError(f"variant {LABEL_ONLY!r} needs the human_labels folder")
+            human_file = human / f"{task}.jsonl"
+            if not human_file.is_file():  # no query with a positive: nothing to train on
+                del config["tasks"][task]
+                continue
+            spec["file"] = str(human_file)
         if not Path(spec["file"]).is_file():
             raise SystemExit(f"{spec['file']} not found: run the quickstart first "
                              f"(llm-embedder quickstart --out {source})")
+    if not config["tasks"]:
+        raise SystemExit(f"variant {name!r}: no task has training queries")
     config.update(variant_change(name))
     return config
+
+
+def human_labels(source: Path, out: Path, cfg: QuickstartConfig, seed: int, llm_only: bool,
+                 device: Optional[str]) -> Path:
+    """``OUT/human``: per task, the training queries labelled from their human positives alone
+    (the LLM-labelled ones too; with ``llm_only`` only those), with the quickstart's negatives
+    and seed. A task none of whose queries has a positive gets no file."""
+    folder = out / "human"
+    plan = json.loads((source / "data" / "plan.json").read_text())
+    by_hand = LabelConfig(method="labels", num_negatives=cfg.num_negatives, negatives="bm25",
+                          seed=seed, device=device)
+    for task in cfg.tasks:
+        merged = folder / f"{task}.jsonl"
+        if merged.is_file() or (folder / f"{task}.none").is_file():
+            continue
+        parts = []
+        queries = source / "data" / task / "train.llm.jsonl"
+        if queries.is_file() and plan[task]["llm_queries"]:
+            relabelled = folder / f"{task}.llm_queries.jsonl"
+            label(task, queries, plan[task]["corpus"], relabelled, config=by_hand)
+            parts.append(relabelled)
+        rest = source / "labels" / f"{task}.labels.jsonl"
+        if not llm_only and rest.is_file():
+            parts.append(rest)
+        text = "".join(p.read_text(encoding="utf-8") for p in parts)
+        if text.strip():
+            atomic_write_text(merged, text)
+        else:  # remembered, so a resumed run does not label it again
+            atomic_write_text(folder / f"{task}.none", "no training query has a positive\n")
+    return folder
 
 
 def parse_budgets(items: List[str]) -> Dict[str, int]:
@@ -167,19 +232,52 @@ def labelled_source(source: Path, out: Path, cfg: QuickstartConfig, seed: int,
     return target
 
 
+def mean_sd(values: Sequence[float]) -> Tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value).
+
+    Example:
+        >>> mean_sd([0.5, 0.7])  # (0.6, 0.1414...)
+    """
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, sd
+
+
+def metric_values(row: Mapping[str, Any], task: str, metric: str) -> List[float]:
+    """One value per run of ``row`` (its seeds), runs without the metric left out."""
+    system = row.get("system", "trained")
+    values = [run.get(task, {}).get(system, {}).get(metric) for run in row["runs"]]
+    return [float(v) for v in values if v is not None]
+
+
+def _cell(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    mean, sd = mean_sd(values)
+    digits = 1 if abs(mean) >= 10 else 3
+    return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if len(values) > 1 else "")
+
+
 def table(rows: Mapping[str, Mapping[str, Any]], tasks: List[str], markdown: bool) -> str:
+    """One line per variant (or baseline): mean ± sd over its runs of each task's primary
+    metric, their average, the downstream LLM metrics, the BEIR nDCG@10 and training time."""
+    extra = [(t, m, title) for t, m, title in DOWNSTREAM_COLUMNS  # those measured
+             if t in tasks and any(metric_values(row, t, m) for row in rows.values())]
+    with_beir = any(row.get("beir") for row in rows.values())
     header = ["variant", *[f"{t} ({primary_metric(t)})" for t in tasks], "average",
-              "train s"]
+              *[title for _, _, title in extra], *(["BEIR ndcg@10"] if with_beir else []),
+              "runs", "train s"]
     lines = []
     for name, row in rows.items():
-        system = row.get("system", "trained")
-        cells = [name]
-        for t in tasks:
-            value = row["results"].get(t, {}).get(system, {}).get(primary_metric(t))
-            cells.append("-" if value is None else f"{value:.3f}")
-        avg = row["results"].get("average", {}).get(system, {}).get("primary")
-        cells.append("-" if avg is None else f"{avg:.3f}")
-        cells.append(f"{row['train_seconds']:.0f}" if "train_seconds" in row else "-")
+        cells = [name, *[_cell(metric_values(row, t, primary_metric(t))) for t in tasks],
+                 _cell(metric_values(row, "average", "primary")),
+                 *[_cell(metric_values(row, t, m)) for t, m, _ in extra]]
+        if with_beir:
+            cells.append(_cell(row.get("beir", [])))
+        cells.append(str(len(row["runs"])))
+        seconds = row.get("train_seconds", [])
+        cells.append(f"{sum(seconds) / len(seconds):.0f}" if seconds else "-")
         lines.append(cells)
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
@@ -191,14 +289,59 @@ def table(rows: Mapping[str, Mapping[str, Any]], tasks: List[str], markdown: boo
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines)])
 
 
+#: The comparisons the method is judged by: (claim, variant that should win, the other).
+CLAIMS = (("rank-aware >= likelihood reward", "full", "likelihood"),
+          ("graded >= contrastive-only", "full", "contrastive"),
+          ("graded (KL for chat) >= KL for every task", "full", "kl"),
+          ("homogeneous >= mixed batches", "full", "mixed"),
+          ("self-paced >= fixed lr", "full", "fixed_lr"),
+          ("LLM rewards >= human positives alone", "full", LABEL_ONLY))
+
+
+def verdicts(rows: Mapping[str, Mapping[str, Any]]) -> List[str]:
+    """Each claim of :data:`CLAIMS` whose two variants ran, judged on the mean average over
+    seeds, with the difference in units of its standard error; then the best variant."""
+    lines = []
+    for claim, winner, other in CLAIMS:
+        if winner not in rows or other not in rows:
+            continue
+        a = metric_values(rows[winner], "average", "primary")
+        b = metric_values(rows[other], "average", "primary")
+        if not a or not b:
+            continue
+        (ma, sa), (mb, sb) = mean_sd(a), mean_sd(b)
+        se = math.sqrt(sa ** 2 / len(a) + sb ** 2 / len(b))
+        noise = f", {abs(ma - mb) / se:.1f} standard errors" if se > 0 else ""
+        lines.append(f"{claim}: {'met' if ma >= mb else 'NOT met'} — {winner} {ma:.3f} vs "
+                     f"{other} {mb:.3f} (mean average over {len(a)}/{len(b)} runs{noise})")
+    variants = {n: metric_values(r, "average", "primary") for n, r in rows.items()
+                if "variant" in r}
+    variants = {n: v for n, v in variants.items() if v}
+    if variants:
+        best = max(variants, key=lambda n: mean_sd(variants[n])[0])
+        lines.append(f"best variant by mean average: {best} ({mean_sd(variants[best])[0]:.3f})")
+    return lines
+
+
+def _beir_ndcg(folder: Path, split: str, model: Any, systems: List[str], device: Optional[str]
+               ) -> Dict[str, float]:
+    from llm_embedder.beir import evaluate_beir
+
+    found = evaluate_beir(folder, split=split, model=model, systems=systems, task="qa",
+                          device=device, verbose=False)
+    return {system: float(v["ndcg@10"]) for system, v in found["systems"].items()}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--from", dest="source", default="quickstart_out",
                         help="a finished quickstart folder (its labels/ and data/ are reused)")
     parser.add_argument("--out", default="ablation_out")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
-                        help=f"among {list(VARIANTS)}, or loss=NAME / reward=NAME of any "
-                             f"registered loss or reward")
+    parser.add_argument("--variants", nargs="+", default=[*VARIANTS, LABEL_ONLY],
+                        help=f"among {[*VARIANTS, LABEL_ONLY]}, or loss=NAME / reward=NAME of "
+                             f"any registered loss or reward")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="training seeds, one run each (default: the quickstart's seed)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per variant")
     parser.add_argument("--llm-only", action="store_true",
                         help="train on the LLM-labelled queries only")
@@ -208,12 +351,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="downstream queries per task (default: the quickstart's)")
     parser.add_argument("--no-baselines", action="store_true",
                         help="leave out the BM25 and base-encoder reference rows")
+    parser.add_argument("--beir", type=Path, default=None, metavar="DIR",
+                        help="also nDCG@10 on this BEIR folder (qa instructions)")
+    parser.add_argument("--beir-split", default="test")
     parser.add_argument("--label-budget", nargs="+", default=None, metavar="TASK=TOKENS",
                         help="first LLM-label a larger set (tokens per task) into OUT/source")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
     for name in args.variants:
         variant_change(name)  # an unknown name fails now, not after hours of training
+    if args.beir is not None and not args.beir.is_dir():
+        parser.error(f"--beir {args.beir}: not a folder")
 
     from llm_embedder.train import train
 
@@ -224,6 +372,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     fingerprint = json.loads(saved.read_text())
     cfg = QuickstartConfig.load(fingerprint["config"])
     seed = int(fingerprint["seed"])
+    seeds = args.seeds if args.seeds is not None else [seed]
     if args.label_budget:
         source = labelled_source(source, out, cfg, seed, parse_budgets(args.label_budget),
                                  args.device)
@@ -238,8 +387,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         else cfg.max_llm_queries
     eval_config = EvalConfig.load({"tasks": tasks, "data": data,
                                    "downstream": not args.no_downstream,
-                                   "max_llm_queries": budget, "device": args.device,
-                                   "seed": seed})
+                                   "max_llm_queries": budget,
+                                   "exact_match_answers": cfg.exact_match_answers,
+                                   "device": args.device, "seed": seed})
+    human = (human_labels(source, out, cfg, seed, args.llm_only, args.device)
+             if LABEL_ONLY in args.variants else None)
 
     llm = None
     if not args.no_downstream:
@@ -257,36 +409,66 @@ def main(argv: Optional[List[str]] = None) -> int:
             baseline = evaluate(None, config=eval_config, llm=llm,
                                 systems=["bm25", "base", "base_noinstr"])
             atomic_write_json(done, baseline)
-        for system, label in (("bm25", "(BM25)"), ("base", "(base, instr.)"),
+        beir: Dict[str, float] = {}
+        if args.beir is not None:
+            done = out / "baselines_beir.json"
+            if done.is_file():
+                beir = json.loads(done.read_text())
+            else:
+                beir = _beir_ndcg(args.beir, args.beir_split, None,
+                                  ["bm25", "base", "base_noinstr"], args.device)
+                atomic_write_json(done, beir)
+        for system, title in (("bm25", "(BM25)"), ("base", "(base, instr.)"),
                               ("base_noinstr", "(base, no instr.)")):
-            rows[label] = {"system": system, "results": baseline}
+            rows[title] = {"system": system, "runs": [baseline],
+                           "beir": [beir[system]] if system in beir else []}
     for name in args.variants:
-        done = out / name / "results.json"
-        if done.is_file():
-            rows[name] = json.loads(done.read_text())
-            print(f"== {name}: done earlier, skipped")
-            continue
-        print(f"== {name}: {describe(name)}", flush=True)
-        config = variant_config(source, out, name, cfg, seed, args.device, args.steps,
-                                args.llm_only)
-        start = time.perf_counter()
-        model_dir = train(TrainConfig.load(config))
-        train_seconds = time.perf_counter() - start
-        results = evaluate(model_dir, config=eval_config, llm=llm, systems=["trained"])
-        rows[name] = {"variant": name, "description": describe(name), "config": config,
-                      "train_seconds": train_seconds, "results": results}
-        atomic_write_json(done, rows[name])
+        row: Dict[str, Any] = {"variant": name, "description": describe(name), "runs": [],
+                               "seeds": [], "train_seconds": [], "beir": []}
+        for run_seed in seeds:
+            run_dir = out / name / f"seed{run_seed}"
+            done = run_dir / "results.json"
+            if done.is_file():
+                run = json.loads(done.read_text())
+                print(f"== {name}, seed {run_seed}: done earlier, skipped")
+            else:
+                print(f"== {name}, seed {run_seed}: {describe(name)}", flush=True)
+                config = variant_config(source, run_dir, name, cfg, run_seed, args.device,
+                                        args.steps, args.llm_only, human)
+                start = time.perf_counter()
+                model_dir = train(TrainConfig.load(config))
+                train_seconds = time.perf_counter() - start
+                results = evaluate(model_dir, config=eval_config, llm=llm, systems=["trained"])
+                beir_ndcg = (_beir_ndcg(args.beir, args.beir_split, model_dir, ["trained"],
+                                        args.device)["trained"]
+                             if args.beir is not None else None)
+                run = {"variant": name, "seed": run_seed, "config": config,
+                       "train_seconds": train_seconds, "results": results,
+                       "beir_ndcg@10": beir_ndcg}
+                atomic_write_json(done, run)
+            row["runs"].append(run["results"])
+            row["seeds"].append(run_seed)
+            row["train_seconds"].append(run["train_seconds"])
+            if run.get("beir_ndcg@10") is not None:
+                row["beir"].append(run["beir_ndcg@10"])
+        rows[name] = row
     print()
     print(table(rows, tasks, markdown=False))
+    judged = verdicts(rows)
+    print("\n" + "\n".join(judged))
     counts = ", ".join(f"{t} {plan[t]['llm_queries']} LLM-labelled"
                        + ("" if args.llm_only else f" + {plan[t]['label_only_queries']} label-only")
                        for t in cfg.tasks if t in plan)
     steps = args.steps if args.steps is not None else cfg.max_steps
+    beir_text = (f"; BEIR nDCG@10 on `{args.beir.name}` ({args.beir_split} split)"
+                 if args.beir is not None else "")
     md = ["# Ablations", "",
           f"Training queries: {counts}"
-          f" (from `{source}`); {steps} steps of batch {cfg.batch_size}; seed {seed}; primary "
-          "metric of each task for the trained model.",
+          f" (from `{source}`); {steps} steps of batch {cfg.batch_size}; training seeds "
+          f"{seeds} (mean ± sample sd over them); primary metric of each task for the trained "
+          f"model, the downstream LLM metrics{beir_text}.",
           "", table(rows, tasks, markdown=True), "",
+          *[f"- {line}" for line in judged], "",
           *[f"- **{n}**: {describe(n)}" for n in rows if "variant" in rows[n]], ""]
     atomic_write_text(out / "ablation.md", "\n".join(md))
     atomic_write_json(out / "ablation.json", rows)

@@ -37,8 +37,9 @@ def test_label_budgets_parse_and_reject_malformed_items(ablation):
 
 def test_every_variant_differs_from_full_in_exactly_its_one_setting(ablation, source, tmp_path):
     cfg = QuickstartConfig.default()
-    configs = {name: ablation.variant_config(source, tmp_path / "out", name, cfg, 0, "cpu",
-                                             None, False) for name in ablation.VARIANTS}
+    configs = {name: ablation.variant_config(source, tmp_path / "out" / name / "seed0", name,
+                                             cfg, 0, "cpu", None, False)
+               for name in ablation.VARIANTS}
     full = configs["full"]
     assert full["reward"] == "rank" and full["batching"] == "homogeneous" and full["self_paced"]
     assert "loss" not in full  # each task keeps its own loss: graded, KL for chat
@@ -48,7 +49,7 @@ def test_every_variant_differs_from_full_in_exactly_its_one_setting(ablation, so
         changed = {k for k in set(full) | set(config)
                    if k != "output_dir" and full.get(k) != config.get(k)}
         assert changed == set(ablation.VARIANTS[name]), name
-        assert config["output_dir"].endswith(f"{name}/train")
+        assert config["output_dir"].endswith(f"{name}/seed0/train")
         assert TrainConfig.from_dict(config).max_steps == cfg.max_steps  # a valid config
 
 
@@ -80,3 +81,113 @@ def test_any_registered_loss_or_reward_is_a_variant(ablation, source, tmp_path):
     for bad, match in (("loss=mse", "no loss 'mse' is registered"), ("speed=2", "unknown")):
         with pytest.raises(SystemExit, match=match):
             ablation.variant_change(bad)
+
+
+def test_label_only_trains_the_full_method_on_human_labels_and_drops_a_task_without(
+        ablation, source, tmp_path):
+    cfg = QuickstartConfig.default()
+    human = tmp_path / "human"
+    human.mkdir()
+    for task in ("qa", "tool", "chat"):  # icl: no query has a positive
+        (human / f"{task}.jsonl").write_text("", encoding="utf-8")
+    full = ablation.variant_config(source, tmp_path / "full", "full", cfg, 0, "cpu", None, False)
+    only = ablation.variant_config(source, tmp_path / "lo", ablation.LABEL_ONLY, cfg, 0, "cpu",
+                                   None, False, human)
+    assert set(only["tasks"]) == {"qa", "tool", "chat"}
+    assert all(spec["file"] == str(human / f"{task}.jsonl")
+               for task, spec in only["tasks"].items())
+    assert {k for k in full if k not in ("output_dir", "tasks") and full[k] != only[k]} == set()
+    with pytest.raises(ValueError, match="human_labels"):
+        ablation.variant_config(source, tmp_path / "lo", ablation.LABEL_ONLY, cfg, 0, "cpu",
+                                None, False)
+
+
+def test_human_labels_relabel_the_llm_queries_from_their_positives(ablation, tmp_path):
+    import json
+
+    from llm_embedder.quickstart import label_training_data
+
+    cfg = QuickstartConfig.tiny()
+    source = tmp_path / "qs"
+    plan = label_training_data(source, cfg, seed=0, device="cpu")
+    human = ablation.human_labels(source, tmp_path / "out", cfg, 0, False, "cpu")
+    assert (human / "icl.none").is_file() and not (human / "icl.jsonl").exists()
+    for task in ("qa", "tool", "chat"):
+        rows = [json.loads(line) for line in (human / f"{task}.jsonl").open()]
+        llm_ids = {json.loads(line)["query_id"]
+                   for line in (source / "labels" / f"{task}.llm.jsonl").open()}
+        assert llm_ids <= {r["query_id"] for r in rows}, task  # relabelled, not dropped
+        assert len(rows) == plan[task]["llm_queries"] + plan[task]["label_only_queries"]
+        for r in rows:  # 1 for a positive, 0 for a mined negative or the empty context
+            assert r["method"] == "labels", task
+            for rewards in (r["rank_rewards"], r["likelihood_rewards"]):
+                assert set(rewards) <= {0.0, 1.0} and max(rewards) == 1.0, task
+    again = ablation.human_labels(source, tmp_path / "out", cfg, 0, False, "cpu")
+    assert again == human  # resumed: nothing is labelled twice
+
+
+def _rows(averages):
+    return {name: {"variant": name, "runs": [{"average": {"trained": {"primary": v}}}
+                                            for v in values]}
+            for name, values in averages.items()}
+
+
+def test_verdicts_judge_each_claim_on_the_mean_over_seeds(ablation):
+    mean, sd = ablation.mean_sd([0.5, 0.7])
+    assert mean == pytest.approx(0.6) and sd == pytest.approx(0.1414, abs=1e-4)
+    assert ablation.mean_sd([0.3]) == (0.3, 0.0)
+    lines = ablation.verdicts(_rows({"full": [0.50, 0.52], "likelihood": [0.49, 0.47],
+                                     "contrastive": [0.60, 0.62]}))
+    assert lines[0].startswith("rank-aware >= likelihood reward: met — full 0.510 vs "
+                               "likelihood 0.480")
+    assert lines[1].startswith("graded >= contrastive-only: NOT met")
+    assert lines[-1] == "best variant by mean average: contrastive (0.610)"
+    assert len(lines) == 3  # claims whose variants did not run are left out
+
+
+def test_table_shows_mean_and_sd_over_runs_with_the_downstream_columns(ablation):
+    runs = [{"qa": {"trained": {"ndcg@10": v, "answer_ll": -2.0}},
+             "average": {"trained": {"primary": v}}} for v in (0.90, 0.94)]
+    text = ablation.table({"full": {"variant": "full", "runs": runs, "train_seconds": [10, 20],
+                                    "beir": [0.61, 0.63]}}, ["qa"], markdown=True)
+    header, _, line = text.splitlines()
+    assert "qa answer ll" in header and "BEIR ndcg@10" in header
+    assert line == "| full | 0.920 ± 0.028 | 0.920 ± 0.028 | -2.000 ± 0.000 | 0.620 ± 0.014 " \
+                   "| 2 | 15 |"
+
+
+def test_main_trains_each_variant_once_per_seed_and_resumes(ablation, monkeypatch, tmp_path):
+    import json
+
+    import llm_embedder.train as train_module
+
+    source = tmp_path / "qs"
+    (source / "data").mkdir(parents=True)
+    (source / "config.json").write_text(json.dumps(
+        {"config": {"tasks": ["qa"], "index_task": "qa"}, "seed": 0}))
+    (source / "data" / "plan.json").write_text(json.dumps(
+        {"qa": {"corpus": "c.jsonl", "test": "t.jsonl", "llm_queries": 1,
+                "label_only_queries": 1}}))
+    (source / "labels").mkdir()
+    (source / "labels" / "qa.jsonl").write_text("")
+    trained = []
+
+    def fake_train(config):
+        trained.append((config.seed, Path(config.output_dir).parent.parent.name))
+        return tmp_path / "model"
+
+    def fake_evaluate(model, *, config, llm, systems):
+        value = 0.5 if model is None else 0.6 + 0.01 * trained[-1][0]
+        return {"qa": {s: {"ndcg@10": value} for s in systems},
+                "average": {s: {"primary": value} for s in systems}}
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    monkeypatch.setattr(ablation, "evaluate", fake_evaluate)
+    argv = ["--from", str(source), "--out", str(tmp_path / "ab"), "--variants", "full",
+            "likelihood", "--seeds", "0", "2", "--no-downstream"]
+    assert ablation.main(argv) == 0
+    assert sorted(trained) == [(0, "full"), (0, "likelihood"), (2, "full"), (2, "likelihood")]
+    text = (tmp_path / "ab" / "ablation.md").read_text()
+    assert "| full | 0.610 ± 0.014 | 0.610 ± 0.014 | 2 | 0 |" in text  # no LLM: no ll column
+    assert "training seeds [0, 2]" in text
+    assert ablation.main(argv) == 0 and len(trained) == 4  # every run done: none again
