@@ -423,9 +423,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             rows[title] = {"system": system, "runs": [baseline],
                            "beir": [beir[system]] if system in beir else []}
     for name in args.variants:
-        row: Dict[str, Any] = {"variant": name, "description": describe(name), "runs": [],
-                               "seeds": [], "train_seconds": [], "beir": []}
-        for run_seed in seeds:
+        rows[name] = {"variant": name, "description": describe(name), "runs": [], "seeds": [],
+                      "train_seconds": [], "beir": []}
+    # Seed by seed, every variant in each: an interrupted ablation has compared the variants
+    # on the same seeds so far, not finished one variant and never started another.
+    for run_seed in seeds:
+        for name in args.variants:
+            row = rows[name]
             run_dir = out / name / f"seed{run_seed}"
             done = run_dir / "results.json"
             if done.is_file():
@@ -446,12 +450,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                        "train_seconds": train_seconds, "results": results,
                        "beir_ndcg@10": beir_ndcg}
                 atomic_write_json(done, run)
+                # Done: its resume checkpoint (optimizer state, ~250 MB) is not needed again;
+                # the trained model stays in train/model.
+                shutil.rmtree(Path(config["output_dir"]) / "checkpoint", ignore_errors=True)
             row["runs"].append(run["results"])
             row["seeds"].append(run_seed)
             row["train_seconds"].append(run["train_seconds"])
             if run.get("beir_ndcg@10") is not None:
                 row["beir"].append(run["beir_ndcg@10"])
-        rows[name] = row
     print()
     print(table(rows, tasks, markdown=False))
     judged = verdicts(rows)

@@ -174,6 +174,7 @@ def test_main_trains_each_variant_once_per_seed_and_resumes(ablation, monkeypatc
 
     def fake_train(config):
         trained.append((config.seed, Path(config.output_dir).parent.parent.name))
+        (Path(config.output_dir) / "checkpoint").mkdir(parents=True)
         return tmp_path / "model"
 
     def fake_evaluate(model, *, config, llm, systems):
@@ -186,7 +187,10 @@ def test_main_trains_each_variant_once_per_seed_and_resumes(ablation, monkeypatc
     argv = ["--from", str(source), "--out", str(tmp_path / "ab"), "--variants", "full",
             "likelihood", "--seeds", "0", "2", "--no-downstream"]
     assert ablation.main(argv) == 0
-    assert sorted(trained) == [(0, "full"), (0, "likelihood"), (2, "full"), (2, "likelihood")]
+    # seed by seed: both variants at seed 0 before either at seed 2
+    assert trained == [(0, "full"), (0, "likelihood"), (2, "full"), (2, "likelihood")]
+    assert not list((tmp_path / "ab").glob("*/seed*/train/checkpoint"))  # removed when done
+    assert (tmp_path / "ab" / "full" / "seed2" / "results.json").is_file()
     text = (tmp_path / "ab" / "ablation.md").read_text()
     assert "| full | 0.610 ± 0.014 | 0.610 ± 0.014 | 2 | 0 |" in text  # no LLM: no ll column
     assert "training seeds [0, 2]" in text
