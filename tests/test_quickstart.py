@@ -137,7 +137,7 @@ def test_report_names_each_tasks_loss_from_the_task_table():
         "qa 8 of 50, chat 24 of 50, icl 50 of 50"
 
 
-@pytest.mark.parametrize("make, exact, icl", [(QuickstartConfig.default, False, 200),
+@pytest.mark.parametrize("make, exact, icl", [(QuickstartConfig.default, False, 100),
                                                (QuickstartConfig.full, True, None)])
 def test_evaluate_stage_passes_its_llm_budget_and_exact_match_choice(tmp_path, monkeypatch,
                                                                      make, exact, icl):

@@ -110,10 +110,12 @@ class QuickstartConfig(Config):
     key_max_length: int = 128
     max_test_queries: Optional[int] = None
     max_pool: Optional[int] = None
-    # icl's metric is an accuracy: at 200 queries its standard error is about ±0.035 (±0.08
-    # at 40), so a difference between systems can be told from one answer more or less.
+    # icl's metric is an accuracy: its standard error is about ±0.05 at 100 queries (±0.08 at
+    # 40, ±0.035 at 200). Each query costs ~1,400 LLM tokens (4 demos for each of 5 systems),
+    # ~3.6 s on 2 cores: 200 queries took 12 min of a 29-min run, so the default takes 100
+    # and --full all of them.
     max_llm_queries: Dict[str, int] = field(default_factory=lambda: {
-        "qa": 8, "chat": 24, "icl": 200})
+        "qa": 8, "chat": 24, "icl": 100})
     # Greedy answers for qa's exact match: 0 for every system with a 135M LLM (it rarely
     # reproduces the SQuAD span), and about a minute of a CPU run; --full turns it on.
     exact_match_answers: bool = False
@@ -745,7 +747,7 @@ def _report(out: Path, cfg: QuickstartConfig, results: Mapping[str, Any],
           "rank-aware reward; homogeneous batches; self-paced lr.", "",
           "Downstream LLM metrics use a query budget per task "
           f"({_budget_text(cfg, plan)}): with n queries an accuracy has a standard error of "
-          "about sqrt(p(1-p)/n), e.g. ±0.035 at n = 200 and ±0.08 at n = 40.", "",
+          "about sqrt(p(1-p)/n): ±0.035 at n = 200, ±0.05 at 100, ±0.08 at 40.", "",
           "## Stage timings", "", *timing_rows, "", f"Machine: {_machine()}", "",
           "## Example queries", "", "```", examples_text.strip(), "```", ""]
     text = "\n".join(md)
