@@ -154,7 +154,7 @@ class QuickstartConfig(Config):
 
     @classmethod
     def default(cls) -> "QuickstartConfig":
-        """Fits in about 20 minutes on a 2-core CPU."""
+        """About 20 minutes on a 2-core CPU (17–23 measured, with the machine's share)."""
         return cls()
 
     @classmethod
