@@ -497,7 +497,7 @@ def _use_gqa_attention(model: Any) -> bool:
     try:
         from transformers import AttentionInterface, AttentionMaskInterface
         from transformers.masking_utils import sdpa_mask
-    except ImportError:  # transformers < 4.53: no registry, keep "sdpa"
+    except ImportError:  # an older transformers without the mask registry: keep "sdpa"
         return False
     AttentionInterface.register(GQA_ATTENTION, _sdpa_gqa)
     AttentionMaskInterface.register(GQA_ATTENTION, sdpa_mask)  # masks shaped as for sdpa
