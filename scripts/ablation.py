@@ -64,9 +64,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from llm_embedder.evaluate import RETRIEVAL_METRICS, EvalConfig, evaluate, primary_metric
 from llm_embedder.io import atomic_write_json, atomic_write_text
-from llm_embedder.label import REWARDS, LabelConfig, label
+from llm_embedder.label import REWARDS, label
 from llm_embedder.losses import LOSSES
-from llm_embedder.quickstart import QuickstartConfig, label_training_data, train_config
+from llm_embedder.quickstart import (QuickstartConfig, human_label_config, label_training_data,
+                                     train_config)
 from llm_embedder.train import TrainConfig
 
 VARIANTS: Dict[str, Dict[str, Any]] = {
@@ -173,8 +174,7 @@ def human_labels(source: Path, out: Path, cfg: QuickstartConfig, seed: int, llm_
     and seed. A task none of whose queries has a positive gets no file."""
     folder = out / "human"
     plan = json.loads((source / "data" / "plan.json").read_text())
-    by_hand = LabelConfig(method="labels", num_negatives=cfg.num_negatives, negatives="bm25",
-                          seed=seed, device=device)
+    by_hand = human_label_config(cfg, seed, device)  # as the quickstart's label-only queries
     for task in cfg.tasks:
         merged = folder / f"{task}.jsonl"
         if merged.is_file() or (folder / f"{task}.none").is_file():

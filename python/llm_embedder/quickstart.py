@@ -32,7 +32,8 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple,
+                    Union)
 
 import numpy as np
 
@@ -60,6 +61,9 @@ from .evaluate import (
 from .io import atomic_directory, atomic_file, atomic_write_json, atomic_write_text
 from .memory import peak_rss_mb, release_freed_memory, reset_peak_rss
 from .tasks import get_task
+
+if TYPE_CHECKING:  # label imports the LLM stack; loaded only when a stage labels
+    from .label import LabelConfig
 
 #: The tasks with bundled data, in the order the report shows them.
 TASK_ORDER = tuple(BUNDLED_TASK_DIRS)
@@ -364,6 +368,16 @@ def _prepare(out: Path, cfg: QuickstartConfig, seed: int) -> Dict[str, Dict[str,
     return plan
 
 
+def human_label_config(cfg: QuickstartConfig, seed: int,
+                       device: Optional[str]) -> "LabelConfig":
+    """How the quickstart labels queries from their human positives (1/0 rewards, its BM25
+    negatives and seed); the ablation's ``label_only`` variant labels the same way."""
+    from .label import LabelConfig
+
+    return LabelConfig(method="labels", num_negatives=cfg.num_negatives, negatives="bm25",
+                       seed=seed, device=device)
+
+
 def _label(out: Path, cfg: QuickstartConfig, plan: Mapping[str, Mapping[str, Any]],
            get_llm: Callable[[], Any], seed: int, device: Optional[str]) -> Dict[str, Any]:
     from .label import LabelConfig, expand_labelled, label, reward_report
@@ -372,8 +386,7 @@ def _label(out: Path, cfg: QuickstartConfig, plan: Mapping[str, Mapping[str, Any
     by_llm = LabelConfig(method="llm", num_samples=cfg.num_samples,
                          num_negatives=cfg.num_negatives, negatives="bm25", seed=seed,
                          device=device)
-    by_hand = LabelConfig(method="labels", num_negatives=cfg.num_negatives, negatives="bm25",
-                          seed=seed, device=device)
+    by_hand = human_label_config(cfg, seed, device)
     summaries: Dict[str, Any] = {}
     for task in cfg.tasks:
         folder = out / "data" / task
