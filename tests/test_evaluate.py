@@ -247,7 +247,7 @@ def test_icl_accuracy_picks_the_most_likely_option_per_system():
     rankings = {"good": [np.array([0, 1])], "bad": [np.array([1, 0])]}
     out = downstream_choice(data, rankings, FakeLLM(), k=1, query_ids=[0])
     assert out["good"]["accuracy"] == 1.0 and out["bad"]["accuracy"] == 0.0
-    assert set(out) == {"none", "good", "bad", "random"}
+    assert set(out) == {"none", "good", "bad"}  # no system the caller did not ask for
 
 
 # ----------------------------------------------------------------------------- real data

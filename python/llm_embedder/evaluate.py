@@ -420,19 +420,18 @@ def downstream_answers(data: TaskData, rankings: Mapping[str, Sequence[np.ndarra
 
 
 def downstream_choice(data: TaskData, rankings: Mapping[str, Sequence[np.ndarray]], llm: Any,
-                      *, k: int, query_ids: Sequence[int], seed: int = 0
-                      ) -> Dict[str, Dict[str, float]]:
+                      *, k: int, query_ids: Sequence[int]) -> Dict[str, Dict[str, float]]:
     """Examples: accuracy of the LLM choosing among each query's ``options`` (highest mean
-    log-likelihood) zero-shot (``none``) and with ``k`` demonstrations from each system.
+    log-likelihood) zero-shot (``none``) and with ``k`` demonstrations from each system of
+    ``rankings``.
 
     Example:
         >>> downstream_choice(data, {"bm25": rank_bm25(data, 4)}, llm, k=4, query_ids=[0, 1])
     """
     task = get_task(data.task)
+    # The systems are the caller's: a random-demo reference is one more system's LLM calls,
+    # which evaluate() passes when "random" is among its systems (the default).
     systems = ["none", *rankings]
-    if "random" not in rankings:
-        systems.append("random")
-        rankings = {**rankings, "random": rank_random(data, k, seed)}
     for i in query_ids:
         if not data.queries[i].options:
             raise ValueError(f"{task.name} query {data.queries[i].id!r} has no 'options' to "
@@ -458,7 +457,7 @@ def downstream_choice(data: TaskData, rankings: Mapping[str, Sequence[np.ndarray
 
 
 def downstream_metrics(task: Task, data: TaskData, rankings: Mapping[str, Sequence[np.ndarray]],
-                       llm: Any, *, k: int, query_ids: Sequence[int], seed: int = 0,
+                       llm: Any, *, k: int, query_ids: Sequence[int],
                        exact_match_answers: bool = True) -> Dict[str, Dict[str, float]]:
     """The downstream LLM metrics of ``task``'s kind (``task.downstream``) per system, ``{}``
     for a task without one: ``answer`` log-likelihood, perplexity and exact match;
@@ -471,7 +470,7 @@ def downstream_metrics(task: Task, data: TaskData, rankings: Mapping[str, Sequen
     if task.downstream is None or not len(query_ids):
         return {}  # no query for the LLM: no metric (a mean over nothing would be NaN)
     if task.downstream == "choice":
-        return downstream_choice(data, rankings, llm, k=k, query_ids=query_ids, seed=seed)
+        return downstream_choice(data, rankings, llm, k=k, query_ids=query_ids)
     # perplexity: the desired output is a free reply (memory), so exact match means nothing
     return downstream_answers(data, rankings, llm, k=k, query_ids=query_ids,
                               exact=exact_match_answers and task.downstream == "answer")
@@ -696,8 +695,7 @@ def _downstream_task(task: Task, cfg: EvalConfig, systems: Sequence[str], split:
     chosen = {s: rankings[s] for s in (cfg.downstream_systems or systems) if s in rankings}
     query_ids = _llm_queries(split, cfg.llm_budget(task), cfg.seed)
     extra = downstream_metrics(task, split, chosen, llm, k=cfg.context_size(task),
-                               query_ids=query_ids, seed=cfg.seed,
-                               exact_match_answers=cfg.exact_match_answers)
+                               query_ids=query_ids, exact_match_answers=cfg.exact_match_answers)
     for system, metrics in extra.items():
         out.setdefault(system, {}).update(metrics)
     _log(cfg.verbose, f"[eval] {task.name}: downstream LLM on {len(query_ids)} queries "
