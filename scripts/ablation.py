@@ -23,7 +23,8 @@ where likelihood and rank-aware rewards differ: label-only queries carry 1/0 rew
 way). Every variant trains with the quickstart's sizes and seed unless ``--steps`` says
 otherwise, is evaluated with the same test queries (downstream LLM metrics included unless
 ``--no-downstream``), and one table is printed and written to ``OUT/ablation.md`` (+ JSON).
-Resumable: finished runs are skipped.
+Resumable: finished runs are skipped. ``--report`` trains and evaluates nothing: it writes the
+table and verdicts of the runs finished so far (while an ablation runs elsewhere, say).
 
 ``--seeds 0 1 2`` trains every variant once per seed (the training seed: batch order, groups,
 dropout; the data and test queries stay the quickstart's) and the table shows mean ± sd over
@@ -47,7 +48,7 @@ Usage:
     python scripts/ablation.py --from quickstart_out --out ablation_out [--steps 60]
         [--variants full likelihood kl loss=NAME reward=NAME ...] [--llm-only]
         [--seeds 0 1 2] [--beir DIR [--beir-split test]]
-        [--no-downstream] [--device cpu] [--label-budget TASK=TOKENS ...]
+        [--no-downstream] [--device cpu] [--label-budget TASK=TOKENS ...] [--report]
 """
 
 from __future__ import annotations
@@ -299,28 +300,42 @@ CLAIMS = (("rank-aware >= likelihood reward", "full", "likelihood"),
 
 
 def verdicts(rows: Mapping[str, Mapping[str, Any]]) -> List[str]:
-    """Each claim of :data:`CLAIMS` whose two variants ran, judged on the mean average over
-    seeds, with the difference in units of its standard error; then the best variant."""
+    """Each claim of :data:`CLAIMS` whose two variants ran, judged on the average over the
+    seeds both ran (paired: the same seed gives both the same initialisation and batch order),
+    with the mean difference in units of its standard error; then the best variant."""
     lines = []
     for claim, winner, other in CLAIMS:
         if winner not in rows or other not in rows:
             continue
-        a = metric_values(rows[winner], "average", "primary")
-        b = metric_values(rows[other], "average", "primary")
-        if not a or not b:
+        a, b = _by_seed(rows[winner]), _by_seed(rows[other])
+        shared = [seed for seed in a if seed in b]
+        if not shared:
             continue
-        (ma, sa), (mb, sb) = mean_sd(a), mean_sd(b)
-        se = math.sqrt(sa ** 2 / len(a) + sb ** 2 / len(b))
+        ma = sum(a[s] for s in shared) / len(shared)
+        mb = sum(b[s] for s in shared) / len(shared)
+        differences = [a[s] - b[s] for s in shared]
+        _, sd = mean_sd(differences)
+        se = sd / math.sqrt(len(shared))
         noise = f", {abs(ma - mb) / se:.1f} standard errors" if se > 0 else ""
         lines.append(f"{claim}: {'met' if ma >= mb else 'NOT met'} — {winner} {ma:.3f} vs "
-                     f"{other} {mb:.3f} (mean average over {len(a)}/{len(b)} runs{noise})")
+                     f"{other} {mb:.3f} (mean average over seeds {shared}, paired{noise})")
     variants = {n: metric_values(r, "average", "primary") for n, r in rows.items()
                 if "variant" in r}
     variants = {n: v for n, v in variants.items() if v}
     if variants:
         best = max(variants, key=lambda n: mean_sd(variants[n])[0])
-        lines.append(f"best variant by mean average: {best} ({mean_sd(variants[best])[0]:.3f})")
+        lines.append(f"best variant by mean average: {best} ({mean_sd(variants[best])[0]:.3f} "
+                     f"over {len(variants[best])} seeds)")
     return lines
+
+
+def _by_seed(row: Mapping[str, Any]) -> Dict[int, float]:
+    """``{seed: average primary metric}`` of a variant's runs (position when seeds are
+    unknown)."""
+    seeds = row.get("seeds") or range(len(row["runs"]))
+    return {seed: float(run["average"]["trained"]["primary"])
+            for seed, run in zip(seeds, row["runs"])
+            if run.get("average", {}).get("trained", {}).get("primary") is not None}
 
 
 def _beir_ndcg(folder: Path, split: str, model: Any, systems: List[str], device: Optional[str]
@@ -357,6 +372,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--label-budget", nargs="+", default=None, metavar="TASK=TOKENS",
                         help="first LLM-label a larger set (tokens per task) into OUT/source")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--report", action="store_true",
+                        help="train and evaluate nothing: the table of the runs finished so far")
     args = parser.parse_args(argv)
     for name in args.variants:
         variant_change(name)  # an unknown name fails now, not after hours of training
@@ -373,7 +390,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = QuickstartConfig.load(fingerprint["config"])
     seed = int(fingerprint["seed"])
     seeds = args.seeds if args.seeds is not None else [seed]
-    if args.label_budget:
+    if args.label_budget and args.report:
+        source = out / "source"  # labelled by an earlier run; nothing is labelled now
+        if not (source / "config.json").is_file():
+            parser.error(f"--report --label-budget: {source} is not labelled yet")
+        cfg = QuickstartConfig.load(json.loads((source / "config.json").read_text())["config"])
+    elif args.label_budget:
         source = labelled_source(source, out, cfg, seed, parse_budgets(args.label_budget),
                                  args.device)
         fingerprint = json.loads((source / "config.json").read_text())
@@ -391,10 +413,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                                    "exact_match_answers": cfg.exact_match_answers,
                                    "device": args.device, "seed": seed})
     human = (human_labels(source, out, cfg, seed, args.llm_only, args.device)
-             if LABEL_ONLY in args.variants else None)
+             if LABEL_ONLY in args.variants and not args.report else None)
 
     llm = None
-    if not args.no_downstream:
+    if not args.no_downstream and not args.report:
         from llm_embedder.llm import FrozenLLM
 
         llm = FrozenLLM.load(None, device=args.device)
@@ -404,6 +426,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         done = out / "baselines.json"
         if done.is_file():
             baseline = json.loads(done.read_text())
+        elif args.report:
+            baseline = None
         else:
             print("== baselines: BM25 and the base encoder with and without instructions")
             baseline = evaluate(None, config=eval_config, llm=llm,
@@ -414,12 +438,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             done = out / "baselines_beir.json"
             if done.is_file():
                 beir = json.loads(done.read_text())
-            else:
+            elif not args.report:
                 beir = _beir_ndcg(args.beir, args.beir_split, None,
                                   ["bm25", "base", "base_noinstr"], args.device)
                 atomic_write_json(done, beir)
         for system, title in (("bm25", "(BM25)"), ("base", "(base, instr.)"),
                               ("base_noinstr", "(base, no instr.)")):
+            if baseline is None:
+                break
             rows[title] = {"system": system, "runs": [baseline],
                            "beir": [beir[system]] if system in beir else []}
     for name in args.variants:
@@ -435,6 +461,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             if done.is_file():
                 run = json.loads(done.read_text())
                 print(f"== {name}, seed {run_seed}: done earlier, skipped")
+            elif args.report:
+                print(f"== {name}, seed {run_seed}: not run yet")
+                continue
             else:
                 print(f"== {name}, seed {run_seed}: {describe(name)}", flush=True)
                 config = variant_config(source, run_dir, name, cfg, run_seed, args.device,

@@ -126,9 +126,9 @@ def test_human_labels_relabel_the_llm_queries_from_their_positives(ablation, tmp
     assert again == human  # resumed: nothing is labelled twice
 
 
-def _rows(averages):
-    return {name: {"variant": name, "runs": [{"average": {"trained": {"primary": v}}}
-                                            for v in values]}
+def _rows(averages, seeds=None):
+    return {name: {"variant": name, "seeds": (seeds or {}).get(name, list(range(len(values)))),
+                   "runs": [{"average": {"trained": {"primary": v}}} for v in values]}
             for name, values in averages.items()}
 
 
@@ -138,11 +138,21 @@ def test_verdicts_judge_each_claim_on_the_mean_over_seeds(ablation):
     assert ablation.mean_sd([0.3]) == (0.3, 0.0)
     lines = ablation.verdicts(_rows({"full": [0.50, 0.52], "likelihood": [0.49, 0.47],
                                      "contrastive": [0.60, 0.62]}))
-    assert lines[0].startswith("rank-aware >= likelihood reward: met — full 0.510 vs "
-                               "likelihood 0.480")
+    # paired differences 0.01 and 0.05: mean 0.03, sd 0.0283, se 0.02 -> 1.5 standard errors
+    assert lines[0] == ("rank-aware >= likelihood reward: met — full 0.510 vs likelihood 0.480 "
+                        "(mean average over seeds [0, 1], paired, 1.5 standard errors)")
     assert lines[1].startswith("graded >= contrastive-only: NOT met")
-    assert lines[-1] == "best variant by mean average: contrastive (0.610)"
+    assert lines[-1] == "best variant by mean average: contrastive (0.610 over 2 seeds)"
     assert len(lines) == 3  # claims whose variants did not run are left out
+
+
+def test_verdicts_compare_only_the_seeds_both_variants_ran(ablation):
+    rows = _rows({"full": [0.50, 0.52, 0.90], "likelihood": [0.49, 0.55]},
+                 seeds={"full": [0, 1, 2], "likelihood": [1, 0]})
+    line = ablation.verdicts(rows)[0]
+    # seed 2 (only full ran it) is left out; seeds are matched by number, not position
+    assert line.startswith("rank-aware >= likelihood reward: NOT met — full 0.510 vs "
+                           "likelihood 0.520 (mean average over seeds [0, 1], paired")
 
 
 def test_table_shows_mean_and_sd_over_runs_with_the_downstream_columns(ablation):
@@ -195,3 +205,41 @@ def test_main_trains_each_variant_once_per_seed_and_resumes(ablation, monkeypatc
     assert "| full | 0.610 ± 0.014 | 0.610 ± 0.014 | 2 | 0 |" in text  # no LLM: no ll column
     assert "training seeds [0, 2]" in text
     assert ablation.main(argv) == 0 and len(trained) == 4  # every run done: none again
+
+
+def test_report_trains_nothing_and_tables_the_finished_runs(ablation, monkeypatch, tmp_path,
+                                                            capsys):
+    import json
+
+    import llm_embedder.train as train_module
+
+    source = tmp_path / "qs"
+    (source / "data").mkdir(parents=True)
+    (source / "config.json").write_text(json.dumps(
+        {"config": {"tasks": ["qa"], "index_task": "qa"}, "seed": 0}))
+    (source / "data" / "plan.json").write_text(json.dumps(
+        {"qa": {"corpus": "c.jsonl", "test": "t.jsonl", "llm_queries": 1,
+                "label_only_queries": 1}}))
+    out = tmp_path / "ab"
+    for name, seed, value in (("full", 0, 0.60), ("full", 1, 0.62), ("likelihood", 0, 0.58)):
+        (out / name / f"seed{seed}").mkdir(parents=True)
+        (out / name / f"seed{seed}" / "results.json").write_text(json.dumps(
+            {"variant": name, "seed": seed, "train_seconds": 10.0,
+             "results": {"qa": {"trained": {"ndcg@10": value}},
+                         "average": {"trained": {"primary": value}}}}))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("--report must not train or evaluate")
+
+    monkeypatch.setattr(train_module, "train", fail)
+    monkeypatch.setattr(ablation, "evaluate", fail)
+    assert ablation.main(["--from", str(source), "--out", str(out), "--variants", "full",
+                          "likelihood", "label_only", "--seeds", "0", "1", "--report"]) == 0
+    assert "== likelihood, seed 1: not run yet" in capsys.readouterr().out
+    text = (out / "ablation.md").read_text()
+    assert "| full | 0.610 ± 0.014 | 0.610 ± 0.014 | 2 | 10 |" in text
+    assert "| likelihood | 0.580 | 0.580 | 1 | 10 |" in text
+    assert "| label_only | - | - | 0 | - |" in text
+    assert "(BM25)" not in text  # no baselines measured yet: none made up
+    assert "full 0.600 vs likelihood 0.580 (mean average over seeds [0], paired)" in text
+    assert not (out / "human").exists()  # label_only's files are not built by a report
