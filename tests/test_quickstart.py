@@ -67,8 +67,11 @@ def test_training_config_uses_graded_distillation_and_kl_for_chat(tmp_path):
     config = train_config(tmp_path, QuickstartConfig.default(), seed=3, device="cpu")
     losses = {task: spec["loss"] for task, spec in config["tasks"].items()}
     assert losses == {"qa": "graded", "tool": "graded", "chat": "kl", "icl": "graded"}
-    assert config["reward"] == "rank" and config["batching"] == "homogeneous"
+    assert config["reward"] == QuickstartConfig().reward and config["batching"] == "homogeneous"
     assert config["self_paced"] is True and config["seed"] == 3 and config["resume"] is True
+    for reward in ("rank", "likelihood"):  # the config's choice, passed through
+        chosen = train_config(tmp_path, QuickstartConfig(reward=reward), seed=0, device="cpu")
+        assert chosen["reward"] == reward
 
 
 def test_verdict_compares_trained_with_the_better_base_encoder():
@@ -115,6 +118,7 @@ def test_a_config_saved_by_an_earlier_version_still_resumes(tmp_path):
     ({"max_steps": 0}, "'max_steps'"),
     ({"lr": "1e-4"}, "'lr'"),
     ({"temperature_typo": 1.0}, "temperature_typo"),
+    ({"reward": "nope"}, "'reward'.*registered reward"),
 ])
 def test_quickstart_config_names_the_bad_key(values, key):
     with pytest.raises(ConfigError, match=key):

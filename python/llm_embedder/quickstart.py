@@ -129,6 +129,9 @@ class QuickstartConfig(Config):
     eval_batch_size: int = 32
     index_task: str = "qa"
     relabel: bool = False
+    # Which of the labels' rewards the training distils (a name in label.REWARDS; both are in
+    # every labelled file, so changing it needs no relabelling).
+    reward: str = "rank"
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "QuickstartConfig":
@@ -155,6 +158,10 @@ class QuickstartConfig(Config):
                                     f"not {unknown}")
         for key in ("max_steps", "batch_size", "group_size", "num_samples"):
             check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        from .label import REWARDS  # registered rewards, custom ones included
+
+        check(self.reward in REWARDS, "reward",
+              f"must be a registered reward {sorted(REWARDS)}, got {self.reward!r}")
 
     @classmethod
     def default(cls) -> "QuickstartConfig":
@@ -183,6 +190,10 @@ class QuickstartConfig(Config):
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _reward_text(cfg: QuickstartConfig) -> str:
+    return {"rank": "rank-aware"}.get(cfg.reward, cfg.reward)
 
 
 def _say(message: str) -> None:
@@ -448,7 +459,7 @@ def train_config(out: Path, cfg: QuickstartConfig, seed: int,
     config: Dict[str, Any] = {
         "model": None, "tasks": tasks, "output_dir": str(out / "train"),
         "max_steps": cfg.max_steps, "batch_size": cfg.batch_size, "group_size": cfg.group_size,
-        "lr": cfg.lr, "seed": seed, "resume": True, "reward": "rank",
+        "lr": cfg.lr, "seed": seed, "resume": True, "reward": cfg.reward,
         "batching": "homogeneous", "self_paced": True, "score_temperature": cfg.score_temperature,
         "task_temperature": cfg.task_temperature,
         "query_max_length": cfg.query_max_length, "key_max_length": cfg.key_max_length,
@@ -504,7 +515,7 @@ def _write_card(out: Path, cfg: QuickstartConfig, plan: Mapping[str, Mapping[str
             f"with LLM rewards ({plan[task].get('llm_labels', 'here')}), "
             f"{plan[task]['label_only_queries']} with 1/0 rewards from human positives"
             for task in cfg.tasks]
-    training = {"method": "llm-embedder quickstart", "reward": "rank-aware",
+    training = {"method": "llm-embedder quickstart", "reward": _reward_text(cfg),
                 "steps": cfg.max_steps, "batch size": cfg.batch_size, "lr": cfg.lr,
                 "score temperature": cfg.score_temperature}
     write_model_card(out / "model", {"base_model": "sentence-transformers/all-MiniLM-L6-v2",
@@ -737,7 +748,7 @@ def _report(out: Path, cfg: QuickstartConfig, results: Mapping[str, Any],
     for task in results:
         if task != "average":
             _say(f"\n{task}\n{full_table(results, task)}")
-    label_rows = ["| task | LLM-labelled queries (rank-aware reward) | label-only queries "
+    label_rows = ["| task | LLM-labelled queries | label-only queries "
                   "(human positives) | est. LLM tokens | test queries |",
                   "|---|---:|---:|---:|---:|"]
     for task, p in plan.items():
@@ -757,7 +768,7 @@ def _report(out: Path, cfg: QuickstartConfig, results: Mapping[str, Any],
           "## Training data", "", *label_rows, "",
           f"Training: {cfg.max_steps} steps, batch {cfg.batch_size}, group {cfg.group_size}, "
           f"lr {cfg.lr}, tau {cfg.score_temperature}; {_losses_text(plan)}; "
-          "rank-aware reward; homogeneous batches; self-paced lr.", "",
+          f"{_reward_text(cfg)} reward; homogeneous batches; self-paced lr.", "",
           "Downstream LLM metrics use a query budget per task "
           f"({_budget_text(cfg, plan)}): with n queries an accuracy has a standard error of "
           "about sqrt(p(1-p)/n): ±0.035 at n = 200, ±0.05 at 100, ±0.08 at 40.", "",
