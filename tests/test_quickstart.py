@@ -232,7 +232,9 @@ def test_tiny_quickstart_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert set(saved["qa"]["none"]) == {"answer_ll", "answer_ppl", "em"}
     assert {"answer_ll", "em"} <= set(saved["qa"]["trained"])
     assert "answer_ppl" in saved["chat"]["trained"]
-    assert {"none", "random", "bm25", "trained"} <= set(saved["icl"])
+    # tiny's downstream systems are bm25 and trained (plus the zero-shot none): no other
+    # system pays for LLM calls
+    assert set(saved["icl"]) == {"none", "bm25", "trained"}
     assert all(0 <= saved["icl"][s]["accuracy"] <= 1 for s in saved["icl"])
     assert "trained" in saved["average"] and "bm25" in saved["average"]
     for task, by_system in saved.items():
