@@ -167,18 +167,24 @@ def test_table_shows_mean_and_sd_over_runs_with_the_downstream_columns(ablation)
                    "| 2 | 15 |"
 
 
-def test_main_trains_each_variant_once_per_seed_and_resumes(ablation, monkeypatch, tmp_path):
+def _finished_quickstart(source: Path) -> Path:
+    """The files of a quickstart folder the ablation reads (qa only), no data behind them."""
     import json
 
-    import llm_embedder.train as train_module
-
-    source = tmp_path / "qs"
     (source / "data").mkdir(parents=True)
     (source / "config.json").write_text(json.dumps(
         {"config": {"tasks": ["qa"], "index_task": "qa"}, "seed": 0}))
     (source / "data" / "plan.json").write_text(json.dumps(
         {"qa": {"corpus": "c.jsonl", "test": "t.jsonl", "llm_queries": 1,
                 "label_only_queries": 1}}))
+    return source
+
+
+def test_main_trains_each_variant_once_per_seed_and_resumes(ablation, monkeypatch, tmp_path):
+
+    import llm_embedder.train as train_module
+
+    source = _finished_quickstart(tmp_path / "qs")
     (source / "labels").mkdir()
     (source / "labels" / "qa.jsonl").write_text("")
     trained = []
@@ -214,13 +220,7 @@ def test_report_trains_nothing_and_tables_the_finished_runs(ablation, monkeypatc
 
     import llm_embedder.train as train_module
 
-    source = tmp_path / "qs"
-    (source / "data").mkdir(parents=True)
-    (source / "config.json").write_text(json.dumps(
-        {"config": {"tasks": ["qa"], "index_task": "qa"}, "seed": 0}))
-    (source / "data" / "plan.json").write_text(json.dumps(
-        {"qa": {"corpus": "c.jsonl", "test": "t.jsonl", "llm_queries": 1,
-                "label_only_queries": 1}}))
+    source = _finished_quickstart(tmp_path / "qs")
     out = tmp_path / "ab"
     for name, seed, value in (("full", 0, 0.60), ("full", 1, 0.62), ("likelihood", 0, 0.58)):
         (out / name / f"seed{seed}").mkdir(parents=True)
