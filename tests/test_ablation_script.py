@@ -181,7 +181,6 @@ def _finished_quickstart(source: Path) -> Path:
 
 
 def test_main_trains_each_variant_once_per_seed_and_resumes(ablation, monkeypatch, tmp_path):
-
     import llm_embedder.train as train_module
 
     source = _finished_quickstart(tmp_path / "qs")
