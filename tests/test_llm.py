@@ -290,6 +290,22 @@ def test_scores_count_only_output_tokens(llm):
     assert short == pytest.approx(expected, abs=1e-4)
 
 
+
+def test_cpu_passes_hand_free_heap_back_after_wide_passes_only(llm, monkeypatch):
+    # Varying-width scoring passes fragment glibc's heap (memory.return_free_heap); decoding
+    # steps (one token per row) must not pay a trim each.
+    calls = []
+    monkeypatch.setattr(llm_module, "return_free_heap", lambda: calls.append(1))
+    llm.score(["Question: What is the capital of France?\n\nAnswer:"], [" Paris"])
+    assert len(calls) == 1
+    calls.clear()
+    llm.generate(["Question: Name a fruit.\n\nAnswer:"], max_new_tokens=6)
+    assert len(calls) == 1  # the prompt's pass, none of the decoding steps
+    FrozenLLM(llm.model, llm.tokenizer, llm.name)  # a second wrapper adds no second hook
+    calls.clear()
+    llm.score(["Question: 2+2?\n\nAnswer:"], [" 4"])
+    assert len(calls) == 1
+
 @pytest.mark.slow
 def test_sampling_is_seeded_deduplicated_and_stops_at_newline(llm):
     prompt = "Question: Name a fruit.\n\nAnswer:"

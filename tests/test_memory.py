@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from llm_embedder.memory import peak_rss_mb, release_freed_memory, reset_peak_rss
+from llm_embedder.memory import (peak_rss_mb, release_freed_memory, reset_peak_rss,
+                                  return_free_heap)
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="glibc's malloc_trim, /proc")
@@ -26,6 +27,19 @@ def test_freed_heap_goes_back_to_the_os():
     before = _resident_mb()
     release_freed_memory()
     assert before - _resident_mb() > 100
+    assert len(last) == 64 * 1024
+
+
+@linux_only
+def test_free_heap_goes_back_without_a_garbage_collection():
+    # What encoding calls between batches: only the allocator's trim, no gc pass.
+    blocks = [bytearray(64 * 1024) for _ in range(3000)]
+    last = blocks[-1]
+    del blocks  # freed by reference counting, no collection needed
+    before = _resident_mb()
+    return_free_heap()
+    assert before - _resident_mb() > 100
+    return_free_heap()  # the libc handle is looked up once and reused
     assert len(last) == 64 * 1024
 
 

@@ -38,6 +38,7 @@ from torch import nn
 
 from .config import Config, check
 from .io import atomic_directory, atomic_write_json, atomic_write_text, check_replaceable
+from .memory import return_free_heap
 from .tasks import TASKS, Side, Task, get_task
 
 logger = logging.getLogger(__name__)
@@ -620,6 +621,10 @@ class Embedder(nn.Module):
                     batch = {key: torch.from_numpy(a).to(device) for key, a in arrays.items()}
                     batch["attention_mask"] = torch.from_numpy(mask).to(device)
                     out[torch.from_numpy(rows).to(device)] = self.embed(batch, bool(unit_length))
+                    if device.type == "cpu":
+                        # Batches grow wider (sorted by length) and fragment glibc's heap:
+                        # without this a long corpus's encoding creeps up by hundreds of MB.
+                        return_free_heap()
                     if progress is not None:
                         progress.update(len(rows))
         finally:

@@ -49,6 +49,7 @@ from typing import (Any, Dict, List, Optional, Protocol, Sequence, Tuple, Union,
 import numpy as np
 
 from .io import atomic_directory, atomic_file
+from .memory import return_free_heap
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -505,6 +506,17 @@ def _use_gqa_attention(model: Any) -> bool:
     return True
 
 
+def _trim_after_wide_pass(module: Any, args: Any, kwargs: Any, output: Any) -> None:
+    """Forward hook: hand the freed heap back to the OS after a pass over more than one token
+    per row (a prompt, a packed batch), not after a decoding step, where it would cost page
+    faults at every token."""
+    ids = kwargs.get("input_ids")
+    if ids is None and args:
+        ids = args[0]
+    if ids is not None and ids.shape[-1] > 1:
+        return_free_heap()
+
+
 def _torch():
     import torch
 
@@ -699,6 +711,12 @@ class FrozenLLM:
         self.prefix_cache: Optional[PrefixCache] = PrefixCache()
         self._plain_cache: Optional[bool] = None
         self._torch = torch
+        decoder = self.model.base_model
+        if self.device.type == "cpu" and not getattr(decoder, "_trims_free_heap", False):
+            # Passes of varying width fragment glibc's heap; trimming after each wide one keeps
+            # the scoring's resident memory from creeping up (decoding's 1-token steps skip it).
+            decoder.register_forward_hook(_trim_after_wide_pass, with_kwargs=True)
+            decoder._trims_free_heap = True
 
     # ------------------------------------------------------------------ loading
 

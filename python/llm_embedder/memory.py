@@ -17,6 +17,32 @@ import ctypes
 import gc
 import resource
 import sys
+from typing import Any
+
+
+_LIBC: Any = None
+
+
+def return_free_heap() -> None:
+    """Hand the allocator's free pages back to the OS (glibc's ``malloc_trim``), without a
+    garbage collection: cheap enough (milliseconds) to call between batches.
+
+    glibc keeps freed pages resident, and batches of varying shapes (texts sorted by length,
+    prompts of varying width) fragment its heap, so a loop's resident memory creeps up batch
+    by batch: encoding the tool corpus on a CPU peaked at +0.47 GB at batch 16 without this
+    and +0.27 GB with it, in the same CPU time. A no-op where there is no glibc.
+    """
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = False
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL("libc.so.6")
+                _LIBC = libc.malloc_trim
+            except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+                pass
+    if _LIBC:
+        _LIBC(0)
 
 
 def release_freed_memory() -> None:
@@ -24,11 +50,7 @@ def release_freed_memory() -> None:
     resident (a model's activations, an LLM's scoring buffers), so without this the next
     step's peak would count what the steps before it left behind."""
     gc.collect()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
-            pass
+    return_free_heap()
 
 
 def reset_peak_rss() -> bool:
@@ -55,4 +77,4 @@ def peak_rss_mb() -> int:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1024)
 
 
-__all__ = ["peak_rss_mb", "release_freed_memory", "reset_peak_rss"]
+__all__ = ["peak_rss_mb", "release_freed_memory", "reset_peak_rss", "return_free_heap"]
