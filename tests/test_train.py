@@ -227,6 +227,14 @@ def test_log_holds_every_step_with_loss_lr_and_scales_and_the_plot_is_drawn(tiny
     assert embedder.encode_queries(["what about river"], task="tool").shape == (1, 32)
 
 
+
+def test_a_cpu_run_hands_free_heap_back_after_every_step(tiny_config, monkeypatch):
+    # Steps of varying width fragment glibc's heap (memory.return_free_heap).
+    calls = []
+    monkeypatch.setattr(train_module, "return_free_heap", lambda: calls.append(1))
+    train({**tiny_config, "max_steps": 4, "device": "cpu"})
+    assert len(calls) == 4
+
 def test_mixed_batches_fixed_lr_contrastive_likelihood_from_a_yaml_config(tiny_config, tmp_path):
     import yaml
 

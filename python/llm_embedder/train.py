@@ -65,6 +65,7 @@ from .io import (
 )
 from .label import REWARDS, Reward, get_reward
 from .losses import LOSSES, build_loss
+from .memory import return_free_heap
 from .sampler import HomogeneousBatchSampler, SelfPacedScheduler
 from .tasks import get_task
 
@@ -1133,6 +1134,10 @@ class Trainer:
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cpu":
+            # Each step's activations (chunks of varying width) fragment glibc's heap; handing
+            # the free pages back keeps the run's resident memory from creeping up step by step.
+            return_free_heap()
 
     def _log(self, record: Dict[str, Any], elapsed: float) -> None:
         """Append the step's record to log.jsonl; progress bar and console line."""
