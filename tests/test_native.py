@@ -340,41 +340,44 @@ def test_threads_beyond_what_a_pool_can_hold_are_a_value_error():
 
 
 def test_threads_that_cannot_start_are_a_runtime_error_not_a_panic(tmp_path):
-    """With the address space capped, 500 thread stacks cannot be mapped: the call must raise
+    """With the process count capped, no worker thread can be created: the call must raise
     RuntimeError (a Rust panic would surface as pyo3's PanicException, a BaseException).
 
-    The cap leaves less than one thread's stack (2 MiB): no worker ever starts. With room for
-    a few stacks, a started worker could find no memory left for its thread-local data, and
-    glibc aborts the process there (1 run in 3 failed so), outside anything Rust can catch."""
+    RLIMIT_NPROC makes every clone() fail before anything is allocated for the thread, so the
+    failure is deterministic. Capping the address space instead was not: the allocator could
+    fail first (in rayon's per-worker buffers, or a started worker's thread-local data) and
+    an allocation failure aborts the process, outside anything Rust can catch."""
     import subprocess
     import sys
 
     script = tmp_path / "run.py"
     script.write_text(
-        "import resource\n"
+        "import os, resource\n"
         "import numpy as np\n"
         "from llm_embedder import _native\n"
         "q, k = np.ones((1, 4), np.float32), np.ones((600, 4), np.float32)\n"
-        "_native.topk(q, k, 1, threads=1)\n"
+        "_native.topk(q, k, 1, threads=1)  # this pool starts before the cap and stays cached\n"
         "scores, flat = k.T.copy(), k.ravel()\n"
+        "if os.geteuid() == 0:\n"
+        "    # root ignores RLIMIT_NPROC; an unused uid, which holds no capabilities, does not\n"
+        "    os.setgroups([]); os.setgid(54_321); os.setuid(54_321)\n"
+        "hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]\n"
+        "resource.setrlimit(resource.RLIMIT_NPROC, (1, hard))  # this process is already one\n"
         "for call in (lambda: _native.topk(q, k, 1, threads=500),\n"
         "             lambda: _native.topk_scores(scores, 1, threads=500),\n"
         "             lambda: _native.bench.stream_sum(flat, threads=500)):\n"
-        "    status = open('/proc/self/status').read().split('VmSize:')[1].split()[0]\n"
-        "    limit = int(status) * 1024 + (3 << 19)\n"
-        "    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))\n"
         "    try:\n"
         "        call()\n"
         "    except RuntimeError as err:\n"
         "        assert 'could not start 500 worker threads' in str(err), err\n"
         "    else:\n"
         "        raise SystemExit('no error')\n"
-        "    finally:\n"
-        "        resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY,) * 2)\n"
         "print(_native.topk(q, k, 2, threads=1)[1].tolist())\n"
     )
+    # One BLAS thread: numpy's import must not need the threads the cap will refuse later.
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[[0, 1]]"  # the module still works afterwards
 
