@@ -360,7 +360,10 @@ def test_threads_that_cannot_start_are_a_runtime_error_not_a_panic(tmp_path):
         "scores, flat = k.T.copy(), k.ravel()\n"
         "if os.geteuid() == 0:\n"
         "    # root ignores RLIMIT_NPROC; an unused uid, which holds no capabilities, does not\n"
-        "    os.setgroups([]); os.setgid(54_321); os.setuid(54_321)\n"
+        "    try:\n"
+        "        os.setgroups([]); os.setgid(54_321); os.setuid(54_321)\n"
+        "    except PermissionError:  # a root without CAP_SETUID (some sandboxes)\n"
+        "        raise SystemExit('cannot drop root')\n"
         "hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]\n"
         "resource.setrlimit(resource.RLIMIT_NPROC, (1, hard))  # this process is already one\n"
         "for call in (lambda: _native.topk(q, k, 1, threads=500),\n"
@@ -378,6 +381,8 @@ def test_threads_that_cannot_start_are_a_runtime_error_not_a_panic(tmp_path):
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           timeout=120, env=env)
+    if "cannot drop root" in done.stderr:
+        pytest.skip("running as a root that cannot change its uid: RLIMIT_NPROC does not bind")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[[0, 1]]"  # the module still works afterwards
 
