@@ -9,7 +9,9 @@ with ``--relabel``.
 Hours of CPU in all, so it works in rounds: each round labels the next ``--step`` queries of
 every task (in the quickstart's stratified order, so any prefix covers every conversation and
 sub-task), then rewrites the compact files. Kill it at any time; run it again and it resumes
-(the full labelled files in ``--work`` are appended to query by query). On a new checkout,
+(the full labelled files in ``--work`` are appended to query by query; a SIGTERM or Ctrl-C
+writes the artefact and the CPU time of the queries labelled so far before it exits, and
+``--sync`` rewrites the artefact from ``--work`` without the LLM). On a new checkout,
 where ``--work`` is empty, it first expands the committed compact files into ``--work`` and
 takes the CPU time spent so far from ``labels/state.json``, so the artefact grows across
 machines and sessions.
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -31,7 +35,7 @@ from llm_embedder.data import bundled_data_dir, bundled_task_files, iter_jsonl, 
 from llm_embedder.io import atomic_write_json, atomic_write_text
 from llm_embedder.label import (LabelConfig, compact_labelled, expand_labelled, label,
                                  reward_report)
-from llm_embedder.llm import FrozenLLM
+from llm_embedder.llm import LLM_GGUF_NAME, FrozenLLM
 from llm_embedder.quickstart import TASK_ORDER, stratified_order
 
 #: The labelling settings of the artefact (the quickstart's --relabel uses the same).
@@ -55,6 +59,32 @@ def _ordered_queries(task: str, work: Path) -> Path:
     return path
 
 
+def _finite(value: float) -> float | None:
+    # JSON has no NaN (strict parsers refuse it): a task without human positives has no share.
+    return value if math.isfinite(value) else None
+
+
+def _sync(task: str, out: Path, target: Path, row: Dict, total: int) -> int:
+    """Rewrite ``task``'s compact file and its ``row`` of the state from the full file ``out``."""
+    report = reward_report(out)
+    queries = sum(1 for _ in iter_jsonl(out))
+    row.update(labelled=queries, total=total, distinct_ranks=report["distinct_ranks"],
+               samples=report["samples"],
+               rank_top=_finite(report["rank"]["positive_on_top"]),
+               likelihood_top=_finite(report["likelihood"]["positive_on_top"]))
+    target.mkdir(exist_ok=True)
+    compact_labelled(out, target / f"{task}.jsonl")
+    return queries
+
+
+def _share(value: float | None) -> str:
+    return "—" if value is None or not math.isfinite(value) else f"{value:.3f}"
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _write_readme(target: Path, state: Dict[str, Dict[str, float]], llm_name: str) -> None:
     lines = [
         "# LLM labels of the bundled training queries",
@@ -75,8 +105,8 @@ def _write_readme(target: Path, state: Dict[str, Dict[str, float]], llm_name: st
     for task, row in state.items():
         lines.append(f"| {task} | {int(row['labelled'])} | {int(row['total'])} | "
                      f"{row['cpu_seconds'] / 3600:.2f} | {row.get('distinct_ranks', 0):.2f} | "
-                     f"{row.get('samples', 0):.2f} | {row.get('rank_top', float('nan')):.3f} | "
-                     f"{row.get('likelihood_top', float('nan')):.3f} |")
+                     f"{row.get('samples', 0):.2f} | {_share(row.get('rank_top'))} | "
+                     f"{_share(row.get('likelihood_top'))} |")
     atomic_write_text(target / "README.md", "\n".join(lines) + "\n")
 
 
@@ -86,6 +116,8 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=list(TASK_ORDER))
     parser.add_argument("--step", type=int, default=25, help="queries per task and round")
     parser.add_argument("--rounds", type=int, default=1000)
+    parser.add_argument("--sync", action="store_true",
+                        help="only rewrite the artefact from --work (no LLM, nothing labelled)")
     args = parser.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -101,8 +133,18 @@ def main(argv: List[str] | None = None) -> int:
                                        full)
             print(f"{task}: {restored} labelled queries restored from {compact.name}", flush=True)
     totals = {task: sum(1 for _ in iter_jsonl(path)) for task, path in ordered.items()}
+    if args.sync:
+        for task in args.tasks:
+            if (work / f"{task}.jsonl").is_file():
+                row = state.setdefault(task, {"cpu_seconds": 0.0})
+                _sync(task, work / f"{task}.jsonl", target, row, totals[task])
+        atomic_write_json(state_path, state)
+        # The artefact is made with the packaged LLM only (FrozenLLM.load()'s default).
+        _write_readme(target, state, Path(LLM_GGUF_NAME).stem)
+        return 0
     llm = FrozenLLM.load()
     config = LabelConfig(show_progress=False, **SETTINGS)
+    signal.signal(signal.SIGTERM, _stop)
     for round_ in range(1, args.rounds + 1):
         busy = False
         for task in args.tasks:
@@ -114,20 +156,24 @@ def main(argv: List[str] | None = None) -> int:
             cpu, start = _cpu_seconds(), time.time()
             # Step from what is there, so a resumed run does not redo no-op rounds.
             limit = max(round_ * args.step, int(row.get("labelled", 0)) + args.step)
-            summary = label(task, ordered[task], bundled_task_files(task)["corpus"], out,
-                            llm=llm, config=config, limit=limit)
+            try:
+                summary = label(task, ordered[task], bundled_task_files(task)["corpus"], out,
+                                llm=llm, config=config, limit=limit)
+            except KeyboardInterrupt:
+                # The queries written before the stop are kept: count their CPU time too.
+                row["cpu_seconds"] += _cpu_seconds() - cpu
+                queries = _sync(task, out, target, row, totals[task])
+                atomic_write_json(state_path, state)
+                _write_readme(target, state, llm.name)
+                print(f"stopped in round {round_} {task}: {queries}/{totals[task]} queries "
+                      f"kept", flush=True)
+                return 130
             row["cpu_seconds"] += _cpu_seconds() - cpu
-            report = reward_report(out)
-            row.update(labelled=summary.queries, total=totals[task],
-                       distinct_ranks=report["distinct_ranks"], samples=report["samples"],
-                       rank_top=report["rank"]["positive_on_top"],
-                       likelihood_top=report["likelihood"]["positive_on_top"])
-            target.mkdir(exist_ok=True)
-            compact_labelled(out, target / f"{task}.jsonl")
+            _sync(task, out, target, row, totals[task])
             atomic_write_json(state_path, state)
             _write_readme(target, state, llm.name)
             print(f"round {round_} {task}: {summary.queries}/{totals[task]} queries, "
-                  f"{time.time() - start:.0f} s, {json.dumps(report)}", flush=True)
+                  f"{time.time() - start:.0f} s, {json.dumps(reward_report(out))}", flush=True)
         if not busy:
             break
     return 0
