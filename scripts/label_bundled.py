@@ -71,7 +71,9 @@ def _sync(task: str, out: Path, target: Path, row: Dict, total: int) -> int:
     row.update(labelled=queries, total=total, distinct_ranks=report["distinct_ranks"],
                samples=report["samples"],
                rank_top=_finite(report["rank"]["positive_on_top"]),
-               likelihood_top=_finite(report["likelihood"]["positive_on_top"]))
+               likelihood_top=_finite(report["likelihood"]["positive_on_top"]),
+               rank_spread=report["rank"]["spread"],
+               likelihood_spread=report["likelihood"]["spread"])
     target.mkdir(exist_ok=True)
     compact_labelled(out, target / f"{task}.jsonl")
     return queries
@@ -98,14 +100,19 @@ def _write_readme(target: Path, state: Dict[str, Dict[str, float]], llm_name: st
         f"LLM: {llm_name}, float32 on CPU. Compact records (ids, rewards, samples, likelihoods);",
         "`llm_embedder.label.expand_labelled` restores the texts from the bundled data.",
         "",
+        "Per query, averaged over the task's labelled queries: the distinct ranks of the desired",
+        "output among the samples, the samples kept, each reward's spread (standard deviation",
+        "over the query's candidates) and how often a human positive gets the top reward.",
+        "",
         "| task | labelled queries | of | CPU hours | distinct ranks/query | samples/query | "
-        "positive on top (rank) | (likelihood) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "spread (rank) | (likelihood) | positive on top (rank) | (likelihood) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for task, row in state.items():
         lines.append(f"| {task} | {int(row['labelled'])} | {int(row['total'])} | "
                      f"{row['cpu_seconds'] / 3600:.2f} | {row.get('distinct_ranks', 0):.2f} | "
-                     f"{row.get('samples', 0):.2f} | {_share(row.get('rank_top'))} | "
+                     f"{row.get('samples', 0):.2f} | {_share(row.get('rank_spread'))} | "
+                     f"{_share(row.get('likelihood_spread'))} | {_share(row.get('rank_top'))} | "
                      f"{_share(row.get('likelihood_top'))} |")
     atomic_write_text(target / "README.md", "\n".join(lines) + "\n")
 
