@@ -29,7 +29,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List
 
 from llm_embedder.data import bundled_data_dir, bundled_task_files, iter_jsonl, load_queries
 from llm_embedder.io import atomic_write_json, atomic_write_text
@@ -64,11 +64,11 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _sync(task: str, out: Path, target: Path, row: Dict, total: int) -> int:
-    """Rewrite ``task``'s compact file and its ``row`` of the state from the full file ``out``."""
+def _sync(task: str, out: Path, target: Path, row: Dict, total: int) -> Dict[str, Any]:
+    """Rewrite ``task``'s compact file and its ``row`` of the state from the full file ``out``;
+    returns its :func:`reward_report` (``queries``: the LLM-labelled queries)."""
     report = reward_report(out)
-    queries = sum(1 for _ in iter_jsonl(out))
-    row.update(labelled=queries, total=total, distinct_ranks=report["distinct_ranks"],
+    row.update(labelled=report["queries"], total=total, distinct_ranks=report["distinct_ranks"],
                samples=report["samples"],
                rank_top=_finite(report["rank"]["positive_on_top"]),
                likelihood_top=_finite(report["likelihood"]["positive_on_top"]),
@@ -76,7 +76,12 @@ def _sync(task: str, out: Path, target: Path, row: Dict, total: int) -> int:
                likelihood_spread=report["likelihood"]["spread"])
     target.mkdir(exist_ok=True)
     compact_labelled(out, target / f"{task}.jsonl")
-    return queries
+    return report
+
+
+def _save(state_path: Path, state: Dict, target: Path, llm_name: str) -> None:
+    atomic_write_json(state_path, state)
+    _write_readme(target, state, llm_name)
 
 
 def _share(value: float | None) -> str:
@@ -145,9 +150,8 @@ def main(argv: List[str] | None = None) -> int:
             if (work / f"{task}.jsonl").is_file():
                 row = state.setdefault(task, {"cpu_seconds": 0.0})
                 _sync(task, work / f"{task}.jsonl", target, row, totals[task])
-        atomic_write_json(state_path, state)
         # The artefact is made with the packaged LLM only (FrozenLLM.load()'s default).
-        _write_readme(target, state, Path(LLM_GGUF_NAME).stem)
+        _save(state_path, state, target, Path(LLM_GGUF_NAME).stem)
         return 0
     llm = FrozenLLM.load()
     config = LabelConfig(show_progress=False, **SETTINGS)
@@ -169,18 +173,16 @@ def main(argv: List[str] | None = None) -> int:
             except KeyboardInterrupt:
                 # The queries written before the stop are kept: count their CPU time too.
                 row["cpu_seconds"] += _cpu_seconds() - cpu
-                queries = _sync(task, out, target, row, totals[task])
-                atomic_write_json(state_path, state)
-                _write_readme(target, state, llm.name)
-                print(f"stopped in round {round_} {task}: {queries}/{totals[task]} queries "
-                      f"kept", flush=True)
+                report = _sync(task, out, target, row, totals[task])
+                _save(state_path, state, target, llm.name)
+                print(f"stopped in round {round_} {task}: {report['queries']}/{totals[task]} "
+                      f"queries kept", flush=True)
                 return 130
             row["cpu_seconds"] += _cpu_seconds() - cpu
-            _sync(task, out, target, row, totals[task])
-            atomic_write_json(state_path, state)
-            _write_readme(target, state, llm.name)
+            report = _sync(task, out, target, row, totals[task])
+            _save(state_path, state, target, llm.name)
             print(f"round {round_} {task}: {summary.queries}/{totals[task]} queries, "
-                  f"{time.time() - start:.0f} s, {json.dumps(reward_report(out))}", flush=True)
+                  f"{time.time() - start:.0f} s, {json.dumps(report)}", flush=True)
         if not busy:
             break
     return 0
