@@ -501,7 +501,38 @@ def test_joint_sampling_drops_finished_prompts_rows_and_still_draws_the_same(llm
     joint = llm.sample([prompts[k] for k in chosen], counts, max_new_tokens=limits,
                        seeds=seeds, prefixes=[prefixes[k] for k in chosen])
     assert joint == separate
-    assert selected and set(selected) == {9}  # every layer kept the 9 rows still drawing
+    layers = llm.model.config.num_hidden_layers
+    assert selected and len(selected) % layers == 0  # every layer pruned alike
+    kept = selected[::layers]
+    # The 6 rows of the prompt done after 2 tokens left first, with any row already stopped.
+    assert kept[0] <= 9 and kept == sorted(kept, reverse=True)
+
+
+@pytest.mark.slow
+def test_joint_sampling_drops_rows_that_stopped_while_their_prompt_still_draws(llm,
+                                                                              monkeypatch):
+    monkeypatch.setattr(llm, "prefix_cache", PrefixCache())
+    prompts, prefixes, _ = _qa_prompts()
+    chosen = [1]  # one prompt: its rows can leave the batch only one by one
+    counts, limits, seeds = [16], [24], [31]
+    separate = [llm.sample([prompts[k]], n, max_new_tokens=m, seeds=[s])[0]
+                for k, n, m, s in zip(chosen, counts, limits, seeds)]
+    rows_run = []
+    real = llm.model.forward
+
+    def counting(*args, **kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] == 1:  # a decoding step
+            rows_run.append(ids.shape[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(llm.model, "forward", counting)
+    joint = llm.sample([prompts[k] for k in chosen], counts, max_new_tokens=limits,
+                       seeds=seeds, prefixes=[prefixes[k] for k in chosen])
+    assert joint == separate
+    # Short answers stop long before the 24-token limit: their rows leave the batch while
+    # the longest row of the same prompt is still drawing.
+    assert rows_run[0] == 16 and rows_run[-1] < 16
 
 
 @pytest.mark.slow
@@ -522,6 +553,7 @@ def test_grouped_nucleus_draws_equal_one_sort_per_group_also_on_ties(llm):
         grouped = llm._pick_groups(logits, bounds, [True, True, True], 1.0, 0.9,
                                    [torch.Generator().manual_seed(s) for s in seeds], done)
         for (a, b), s in zip(bounds, seeds):
-            alone = llm._pick(logits[a:b], 1.0, 0.9, torch.Generator().manual_seed(s))
+            alone = llm._pick(logits[a:b], 1.0, 0.9, torch.Generator().manual_seed(s),
+                              done[a:b])
             live = ~done[a:b]
             assert torch.equal(grouped[a:b][live], alone[live]), (trial, a)

@@ -471,6 +471,16 @@ _LLM_CACHE: Dict[Tuple[str, str, str], "FrozenLLM"] = {}
 GQA_ATTENTION = "llm_embedder_sdpa_gqa"
 
 
+def _any_flat(values: Any, top_p: float, done: Any) -> bool:
+    """Whether a live row's top ``values`` (probabilities, descending) sum to less than
+    ``top_p``: its nucleus may reach past them. Finished rows (``done``) are not asked, so a
+    draw does not depend on what a finished row's logits hold (see ``_continue_together``)."""
+    short = values.sum(-1) < top_p
+    if done is not None:
+        short = short & ~done
+    return bool(short.any())
+
+
 def _sdpa_gqa(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
               dropout: float = 0.0, scaling: Optional[float] = None,
               is_causal: Optional[bool] = None, **kwargs: Any) -> Tuple[Any, None]:
@@ -1355,18 +1365,19 @@ class FrozenLLM:
         return ids
 
     def _pick(self, logits: Any, temperature: Optional[float], top_p: float,
-              generator: Any) -> Any:
-        """Next token per row: argmax when ``temperature`` is None, else nucleus sampling."""
+              generator: Any, done: Any = None) -> Any:
+        """Next token per row: argmax when ``temperature`` is None, else nucleus sampling.
+        Rows ``done`` (finished; their draw is thrown away) do not decide how the others draw."""
         torch = self._torch
         if temperature is None:
             return logits.argmax(-1)
         probs = torch.softmax(logits / temperature, dim=-1)
         if top_p < 1.0:
             # The nucleus almost always lies in the top 1024 tokens: sort those only, unless a
-            # flat row needs more.
+            # live flat row needs more.
             k = min(probs.shape[-1], 1024)
             values, index = probs.topk(k, dim=-1)
-            if not bool((values.sum(-1) >= top_p).all()):
+            if _any_flat(values, top_p, done):
                 values, index = probs.sort(dim=-1, descending=True)
             return self._draw_nucleus(values, index, top_p, generator)[0]
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -1398,7 +1409,7 @@ class FrozenLLM:
         steps = []
         lengths = [0] * n
         for _ in range(max_new_tokens):
-            token = self._pick(logits, temperature, top_p, generator)
+            token = self._pick(logits, temperature, top_p, generator, done)
             token = torch.where(done, torch.full_like(token, self.pad_id), token)
             steps.append(token)
             for r in (~done).nonzero().flatten().tolist():
@@ -1433,7 +1444,8 @@ class FrozenLLM:
         own generator: the same draws as one call per group (softmax and top-k act row by
         row); rows of other groups get the pad id and cost nothing. Rows already ``done`` get
         a draw that is thrown away: only its shape matters (a one-token draw takes one random
-        number per entry, whatever the values), so they are not sorted."""
+        number per entry, whatever the values), so they are not sorted, their logits may be
+        stale, and, as in :meth:`_pick`, they do not decide whether the group's draw is flat."""
         torch = self._torch
         token = torch.full((logits.shape[0],), self.pad_id, dtype=torch.long,
                            device=logits.device)
@@ -1445,7 +1457,7 @@ class FrozenLLM:
                 token[a:b] = torch.multinomial(probs, 1, generator=generators[k])[:, 0]
                 continue
             values, index = probs.topk(min(probs.shape[-1], 1024), dim=-1)
-            flat = not bool((values.sum(-1) >= top_p).all())
+            flat = _any_flat(values, top_p, done[a:b])
             if flat:  # as _pick: a flat row of the group needs more than the top 1024
                 values, index = self._flat_nucleus(probs, done[a:b], top_p)
             token[a:b], choice = self._draw_nucleus(values, index, top_p, generators[k])
@@ -1532,9 +1544,11 @@ class FrozenLLM:
                     done[a:b] = True
             if not any(drawing):
                 break
-            # The rows of prompts done drawing are never read again: once they are a quarter
-            # of the batch, the batch (and its cache) keeps only the others.
-            keep = [b for b, r in enumerate(active) if drawing[owner[r]]]
+            # Finished rows (a stop token, or their prompt done drawing) are never read again:
+            # their draws are thrown away and need only a shape, which stale logits have. Once
+            # they are a quarter of the batch, the batch (and its cache) keeps only the others.
+            finished = done.tolist()
+            keep = [b for b, r in enumerate(active) if not finished[r]]
             if len(active) - len(keep) >= max(4, len(active) // 4) \
                     and hasattr(cache, "layers"):
                 local = torch.tensor(keep, dtype=torch.long, device=self.device)
@@ -1552,7 +1566,7 @@ class FrozenLLM:
                                  self.device), use_cache=True, **{self._cache_kw: cache})
             if len(active) == rows:
                 logits = out.logits[:, -1].float()
-            else:  # rows out of the batch keep stale logits: no group of theirs draws
+            else:  # rows out of the batch keep stale logits: none of their draws is kept
                 logits[rows_now.to(self.device)] = out.logits[:, -1].float()
         table = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(rows)]
         self.stats["forward_tokens"] += sum(generated)
