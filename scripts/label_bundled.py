@@ -17,19 +17,27 @@ takes the CPU time spent so far from ``labels/state.json``, so the artefact grow
 machines and sessions.
 
     nohup python scripts/label_bundled.py --work work/labels > work/label.log 2>&1 &
+
+One run per core, each on its own tasks, works too (on a CPU one thread each is faster than
+two threads shared): each writes only its tasks' rows of ``state.json``, merged under a lock.
+
+    OMP_NUM_THREADS=1 nohup python scripts/label_bundled.py --tasks qa > work/qa.log 2>&1 &
+    OMP_NUM_THREADS=1 nohup python scripts/label_bundled.py --tasks tool > work/tool.log 2>&1 &
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import resource
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List
 
 from llm_embedder.data import bundled_data_dir, bundled_task_files, iter_jsonl, load_queries
 from llm_embedder.io import atomic_write_json, atomic_write_text
@@ -79,9 +87,33 @@ def _sync(task: str, out: Path, target: Path, row: Dict, total: int) -> Dict[str
     return report
 
 
-def _save(state_path: Path, state: Dict, target: Path, llm_name: str) -> None:
-    atomic_write_json(state_path, state)
-    _write_readme(target, state, llm_name)
+def _save(state_path: Path, state: Dict, target: Path, llm_name: str,
+          tasks: List[str]) -> None:
+    """Write this run's rows (``tasks``) into the state on disk and rewrite the README from it:
+    runs labelling other tasks at the same time (one per core) keep their own rows."""
+    with _locked(state_path):
+        merged = json.loads(state_path.read_text()) if state_path.is_file() else {}
+        merged.update({task: state[task] for task in tasks if task in state})
+        atomic_write_json(state_path, merged)
+        _write_readme(target, merged, llm_name)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    # Read-merge-write of the state is one critical section across processes (POSIX only;
+    # elsewhere one run at a time).
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    # The lock is the artefact's folder itself: no lock file lands in the package.
+    handle = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
 
 
 def _share(value: float | None) -> str:
@@ -151,7 +183,7 @@ def main(argv: List[str] | None = None) -> int:
                 row = state.setdefault(task, {"cpu_seconds": 0.0})
                 _sync(task, work / f"{task}.jsonl", target, row, totals[task])
         # The artefact is made with the packaged LLM only (FrozenLLM.load()'s default).
-        _save(state_path, state, target, Path(LLM_GGUF_NAME).stem)
+        _save(state_path, state, target, Path(LLM_GGUF_NAME).stem, args.tasks)
         return 0
     llm = FrozenLLM.load()
     config = LabelConfig(show_progress=False, **SETTINGS)
@@ -174,13 +206,13 @@ def main(argv: List[str] | None = None) -> int:
                 # The queries written before the stop are kept: count their CPU time too.
                 row["cpu_seconds"] += _cpu_seconds() - cpu
                 report = _sync(task, out, target, row, totals[task])
-                _save(state_path, state, target, llm.name)
+                _save(state_path, state, target, llm.name, args.tasks)
                 print(f"stopped in round {round_} {task}: {report['queries']}/{totals[task]} "
                       f"queries kept", flush=True)
                 return 130
             row["cpu_seconds"] += _cpu_seconds() - cpu
             report = _sync(task, out, target, row, totals[task])
-            _save(state_path, state, target, llm.name)
+            _save(state_path, state, target, llm.name, args.tasks)
             print(f"round {round_} {task}: {summary.queries}/{totals[task]} queries, "
                   f"{time.time() - start:.0f} s, {json.dumps(report)}", flush=True)
         if not busy:
