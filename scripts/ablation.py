@@ -200,7 +200,8 @@ def human_labels(source: Path, out: Path, cfg: QuickstartConfig, seed: int, llm_
     return folder
 
 
-def parse_budgets(items: List[str]) -> Dict[str, int]:
+def parse_budgets(items: List[str], option: str = "--label-budget",
+                  example: str = "chat=200000") -> Dict[str, int]:
     """``["qa=150000", "chat=2e5"]`` -> ``{"qa": 150000, "chat": 200000}``."""
     budgets: Dict[str, int] = {}
     for item in items:
@@ -210,9 +211,28 @@ def parse_budgets(items: List[str]) -> Dict[str, int]:
         except ValueError:
             tokens = -1
         if not sep or not task or tokens < 0:
-            raise SystemExit(f"--label-budget wants TASK=TOKENS (e.g. chat=200000), got {item!r}")
+            raise SystemExit(f"{option} wants TASK=N (e.g. {example}), got {item!r}")
         budgets[task] = tokens
     return budgets
+
+
+def llm_query_budget(items: Optional[List[str]], default: Any) -> Any:
+    """``--max-llm-queries``: one number for every task (``200``), or per-task overrides of
+    the quickstart's budget (``icl=200``: icl's accuracy on 200 test queries, qa and chat as
+    the quickstart has them)."""
+    if not items:
+        return default
+    if len(items) == 1 and "=" not in items[0]:
+        try:
+            value = int(items[0])
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise SystemExit(f"--max-llm-queries wants a count or TASK=N, got {items[0]!r}")
+        return value
+    merged = dict(default) if isinstance(default, Mapping) else {}
+    merged.update(parse_budgets(items, "--max-llm-queries", "icl=200"))
+    return merged
 
 
 def labelled_source(source: Path, out: Path, cfg: QuickstartConfig, seed: int,
@@ -365,8 +385,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="train on the LLM-labelled queries only")
     parser.add_argument("--no-downstream", action="store_true", help="skip the LLM metrics "
                         "(icl then has no metric)")
-    parser.add_argument("--max-llm-queries", type=int, default=None,
-                        help="downstream queries per task (default: the quickstart's)")
+    parser.add_argument("--max-llm-queries", nargs="+", default=None, metavar="N|TASK=N",
+                        help="downstream queries per task: one count for all, or per-task "
+                             "overrides such as icl=200 (default: the quickstart's)")
     parser.add_argument("--no-baselines", action="store_true",
                         help="leave out the BM25 and base-encoder reference rows")
     parser.add_argument("--beir", type=Path, default=None, metavar="DIR",
@@ -408,8 +429,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.no_downstream:  # a task judged by the LLM (icl) has no metric without it
         tasks = [t for t in tasks if primary_metric(t) in RETRIEVAL_METRICS]
     data = {t: {"corpus": plan[t]["corpus"], "test": plan[t]["test"]} for t in tasks}
-    budget: Any = args.max_llm_queries if args.max_llm_queries is not None \
-        else cfg.max_llm_queries
+    budget: Any = llm_query_budget(args.max_llm_queries, cfg.max_llm_queries)
     eval_config = EvalConfig.load({"tasks": tasks, "data": data,
                                    "downstream": not args.no_downstream,
                                    "max_llm_queries": budget,

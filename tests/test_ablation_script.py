@@ -31,8 +31,19 @@ def source(tmp_path):
 def test_label_budgets_parse_and_reject_malformed_items(ablation):
     assert ablation.parse_budgets(["qa=150000", "chat=2e5"]) == {"qa": 150000, "chat": 200000}
     for bad in (["qa"], ["=5"], ["qa=lots"], ["qa=-1"]):
-        with pytest.raises(SystemExit, match="TASK=TOKENS"):
+        with pytest.raises(SystemExit, match="--label-budget wants TASK=N"):
             ablation.parse_budgets(bad)
+
+
+def test_llm_query_budget_takes_one_count_or_per_task_overrides(ablation):
+    quickstart = {"qa": 8, "chat": 24, "icl": 100}
+    assert ablation.llm_query_budget(None, quickstart) == quickstart
+    assert ablation.llm_query_budget(["200"], quickstart) == 200
+    assert ablation.llm_query_budget(["icl=200"], quickstart) == {"qa": 8, "chat": 24, "icl": 200}
+    assert quickstart["icl"] == 100  # the quickstart's own budget is not changed
+    for bad in (["lots"], ["-3"], ["icl=many"]):
+        with pytest.raises(SystemExit, match="--max-llm-queries wants"):
+            ablation.llm_query_budget(bad, quickstart)
 
 
 def test_every_variant_differs_from_full_in_exactly_its_one_setting(ablation, source, tmp_path):
