@@ -167,7 +167,7 @@ class QuickstartConfig(Config):
 
     @classmethod
     def default(cls) -> "QuickstartConfig":
-        """About 20 minutes on a 2-core CPU (17–23 measured, with the machine's share)."""
+        """About 20 minutes on a 2-core CPU (15–31 measured: it follows the host's CPU share)."""
         return cls()
 
     @classmethod
