@@ -34,9 +34,10 @@ chat answer perplexity, icl accuracy) and, with ``--beir DIR``, nDCG@10 on a BEI
 the verdicts the method is judged by: rank-aware vs likelihood reward, graded vs
 contrastive-only, and the best variant by mean average.
 
-The default quickstart LLM-labels only a few queries per task on a CPU, too few for the reward
-variants to differ. ``--label-budget qa=150000 chat=200000 ...`` (LLM tokens per task) first
-labels a larger set into ``OUT/source`` with the quickstart's query choice (same seed, so the
+The quickstart trains from the project's LLM labels of every bundled training query; with
+``--relabel`` it LLM-labels only a few queries per task on a CPU, too few for the reward
+variants to differ. For such a run ``--label-budget qa=150000 chat=200000 ...`` (LLM tokens
+per task) first labels a larger set into ``OUT/source`` with the quickstart's query choice (same seed, so the
 quickstart's LLM labels from ``--from`` are copied in and not paid for twice); the variants then
 train on that.
 
@@ -48,7 +49,8 @@ Usage:
     python scripts/ablation.py --from quickstart_out --out ablation_out [--steps 60]
         [--variants full likelihood kl loss=NAME reward=NAME ...] [--llm-only]
         [--seeds 0 1 2] [--beir DIR [--beir-split test]]
-        [--no-downstream] [--device cpu] [--label-budget TASK=TOKENS ...] [--report]
+        [--no-downstream] [--max-llm-queries N|TASK=N ...] [--device cpu]
+        [--label-budget TASK=TOKENS ...] [--report]
 """
 
 from __future__ import annotations
@@ -200,38 +202,47 @@ def human_labels(source: Path, out: Path, cfg: QuickstartConfig, seed: int, llm_
     return folder
 
 
-def parse_budgets(items: List[str], option: str = "--label-budget",
-                  example: str = "chat=200000") -> Dict[str, int]:
-    """``["qa=150000", "chat=2e5"]`` -> ``{"qa": 150000, "chat": 200000}``."""
+def _count(text: str) -> int:
+    """``"2e5"`` -> 200000; -1 for what is not a count (``inf`` and ``nan`` included)."""
+    try:
+        return int(float(text))
+    except (ValueError, OverflowError):
+        return -1
+
+
+def parse_budgets(items: List[str],
+                  usage: str = "--label-budget wants TASK=TOKENS (e.g. chat=200000)"
+                  ) -> Dict[str, int]:
+    """``["qa=150000", "chat=2e5"]`` -> ``{"qa": 150000, "chat": 200000}``; ``usage`` starts
+    the error for a malformed item."""
     budgets: Dict[str, int] = {}
     for item in items:
         task, sep, value = item.partition("=")
-        try:
-            tokens = int(float(value))
-        except ValueError:
-            tokens = -1
+        tokens = _count(value)
         if not sep or not task or tokens < 0:
-            raise SystemExit(f"{option} wants TASK=N (e.g. {example}), got {item!r}")
+            raise SystemExit(f"{usage}, got {item!r}")
         budgets[task] = tokens
     return budgets
 
 
-def llm_query_budget(items: Optional[List[str]], default: Any) -> Any:
+MAX_LLM_QUERIES_USAGE = "--max-llm-queries wants a count or TASK=N (e.g. 200, icl=200)"
+
+
+def llm_query_budget(items: Optional[List[str]], default: Any, tasks: Sequence[str]) -> Any:
     """``--max-llm-queries``: one number for every task (``200``), or per-task overrides of
-    the quickstart's budget (``icl=200``: icl's accuracy on 200 test queries, qa and chat as
-    the quickstart has them)."""
+    the quickstart's budget ``default`` (``icl=200``: icl's accuracy on 200 test queries, the
+    other ``tasks`` as the quickstart has them)."""
     if not items:
         return default
     if len(items) == 1 and "=" not in items[0]:
-        try:
-            value = int(items[0])
-        except ValueError:
-            value = -1
-        if value < 0:
-            raise SystemExit(f"--max-llm-queries wants a count or TASK=N, got {items[0]!r}")
-        return value
-    merged = dict(default) if isinstance(default, Mapping) else {}
-    merged.update(parse_budgets(items, "--max-llm-queries", "icl=200"))
+        count = _count(items[0])
+        if count < 0:
+            raise SystemExit(f"{MAX_LLM_QUERIES_USAGE}, got {items[0]!r}")
+        return count
+    # A task missing from a mapping means "every query", so a single-number default is
+    # spelled out per task before the overrides go in.
+    merged = dict(default) if isinstance(default, Mapping) else {t: default for t in tasks}
+    merged.update(parse_budgets(items, MAX_LLM_QUERIES_USAGE))
     return merged
 
 
@@ -429,7 +440,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.no_downstream:  # a task judged by the LLM (icl) has no metric without it
         tasks = [t for t in tasks if primary_metric(t) in RETRIEVAL_METRICS]
     data = {t: {"corpus": plan[t]["corpus"], "test": plan[t]["test"]} for t in tasks}
-    budget: Any = llm_query_budget(args.max_llm_queries, cfg.max_llm_queries)
+    budget: Any = llm_query_budget(args.max_llm_queries, cfg.max_llm_queries, tasks)
     eval_config = EvalConfig.load({"tasks": tasks, "data": data,
                                    "downstream": not args.no_downstream,
                                    "max_llm_queries": budget,

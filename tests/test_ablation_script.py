@@ -30,20 +30,24 @@ def source(tmp_path):
 
 def test_label_budgets_parse_and_reject_malformed_items(ablation):
     assert ablation.parse_budgets(["qa=150000", "chat=2e5"]) == {"qa": 150000, "chat": 200000}
-    for bad in (["qa"], ["=5"], ["qa=lots"], ["qa=-1"]):
-        with pytest.raises(SystemExit, match="--label-budget wants TASK=N"):
+    for bad in (["qa"], ["=5"], ["qa=lots"], ["qa=-1"], ["qa=inf"], ["qa=nan"]):
+        with pytest.raises(SystemExit, match="TASK=TOKENS"):
             ablation.parse_budgets(bad)
 
 
 def test_llm_query_budget_takes_one_count_or_per_task_overrides(ablation):
-    quickstart = {"qa": 8, "chat": 24, "icl": 100}
-    assert ablation.llm_query_budget(None, quickstart) == quickstart
-    assert ablation.llm_query_budget(["200"], quickstart) == 200
-    assert ablation.llm_query_budget(["icl=200"], quickstart) == {"qa": 8, "chat": 24, "icl": 200}
+    quickstart, tasks = {"qa": 8, "chat": 24, "icl": 100}, ["qa", "chat", "icl"]
+    assert ablation.llm_query_budget(None, quickstart, tasks) == quickstart
+    assert ablation.llm_query_budget(["200"], quickstart, tasks) == 200
+    assert ablation.llm_query_budget(["icl=200"], quickstart, tasks) == {
+        "qa": 8, "chat": 24, "icl": 200}
     assert quickstart["icl"] == 100  # the quickstart's own budget is not changed
-    for bad in (["lots"], ["-3"], ["icl=many"]):
-        with pytest.raises(SystemExit, match="--max-llm-queries wants"):
-            ablation.llm_query_budget(bad, quickstart)
+    # one count for every task stays that count for the tasks not overridden (a task missing
+    # from the mapping would mean every test query)
+    assert ablation.llm_query_budget(["icl=200"], 40, tasks) == {"qa": 40, "chat": 40, "icl": 200}
+    for bad in (["lots"], ["-3"], ["icl=many"], ["200", "icl=5"]):
+        with pytest.raises(SystemExit, match="--max-llm-queries wants a count or TASK=N"):
+            ablation.llm_query_budget(bad, quickstart, tasks)
 
 
 def test_every_variant_differs_from_full_in_exactly_its_one_setting(ablation, source, tmp_path):
