@@ -12,6 +12,8 @@ Variants (each changes one thing from the full method, which is ``rank+graded+ho
 | fixed_lr | rank-aware | as full | homogeneous | fixed |
 | rank_sharp | rank-aware, teacher T 0.02 (not 0.1) | as full | homogeneous | self-paced |
 | label_only | none: 1/0 from human positives for every query | as full | homogeneous | self-paced |
+| anchor | likelihood; a human positive raised above every other candidate | as full | homogeneous | self-paced |
+| agree | likelihood; only queries whose top-rewarded candidate is a human positive | as full | homogeneous | self-paced |
 
 ``label_only`` takes the LLM's feedback away: the LLM-labelled queries are labelled from their
 human positives instead (as the label-only rest already is); a query without positives (every
@@ -41,9 +43,13 @@ per task) first labels a larger set into ``OUT/source`` with the quickstart's qu
 quickstart's LLM labels from ``--from`` are copied in and not paid for twice); the variants then
 train on that.
 
+``anchor`` and ``agree`` put the LLM's reward and the annotation together
+(``TrainConfig.human_positives``), on the likelihood reward, the best LLM-feedback variant.
+
 Any registered loss or reward is a variant too: ``--variants loss=NAME reward=NAME`` (names
 in ``llm_embedder.losses.LOSSES`` / ``llm_embedder.label.REWARDS``, e.g. one added with
-``register_loss`` / ``register_reward``) trains the full method with that one thing changed.
+``register_loss`` / ``register_reward``) trains the full method with that one thing changed;
+``human_positives=anchor|agree`` too, and ``KIND=NAME,KIND=NAME`` changes several.
 
 Usage:
     python scripts/ablation.py --from quickstart_out --out ablation_out [--steps 60]
@@ -71,12 +77,13 @@ from llm_embedder.label import REWARDS, label
 from llm_embedder.losses import LOSSES
 from llm_embedder.quickstart import (QuickstartConfig, human_label_config, label_training_data,
                                      train_config)
-from llm_embedder.train import TrainConfig
+from llm_embedder.train import HUMAN_POSITIVES, TrainConfig
 
 VARIANTS: Dict[str, Dict[str, Any]] = {
     # The method as designed, pinned: the quickstart's own defaults follow the ablation's
     # evidence and may differ from it.
-    "full": {"reward": "rank", "batching": "homogeneous", "self_paced": True},
+    "full": {"reward": "rank", "human_positives": "reward", "batching": "homogeneous",
+             "self_paced": True},
     "likelihood": {"reward": "likelihood"},
     "kl": {"loss": "kl"},
     "contrastive": {"loss": "contrastive"},
@@ -86,6 +93,10 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     # reward's on the bundled LLM labels (std 0.11-0.29 vs 0.5-1.7, every task), so at the
     # shared T = 0.1 its teacher is far flatter. This gives it a teacher of similar sharpness.
     "rank_sharp": {"teacher_temperature": 0.02},
+    # Not §7 variants: the LLM's reward and the annotation together, on the likelihood reward
+    # (the best LLM-feedback variant, the quickstart's default) — two changes from full.
+    "anchor": {"reward": "likelihood", "human_positives": "anchor"},
+    "agree": {"reward": "likelihood", "human_positives": "agree"},
 }
 #: Trains on human positives only (1/0 rewards), the LLM-labelled queries included: not a
 #: setting of the trainer but of its data, so it is not in VARIANTS.
@@ -98,6 +109,8 @@ DESCRIPTIONS = {
     "mixed": "mixed-task batches instead of homogeneous",
     "fixed_lr": "fixed lr instead of self-paced",
     "rank_sharp": "rank-aware reward with teacher temperature 0.02 instead of 0.1",
+    "anchor": "likelihood reward, human positives ranked first, the LLM grading the rest",
+    "agree": "likelihood reward, only queries whose top-rewarded candidate is a human positive",
     LABEL_ONLY: "1/0 rewards from human positives for every query instead of LLM rewards",
 }
 #: Downstream LLM metrics shown beside the primary ones: (task, metric, column title).
@@ -105,37 +118,46 @@ DOWNSTREAM_COLUMNS = (("qa", "answer_ll", "qa answer ll"), ("chat", "answer_ppl"
 
 
 #: ``--variants KIND=NAME``: which registry holds NAME for each kind.
-REGISTRIES: Dict[str, Mapping[str, Any]] = {"loss": LOSSES, "reward": REWARDS}
+REGISTRIES: Dict[str, Mapping[str, Any]] = {
+    "loss": LOSSES, "reward": REWARDS,
+    "human_positives": {name: name for name in HUMAN_POSITIVES}}
 
 
 def variant_change(name: str) -> Dict[str, Any]:
-    """The one setting variant ``name`` changes: a named variant, or ``loss=NAME`` /
-    ``reward=NAME`` for any registered loss or reward.
+    """The settings variant ``name`` changes: a named variant, or ``KIND=NAME`` for any
+    registered loss or reward (or ``human_positives`` policy), several joined by commas.
 
     Example:
         >>> variant_change("loss=kl")
         {'loss': 'kl'}
+        >>> variant_change("reward=likelihood,human_positives=anchor")
+        {'reward': 'likelihood', 'human_positives': 'anchor'}
     """
     if name in VARIANTS:
         return dict(VARIANTS[name])
     if name == LABEL_ONLY:
         return {}  # the trainer's settings are the full method's; its data differ
-    kind, sep, value = name.partition("=")
-    if not sep or kind not in REGISTRIES:
-        raise SystemExit(f"unknown variant {name!r}: one of {list(VARIANTS)}, or "
-                         f"loss=NAME / reward=NAME")
-    if value not in REGISTRIES[kind]:
-        raise SystemExit(f"variant {name!r}: no {kind} {value!r} is registered; registered: "
-                         f"{sorted(REGISTRIES[kind])}")
-    return {kind: value}
+    change: Dict[str, Any] = {}
+    for part in name.split(","):
+        kind, sep, value = part.partition("=")
+        if not sep or kind not in REGISTRIES:
+            raise SystemExit(f"unknown variant {name!r}: one of {list(VARIANTS)}, or "
+                             f"KIND=NAME[,KIND=NAME] with KIND one of {list(REGISTRIES)}")
+        if value not in REGISTRIES[kind]:
+            raise SystemExit(f"variant {name!r}: no {kind} {value!r} is registered; "
+                             f"registered: {sorted(REGISTRIES[kind])}")
+        if kind in change:
+            raise SystemExit(f"variant {name!r} sets {kind} twice")
+        change[kind] = value
+    return change
 
 
 def describe(name: str) -> str:
     """One line saying what variant ``name`` changes."""
     if name in DESCRIPTIONS:
         return DESCRIPTIONS[name]
-    ((kind, value),) = variant_change(name).items()
-    return f"{kind} {value!r} instead of the full method's"
+    changes = ", ".join(f"{kind} {value!r}" for kind, value in variant_change(name).items())
+    return f"{changes} instead of the full method's"
 
 
 def variant_config(source: Path, run_dir: Path, name: str, cfg: QuickstartConfig, seed: int,
@@ -330,7 +352,11 @@ CLAIMS = (("rank-aware >= likelihood reward", "full", "likelihood"),
           ("graded (KL for chat) >= KL for every task", "full", "kl"),
           ("homogeneous >= mixed batches", "full", "mixed"),
           ("self-paced >= fixed lr", "full", "fixed_lr"),
-          ("LLM rewards >= human positives alone", "full", LABEL_ONLY))
+          ("LLM rewards >= human positives alone", "full", LABEL_ONLY),
+          ("LLM rewards anchored on human positives >= human positives alone", "anchor",
+           LABEL_ONLY),
+          ("anchored >= likelihood reward alone", "anchor", "likelihood"),
+          ("agreeing queries >= human positives alone", "agree", LABEL_ONLY))
 
 
 def verdicts(rows: Mapping[str, Mapping[str, Any]]) -> List[str]:

@@ -94,9 +94,23 @@ def test_any_registered_loss_or_reward_is_a_variant(ablation, source, tmp_path):
         assert config[kind] == value
         assert {k for k in full if k != "output_dir" and full[k] != config[k]} <= {kind}
         assert value in ablation.describe(name)
-    for bad, match in (("loss=mse", "no loss 'mse' is registered"), ("speed=2", "unknown")):
+    for bad, match in (("loss=mse", "no loss 'mse' is registered"), ("speed=2", "unknown"),
+                       ("human_positives=trust", "no human_positives 'trust'"),
+                       ("loss=kl,loss=graded", "sets loss twice"), ("loss=kl,", "unknown")):
         with pytest.raises(SystemExit, match=match):
             ablation.variant_change(bad)
+
+
+def test_joined_changes_and_the_human_positive_variants_train_valid_configs(ablation, source,
+                                                                            tmp_path):
+    cfg = QuickstartConfig.default()
+    joined = "reward=likelihood,human_positives=anchor"
+    assert ablation.variant_change(joined) == ablation.VARIANTS["anchor"]
+    assert "reward 'likelihood', human_positives 'anchor'" in ablation.describe(joined)
+    for name, policy in ((joined, "anchor"), ("anchor", "anchor"), ("agree", "agree")):
+        config = TrainConfig.from_dict(ablation.variant_config(
+            source, tmp_path / "out", name, cfg, 0, "cpu", None, False))
+        assert (config.reward, config.human_positives) == ("likelihood", policy)
 
 
 def test_label_only_trains_the_full_method_on_human_labels_and_drops_a_task_without(

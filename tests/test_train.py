@@ -586,6 +586,58 @@ def test_a_registered_reward_is_read_from_the_labelled_files_extra_field(tiny_co
                                                                   reward="margin")}, "rank")
 
 
+def _records_with_positives(path: Path) -> Path:
+    """Three tool queries: the positive on top, the positive second, and no positive."""
+    cands = [{"id": "", "text": ""}, {"id": "p", "text": "the alpha story"},
+             {"id": "n1", "text": "beta gamma"}, {"id": "n2", "text": "delta omega"}]
+    rows = [("top", ["p"], [-2.0, -0.5, -1.0, -3.0]),
+            ("second", ["p"], [-2.0, -1.0, -0.5, -3.0]),
+            ("none", [], [-2.0, -1.0, -0.5, -3.0])]
+    with path.open("w") as handle:
+        for qid, positives, likelihood in rows:
+            handle.write(json.dumps({
+                "query_id": qid, "task": "tool", "query": f"query {qid}", "answer": "a",
+                "candidates": cands, "likelihood_rewards": likelihood,
+                "rank_rewards": [0.5, 0.6, 0.4, 0.2], "samples": [],
+                "positive_ids": positives}) + "\n")
+    return path
+
+
+def test_human_positives_rank_first_or_filter_the_queries_the_llm_disagrees_on(tmp_path):
+    path = _records_with_positives(tmp_path / "tool.jsonl")
+    specs = {"tool": train_module.TaskSpec(file=str(path))}
+
+    def rewards(policy):
+        examples, _ = train_module._load_examples(specs, "likelihood", policy)
+        return {e.query: e.rewards.tolist() for e in examples}
+
+    plain = rewards("reward")  # the empty context is a baseline, not a key
+    assert plain == {"query top": [-0.5, -1.0, -3.0], "query second": [-1.0, -0.5, -3.0],
+                     "query none": [-1.0, -0.5, -3.0]}
+    anchored = rewards("anchor")
+    # one within-query spread above the best; the other candidates keep the LLM's grades
+    spread = float(torch.tensor([-1.0, -0.5, -3.0], dtype=torch.float64).std(unbiased=False))
+    assert anchored["query second"] == pytest.approx([-0.5 + spread, -0.5, -3.0])
+    assert anchored["query top"][1:] == [-1.0, -3.0] and anchored["query top"][0] > -0.5
+    assert anchored["query none"] == plain["query none"]  # no positive: the reward alone
+    # agree: the query whose best-rewarded candidate is not the positive is dropped
+    assert rewards("agree") == {"query top": plain["query top"],
+                                "query none": plain["query none"]}
+
+
+def test_human_positives_policy_is_checked_and_a_task_left_empty_is_named(tiny_config,
+                                                                           tmp_path):
+    with pytest.raises(ConfigError, match="'human_positives'.*'anchor'"):
+        load_config({**tiny_config, "human_positives": "trust"})
+    path = tmp_path / "disagree.jsonl"
+    record = json.loads(_records_with_positives(tmp_path / "all.jsonl").read_text()
+                        .splitlines()[1])
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(DataError, match=r"disagree\.jsonl.*no training query left.*agree"):
+        train_module._load_examples({"tool": train_module.TaskSpec(file=str(path))},
+                                    "likelihood", "agree")
+
+
 # ----------------------------------------------------------------------------- safety
 
 

@@ -134,6 +134,9 @@ class QuickstartConfig(Config):
     # best variant of the 3-seed ablation in this setting (README "Ablations": mean average
     # 0.577 vs 0.570 for the rank-aware reward, within the test set's noise).
     reward: str = "likelihood"
+    # How the annotated positives enter the rewards (TrainConfig.human_positives): "reward"
+    # (the LLM's reward alone), "anchor" (positives first, the LLM grades the rest) or "agree".
+    human_positives: str = "reward"
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "QuickstartConfig":
@@ -164,6 +167,10 @@ class QuickstartConfig(Config):
 
         check(self.reward in REWARDS, "reward",
               f"must be a registered reward {sorted(REWARDS)}, got {self.reward!r}")
+        from .train import HUMAN_POSITIVES
+
+        check(self.human_positives in HUMAN_POSITIVES, "human_positives",
+              f"must be one of {list(HUMAN_POSITIVES)}, got {self.human_positives!r}")
 
     @classmethod
     def default(cls) -> "QuickstartConfig":
@@ -462,6 +469,7 @@ def train_config(out: Path, cfg: QuickstartConfig, seed: int,
         "model": None, "tasks": tasks, "output_dir": str(out / "train"),
         "max_steps": cfg.max_steps, "batch_size": cfg.batch_size, "group_size": cfg.group_size,
         "lr": cfg.lr, "seed": seed, "resume": True, "reward": cfg.reward,
+        "human_positives": cfg.human_positives,
         "batching": "homogeneous", "self_paced": True, "score_temperature": cfg.score_temperature,
         "task_temperature": cfg.task_temperature,
         "query_max_length": cfg.query_max_length, "key_max_length": cfg.key_max_length,

@@ -159,6 +159,16 @@ class TrainConfig(Config):
       (``HomogeneousBatchSampler.task_repeats``; each copy batched on its own);
     - (the labeller's ``sampling_temperature`` in ``LabelConfig`` is the LLM's, not ours).
 
+    Human positives beside the LLM's reward (``human_positives``; a labelled record keeps the
+    query's annotated ``positive_ids``; a query without any, every icl query, is unchanged):
+
+    - ``"reward"`` (default): the reward alone orders the candidates, as the method has it;
+    - ``"anchor"``: a human positive ranks first: its reward is raised to the query's best
+      reward plus one within-query standard deviation (1 when the rewards are all equal), and
+      the LLM's reward grades the other candidates;
+    - ``"agree"``: only queries whose best-rewarded candidate is a human positive are kept
+      (the LLM's reward and the annotation agree), with their rewards as they are.
+
     The old keys ``temperature`` (now ``score_temperature``) and ``reward_temperature`` /
     ``kl_temperature`` (now ``teacher_temperature``) are still read, with a DeprecationWarning.
 
@@ -209,6 +219,7 @@ class TrainConfig(Config):
     max_grad_norm: float = 1.0  # 0 disables clipping
     loss: Optional[str] = None  # one loss for every task (ablations); None: per task
     reward: str = "rank"  # "rank" (rank-aware) | "likelihood" (the reference's reward) | ...
+    human_positives: str = "reward"  # | "anchor" | "agree": see the docstring
     batching: str = "homogeneous"  # | "mixed" (ablation: all tasks pooled in each batch)
     self_paced: bool = True  # False: fixed lr for every task (ablation)
     s_min: float = 0.1  # lowest self-paced lr factor
@@ -293,6 +304,8 @@ class TrainConfig(Config):
                   f"loss must be one of {sorted(LOSSES)} or null, got {self.loss!r}")
         check_key(self.reward in REWARDS, "reward",
                   f"reward must be one of {sorted(REWARDS)}, got {self.reward!r}")
+        check_key(self.human_positives in HUMAN_POSITIVES, "human_positives",
+                  f"must be one of {list(HUMAN_POSITIVES)}, got {self.human_positives!r}")
         check_key(self.batching in ("homogeneous", "mixed"), "batching",
                   f"must be 'homogeneous' or 'mixed', got {self.batching!r}")
         check_key(not (self.bf16 and self.fp16), "fp16", "choose at most one of bf16 and fp16")
@@ -436,8 +449,33 @@ def _example(task_index: int, record: LabelledQuery, values: Sequence[float],
                     order=np.argsort(-reward_array, kind="stable"))
 
 
-def _load_examples(specs: Mapping[str, TaskSpec], reward_default: str
-                   ) -> Tuple[List[_Example], List[str]]:
+#: ``TrainConfig.human_positives``: how a record's annotated positives enter its rewards.
+HUMAN_POSITIVES = ("reward", "anchor", "agree")
+
+
+def _with_human_positives(record: LabelledQuery, values: Sequence[float], policy: str
+                          ) -> Optional[List[float]]:
+    """``values`` (one reward per candidate of ``record``) under ``policy`` (see
+    :data:`HUMAN_POSITIVES`); None when ``"agree"`` drops the query."""
+    positives = set(record.positive_ids)
+    is_positive = [c["id"] in positives for c in record.candidates]
+    if policy == "reward" or not any(is_positive):
+        return list(values)
+    keys = [(v, p) for v, p, c in zip(values, is_positive, record.candidates) if c["id"] != ""]
+    if policy == "agree":
+        best = max(v for v, _ in keys)
+        return list(values) if any(p and v == best for v, p in keys) else None
+    rewards = np.asarray([v for v, _ in keys], dtype=np.float64)
+    # One spread above the best: the positive leads the teacher by the query's own scale
+    # (rank-aware rewards step by 1/(N+1), likelihoods by fractions of a nat).
+    lead = float(rewards.max()) + (float(rewards.std()) or 1.0)
+    return [lead if p else float(v) for v, p in zip(values, is_positive)]
+
+
+def _load_examples(specs: Mapping[str, TaskSpec], reward_default: str,
+                   human_positives: str = "reward") -> Tuple[List[_Example], List[str]]:
+    """Every task's training examples; ``human_positives`` as :class:`TrainConfig`'s. A task
+    left with no example (``"agree"`` dropped them all) is a DataError naming its file."""
     examples: List[_Example] = []
     for task_index, (name, spec) in enumerate(specs.items()):
         path = Path(spec.file)
@@ -446,13 +484,21 @@ def _load_examples(specs: Mapping[str, TaskSpec], reward_default: str
                                     f"(resolved: {path.resolve()}); run `llm-embedder label` "
                                     f"first")
         reward = get_reward(spec.reward or reward_default)
+        kept = 0
         for record in load_labelled(path):
             if record.task != name:
                 raise DataError(path, None, f"query {record.query_id!r} is labelled for task "
                                             f"{record.task!r}, but the file is configured for "
                                             f"task {name!r}")
-            examples.append(_example(task_index, record, _reward_values(record, reward, path),
-                                     path))
+            values = _with_human_positives(record, _reward_values(record, reward, path),
+                                           human_positives)
+            if values is not None:
+                examples.append(_example(task_index, record, values, path))
+                kept += 1
+        if not kept:
+            raise DataError(path, None, f"task {name!r} has no training query left (file "
+                                        f"empty, or human_positives={human_positives!r} "
+                                        f"dropped every query)")
     return examples, list(specs)
 
 
@@ -775,7 +821,8 @@ class Trainer:
         self.amp_dtype = self._amp_dtype()  # before anything is written: it may refuse
         checkpoint = self._prepare_output()
         self.specs = config.task_specs()
-        self.examples, self.task_names = _load_examples(self.specs, config.reward)
+        self.examples, self.task_names = _load_examples(self.specs, config.reward,
+                                                        config.human_positives)
         _seed_everything(config.seed + self.rank)
         self.state = _load_state(checkpoint, self.world) if checkpoint is not None else None
         self.embedder = self._load_embedder(checkpoint)
