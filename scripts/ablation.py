@@ -17,7 +17,10 @@ Variants (each changes one thing from the full method, which is ``rank+graded+ho
 
 ``label_only`` takes the LLM's feedback away: the LLM-labelled queries are labelled from their
 human positives instead (as the label-only rest already is); a query without positives (every
-icl query) then has no training signal, so icl does not train in that variant.
+icl query) then has no training signal, so icl does not train in that variant, and its share
+of the steps goes to the other tasks. ``label_only_keep`` is label-only where a query has
+human positives and keeps icl's LLM labels (likelihood reward): every task trains for the
+steps it gets in the LLM variants.
 
 The labelled files come from a quickstart run (``--from quickstart_out``: its ``labels/``), so
 run the quickstart first; ``--llm-only`` trains on the LLM-labelled queries alone (the only ones
@@ -101,6 +104,11 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
 #: Trains on human positives only (1/0 rewards), the LLM-labelled queries included: not a
 #: setting of the trainer but of its data, so it is not in VARIANTS.
 LABEL_ONLY = "label_only"
+#: As LABEL_ONLY where a query has human positives; a task without any (icl) keeps its LLM
+#: labels (likelihood reward), so every task keeps the step share it has in the LLM variants
+#: (LABEL_ONLY drops icl, and its 13 of 44 steps go to the other tasks).
+LABEL_ONLY_KEEP = "label_only_keep"
+HUMAN_VARIANTS = (LABEL_ONLY, LABEL_ONLY_KEEP)
 DESCRIPTIONS = {
     "full": "rank-aware reward, graded/KL, homogeneous, self-paced",
     "likelihood": "likelihood reward instead of rank-aware",
@@ -112,6 +120,7 @@ DESCRIPTIONS = {
     "anchor": "likelihood reward, human positives ranked first, the LLM grading the rest",
     "agree": "likelihood reward, only queries whose top-rewarded candidate is a human positive",
     LABEL_ONLY: "1/0 rewards from human positives for every query instead of LLM rewards",
+    LABEL_ONLY_KEEP: "1/0 rewards from human positives; icl (none) keeps its LLM labels",
 }
 #: Downstream LLM metrics shown beside the primary ones: (task, metric, column title).
 DOWNSTREAM_COLUMNS = (("qa", "answer_ll", "qa answer ll"), ("chat", "answer_ppl", "chat ppl"))
@@ -137,6 +146,8 @@ def variant_change(name: str) -> Dict[str, Any]:
         return dict(VARIANTS[name])
     if name == LABEL_ONLY:
         return {}  # the trainer's settings are the full method's; its data differ
+    if name == LABEL_ONLY_KEEP:
+        return {"reward": "likelihood"}  # icl's kept LLM labels; 1/0 labels read the same
     change: Dict[str, Any] = {}
     for part in name.split(","):
         kind, sep, value = part.partition("=")
@@ -177,14 +188,15 @@ def variant_config(source: Path, run_dir: Path, name: str, cfg: QuickstartConfig
             if not llm_file.is_file():
                 raise SystemExit(f"--llm-only: {llm_file} not found (no LLM labels for {task})")
             spec["file"] = str(llm_file)
-        if name == LABEL_ONLY:
+        if name in HUMAN_VARIANTS:
             if human is None:
-                raise ValueError(f"variant {LABEL_ONLY!r} needs the human_labels folder")
+                raise ValueError(f"variant {name!r} needs the human_labels folder")
             human_file = human / f"{task}.jsonl"
-            if not human_file.is_file():  # no query with a positive: nothing to train on
+            if human_file.is_file():
+                spec["file"] = str(human_file)
+            elif name == LABEL_ONLY:  # no query with a positive: nothing to train on
                 del config["tasks"][task]
                 continue
-            spec["file"] = str(human_file)
         if not Path(spec["file"]).is_file():
             raise SystemExit(f"{spec['file']} not found: run the quickstart first "
                              f"(llm-embedder quickstart --out {source})")
@@ -356,7 +368,8 @@ CLAIMS = (("rank-aware >= likelihood reward", "full", "likelihood"),
           ("LLM rewards anchored on human positives >= human positives alone", "anchor",
            LABEL_ONLY),
           ("anchored >= likelihood reward alone", "anchor", "likelihood"),
-          ("agreeing queries >= human positives alone", "agree", LABEL_ONLY))
+          ("agreeing queries >= human positives alone", "agree", LABEL_ONLY),
+          ("anchored >= human positives, same step shares", "anchor", LABEL_ONLY_KEEP))
 
 
 def verdicts(rows: Mapping[str, Mapping[str, Any]]) -> List[str]:
@@ -412,8 +425,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--from", dest="source", default="quickstart_out",
                         help="a finished quickstart folder (its labels/ and data/ are reused)")
     parser.add_argument("--out", default="ablation_out")
-    parser.add_argument("--variants", nargs="+", default=[*VARIANTS, LABEL_ONLY],
-                        help=f"among {[*VARIANTS, LABEL_ONLY]}, or loss=NAME / reward=NAME of "
+    parser.add_argument("--variants", nargs="+", default=[*VARIANTS, *HUMAN_VARIANTS],
+                        help=f"among {[*VARIANTS, *HUMAN_VARIANTS]}, or loss=NAME / reward=NAME of "
                              f"any registered loss or reward")
     parser.add_argument("--seeds", nargs="+", type=int, default=None,
                         help="training seeds, one run each (default: the quickstart's seed)")
@@ -473,7 +486,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                    "exact_match_answers": cfg.exact_match_answers,
                                    "device": args.device, "seed": seed})
     human = (human_labels(source, out, cfg, seed, args.llm_only, args.device)
-             if LABEL_ONLY in args.variants and not args.report else None)
+             if set(HUMAN_VARIANTS) & set(args.variants) and not args.report else None)
 
     llm = None
     if not args.no_downstream and not args.report:

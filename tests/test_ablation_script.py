@@ -130,6 +130,14 @@ def test_label_only_trains_the_full_method_on_human_labels_and_drops_a_task_with
     with pytest.raises(ValueError, match="human_labels"):
         ablation.variant_config(source, tmp_path / "lo", ablation.LABEL_ONLY, cfg, 0, "cpu",
                                 None, False)
+    # label_only_keep: the same human files, and icl keeps its LLM labels (its step share)
+    keep = ablation.variant_config(source, tmp_path / "lk", ablation.LABEL_ONLY_KEEP, cfg, 0,
+                                   "cpu", None, False, human)
+    assert {t: s["file"] for t, s in keep["tasks"].items()} == {
+        **{t: s["file"] for t, s in only["tasks"].items()},
+        "icl": str(source / "labels" / "icl.jsonl")}
+    assert {k for k in full if k not in ("output_dir", "tasks") and full[k] != keep[k]} == {
+        "reward"} and keep["reward"] == "likelihood"
 
 
 def test_human_labels_relabel_the_llm_queries_from_their_positives(ablation, tmp_path):
