@@ -72,6 +72,10 @@ def test_training_config_uses_graded_distillation_and_kl_for_chat(tmp_path):
     for reward in ("rank", "likelihood"):  # the config's choice, passed through
         chosen = train_config(tmp_path, QuickstartConfig(reward=reward), seed=0, device="cpu")
         assert chosen["reward"] == reward
+    assert config["human_positives"] == QuickstartConfig().human_positives
+    chosen = train_config(tmp_path, QuickstartConfig(human_positives="agree"), seed=0,
+                          device="cpu")
+    assert chosen["human_positives"] == "agree"
 
 
 def test_verdict_compares_trained_with_the_better_base_encoder():
@@ -119,6 +123,7 @@ def test_a_config_saved_by_an_earlier_version_still_resumes(tmp_path):
     ({"lr": "1e-4"}, "'lr'"),
     ({"temperature_typo": 1.0}, "temperature_typo"),
     ({"reward": "nope"}, "'reward'.*registered reward"),
+    ({"human_positives": "trust"}, "'human_positives'.*'anchor'"),
 ])
 def test_quickstart_config_names_the_bad_key(values, key):
     with pytest.raises(ConfigError, match=key):

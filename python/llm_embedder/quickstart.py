@@ -202,7 +202,10 @@ class QuickstartConfig(Config):
 
 
 def _reward_text(cfg: QuickstartConfig) -> str:
-    return {"rank": "rank-aware"}.get(cfg.reward, cfg.reward)
+    reward = {"rank": "rank-aware"}.get(cfg.reward, cfg.reward)
+    return reward + {"anchor": " (human positives ranked first)",
+                     "agree": " (queries where it agrees with the human positives)"}.get(
+                         cfg.human_positives, "")
 
 
 def _say(message: str) -> None:
