@@ -137,7 +137,7 @@ class QuickstartConfig(Config):
     # How the annotated positives enter the rewards (TrainConfig.human_positives): "reward"
     # (the LLM's reward alone), "anchor" (positives first, the LLM grades the rest) or "agree".
     # Anchor: the best LLM-feedback variant of the all-labelled 3-seed ablation (README:
-    # mean average 0.568 vs 0.561 for the LLM's reward alone and 0.542 for agree, 2 seeds).
+    # mean average 0.568 vs 0.561 for the LLM's reward alone and 0.550 for agree, 2 seeds).
     human_positives: str = "anchor"
 
     @classmethod
