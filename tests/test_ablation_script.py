@@ -31,7 +31,7 @@ def source(tmp_path):
 def test_label_budgets_parse_and_reject_malformed_items(ablation):
     assert ablation.parse_budgets(["qa=150000", "chat=2e5"]) == {"qa": 150000, "chat": 200000}
     for bad in (["qa"], ["=5"], ["qa=lots"], ["qa=-1"], ["qa=inf"], ["qa=nan"]):
-        with pytest.raises(SystemExit, match="TASK=TOKENS"):
+        with pytest.raises(SystemExit, match="--label-budget wants TASK=TOKENS"):
             ablation.parse_budgets(bad)
 
 
