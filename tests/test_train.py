@@ -513,7 +513,9 @@ def test_config_errors_name_the_key(tiny_config, tmp_path):
              ({"tasks": {"tool": {"file": "x", "teacher_temperature": "hot"}}},
               "tasks.tool: config key 'teacher_temperature'.*'auto'"),
              ({"task_min_share": {"qa": 0.2}}, "'task_min_share.qa'"),
-             ({"task_min_share": {"chat": 1.5}}, "'task_min_share.chat'")]
+             ({"task_min_share": {"chat": 1.5}}, "'task_min_share.chat'"),
+             ({"interpolate_with_start": 0}, "'interpolate_with_start'"),
+             ({"interpolate_with_start": 1.5}, "'interpolate_with_start'")]
     for change, key in cases:
         with pytest.raises(ConfigError, match=key):
             load_config({**tiny_config, **change})
@@ -522,6 +524,25 @@ def test_config_errors_name_the_key(tiny_config, tmp_path):
     with pytest.raises(ConfigError, match="'output_dir'.*run-file"):
         load_config({**tiny_config, "output_dir": str(a_file)})
     assert a_file.read_text() == "mine"
+
+
+def test_interpolation_with_the_start_model_saves_the_weighted_mean_of_the_weights(
+        tiny_config, tiny_bert, tmp_path):
+    trained = _weights(train({**tiny_config, "output_dir": str(tmp_path / "full")}))
+    mixed = _weights(train({**tiny_config, "output_dir": str(tmp_path / "wise"),
+                            "interpolate_with_start": 0.25}))
+    start = _weights(tiny_bert)
+    compared = 0
+    for name, tensor in trained.items():
+        start_name = next(k for k in start if k.endswith(name) or name.endswith(k))
+        if not tensor.is_floating_point():
+            continue
+        expected = 0.25 * tensor + 0.75 * start[start_name]
+        torch.testing.assert_close(mixed[name], expected, rtol=1e-5, atol=1e-6)
+        compared += 1
+    assert compared > 10
+    assert not torch.equal(trained["embeddings.word_embeddings.weight"],
+                           start[next(k for k in start if k.endswith("word_embeddings.weight"))])
 
 
 def test_auto_teacher_and_a_minimum_task_share_reach_the_losses_and_the_sampler(tiny_config):

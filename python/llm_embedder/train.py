@@ -159,6 +159,12 @@ class TrainConfig(Config):
       (``HomogeneousBatchSampler.task_repeats``; each copy batched on its own);
     - (the labeller's ``sampling_temperature`` in ``LabelConfig`` is the LLM's, not ours).
 
+    ``interpolate_with_start`` (alpha in (0, 1], default 1): the saved model's weights are
+    ``alpha * trained + (1 - alpha) * start`` (WiSE-FT weight-space ensembling; start = the
+    model training began from, ``model``). Below 1 it gives back part of what fine-tuning on
+    small task data costs out of domain; 1 saves the trained weights as they are. Checkpoints
+    always hold the trained weights, so a resumed run interpolates once, at the end.
+
     Human positives beside the LLM's reward (``human_positives``; a labelled record keeps the
     query's annotated ``positive_ids``; a query without any, every icl query, is unchanged):
 
@@ -245,6 +251,7 @@ class TrainConfig(Config):
     log_every: int = 10  # console log line every this many steps (log.jsonl gets every step)
     progress_bar: bool = True
     plot: bool = True  # write training.png at the end (needs matplotlib)
+    interpolate_with_start: float = 1.0  # alpha: saved = alpha*trained + (1-alpha)*start
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
@@ -300,6 +307,8 @@ class TrainConfig(Config):
         check_key(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
         check_key(0 < self.s_min <= 1, "s_min", "must be in (0, 1]")
         check_key(0 <= self.ema < 1, "ema", "must be in [0, 1)")
+        check_key(0 < self.interpolate_with_start <= 1, "interpolate_with_start",
+                  "must be in (0, 1] (1: save the trained weights as they are)")
         check_key(self.loss is None or self.loss in LOSSES, "loss",
                   f"loss must be one of {sorted(LOSSES)} or null, got {self.loss!r}")
         check_key(self.reward in REWARDS, "reward",
@@ -1240,11 +1249,31 @@ class Trainer:
         """
         final = self.output_dir / "model"
         if self.main:
+            if self.config.interpolate_with_start < 1:
+                self._interpolate_with_start(self.config.interpolate_with_start)
             self.embedder.save_pretrained(final)
             if self.config.plot and self.log_path.is_file():
                 self._plot()
         _barrier(self.world)
         return final
+
+    def _interpolate_with_start(self, alpha: float) -> None:
+        """Weights <- alpha * trained + (1 - alpha) * start (WiSE-FT), in place; the start
+        model is read again from ``config.model`` (a resumed run has no copy of it)."""
+        from .embedder import Embedder
+
+        start = Embedder.from_pretrained(self.config.model, device="cpu").model.state_dict()
+        with torch.no_grad():
+            for name, tensor in self.embedder.model.state_dict().items():
+                if name not in start or not tensor.is_floating_point():
+                    continue  # integer buffers (position ids) are not weights
+                if start[name].shape != tensor.shape:
+                    raise ValueError(
+                        f"interpolate_with_start: tensor {name!r} has shape "
+                        f"{tuple(start[name].shape)} in the start model {self.config.model!r} "
+                        f"but {tuple(tensor.shape)} in the trained one")
+                tensor.mul_(alpha).add_(start[name].to(tensor), alpha=1 - alpha)
+        logger.info("saved weights: %.2f x trained + %.2f x start model", alpha, 1 - alpha)
 
     def _plot(self) -> None:
         try:
