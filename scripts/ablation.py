@@ -35,7 +35,9 @@ table and verdicts of the runs finished so far (while an ablation runs elsewhere
 dropout; the data and test queries stay the quickstart's) and the table shows mean ± sd over
 the seeds, with the retrieval metrics, the downstream LLM metrics (qa answer log-likelihood,
 chat answer perplexity, icl accuracy) and, with ``--beir DIR``, nDCG@10 on a BEIR folder
-(e.g. ../shared/data/qa/scifact, ``--beir-split test``) with qa's instructions. It ends with
+(e.g. ../shared/data/qa/scifact, ``--beir-split test``), each trained model with qa's
+instructions and without, as the base (runs finished without ``--beir``, or on another folder
+or split, are measured then, from their saved model; nothing is trained again). It ends with
 the verdicts the method is judged by: rank-aware vs likelihood reward, graded vs
 contrastive-only, and the best variant by mean average.
 
@@ -72,7 +74,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple
 
 from llm_embedder.evaluate import RETRIEVAL_METRICS, EvalConfig, evaluate, primary_metric
 from llm_embedder.io import atomic_write_json, atomic_write_text
@@ -340,9 +342,11 @@ def table(rows: Mapping[str, Mapping[str, Any]], tasks: List[str], markdown: boo
     metric, their average, the downstream LLM metrics, the BEIR nDCG@10 and training time."""
     extra = [(t, m, title) for t, m, title in DOWNSTREAM_COLUMNS  # those measured
              if t in tasks and any(metric_values(row, t, m) for row in rows.values())]
-    with_beir = any(row.get("beir") for row in rows.values())
+    with_beir = any(values for row in rows.values() for values in row.get("beir", {}).values())
     header = ["variant", *[f"{t} ({primary_metric(t)})" for t in tasks], "average",
-              *[title for _, _, title in extra], *(["BEIR ndcg@10"] if with_beir else []),
+              *[title for _, _, title in extra],
+              *([f"BEIR ndcg@10 ({title})" for title in BEIR_TITLES.values()] if with_beir
+                else []),
               "runs", "train s"]
     lines = []
     for name, row in rows.items():
@@ -350,7 +354,7 @@ def table(rows: Mapping[str, Mapping[str, Any]], tasks: List[str], markdown: boo
                  _cell(metric_values(row, "average", "primary")),
                  *[_cell(metric_values(row, t, m)) for t, m, _ in extra]]
         if with_beir:
-            cells.append(_cell(row.get("beir", [])))
+            cells += [_cell(row.get("beir", {}).get(system, [])) for system in BEIR_TITLES]
         cells.append(str(len(row["runs"])))
         seconds = row.get("train_seconds", [])
         cells.append(f"{sum(seconds) / len(seconds):.0f}" if seconds else "-")
@@ -421,6 +425,20 @@ def _by_seed(row: Mapping[str, Any]) -> Dict[int, float]:
             if run.get("average", {}).get("trained", {}).get("primary") is not None}
 
 
+#: The trained model is measured on BEIR both ways, as the base is: an instruction that helps
+#: in-domain can cost out of domain, and a model must beat the best base of the two.
+BEIR_TITLES = {"trained": "instr.", "trained_noinstr": "no instr."}
+#: The column each reference system fills (BM25 reads no instructions: both).
+BEIR_REFERENCE_COLUMNS = {"bm25": ("trained", "trained_noinstr"), "base": ("trained",),
+                          "base_noinstr": ("trained_noinstr",)}
+
+
+def beir_key(folder: Path, split: str) -> str:
+    """What a stored BEIR result was measured on: a run or cache measured on another folder
+    or split is measured again, never shown as this one."""
+    return f"{Path(folder).resolve()}::{split}"
+
+
 def _beir_ndcg(folder: Path, split: str, model: Any, systems: List[str], device: Optional[str]
                ) -> Dict[str, float]:
     from llm_embedder.beir import evaluate_beir
@@ -428,6 +446,26 @@ def _beir_ndcg(folder: Path, split: str, model: Any, systems: List[str], device:
     found = evaluate_beir(folder, split=split, model=model, systems=systems, task="qa",
                           device=device, verbose=False)
     return {system: float(v["ndcg@10"]) for system, v in found["systems"].items()}
+
+
+def run_beir(run: MutableMapping[str, Any], done: Path, key: Optional[str],
+             folder: Optional[Path], split: str, device: Optional[str], measure: bool
+             ) -> Dict[str, float]:
+    """The BEIR nDCG@10 of a finished run on ``key`` (``{}`` without ``--beir``), measured
+    now, and saved into its ``results.json``, when an earlier ablation ran without ``--beir``
+    or on another split (``measure``: False for ``--report``, which measures nothing)."""
+    if key is None:
+        return {}
+    stored = run.setdefault("beir", {})
+    if key not in stored and measure:
+        model_dir = Path(run["config"]["output_dir"]) / "model"
+        if not model_dir.is_dir():
+            print(f"   its model {model_dir} is gone: no BEIR nDCG@10 for it")
+            return {}
+        print(f"   BEIR nDCG@10 on {folder} ({split}) of {model_dir}", flush=True)
+        stored[key] = _beir_ndcg(folder, split, model_dir, list(BEIR_TITLES), device)
+        atomic_write_json(done, run)
+    return dict(stored.get(key, {}))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -504,6 +542,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         llm = FrozenLLM.load(None, device=args.device)
 
+    beir_at = beir_key(args.beir, args.beir_split) if args.beir is not None else None
     rows: Dict[str, Dict[str, Any]] = {}
     if not args.no_baselines:
         done = out / "baselines.json"
@@ -517,22 +556,26 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 systems=["bm25", "base", "base_noinstr"])
             atomic_write_json(done, baseline)
         beir: Dict[str, float] = {}
-        if args.beir is not None:
+        if beir_at is not None:
             done = out / "baselines_beir.json"
-            if done.is_file():
-                beir = json.loads(done.read_text())
-            elif not args.report:
-                beir = _beir_ndcg(args.beir, args.beir_split, None,
-                                  ["bm25", "base", "base_noinstr"], args.device)
-                atomic_write_json(done, beir)
+            # keyed by folder and split; a file of an older layout (one flat mapping, split
+            # unknown) is measured again
+            cached = json.loads(done.read_text()) if done.is_file() else {}
+            cached = {k: v for k, v in cached.items() if isinstance(v, dict)}
+            if beir_at not in cached and not args.report:
+                cached[beir_at] = _beir_ndcg(args.beir, args.beir_split, None,
+                                             list(BEIR_REFERENCE_COLUMNS), args.device)
+                atomic_write_json(done, cached)
+            beir = cached.get(beir_at, {})
         references = (("bm25", "(BM25)"), ("base", "(base, instr.)"),
                       ("base_noinstr", "(base, no instr.)")) if baseline is not None else ()
         for system, title in references:  # none made up when --report finds none measured
             rows[title] = {"system": system, "runs": [baseline],
-                           "beir": [beir[system]] if system in beir else []}
+                           "beir": {column: [beir[system]] if system in beir else []
+                                    for column in BEIR_REFERENCE_COLUMNS[system]}}
     for name in args.variants:
         rows[name] = {"variant": name, "description": describe(name), "runs": [], "seeds": [],
-                      "train_seconds": [], "beir": []}
+                      "train_seconds": [], "beir": {system: [] for system in BEIR_TITLES}}
     # Seed by seed, every variant in each: an interrupted ablation has compared the variants
     # on the same seeds so far, not finished one variant and never started another.
     for run_seed in seeds:
@@ -554,21 +597,19 @@ def main(argv: Optional[List[str]] = None) -> int:
                 model_dir = train(TrainConfig.load(config))
                 train_seconds = time.perf_counter() - start
                 results = evaluate(model_dir, config=eval_config, llm=llm, systems=["trained"])
-                beir_ndcg = (_beir_ndcg(args.beir, args.beir_split, model_dir, ["trained"],
-                                        args.device)["trained"]
-                             if args.beir is not None else None)
                 run = {"variant": name, "seed": run_seed, "config": config,
-                       "train_seconds": train_seconds, "results": results,
-                       "beir_ndcg@10": beir_ndcg}
+                       "train_seconds": train_seconds, "results": results, "beir": {}}
                 atomic_write_json(done, run)
                 # Done: its resume checkpoint (optimizer state, ~250 MB) is not needed again;
                 # the trained model stays in train/model.
                 shutil.rmtree(Path(config["output_dir"]) / "checkpoint", ignore_errors=True)
+            ndcg = run_beir(run, done, beir_at, args.beir, args.beir_split, args.device,
+                            measure=not args.report)
             row["runs"].append(run["results"])
             row["seeds"].append(run_seed)
             row["train_seconds"].append(run["train_seconds"])
-            if run.get("beir_ndcg@10") is not None:
-                row["beir"].append(run["beir_ndcg@10"])
+            for system, value in ndcg.items():
+                row["beir"][system].append(value)
     print()
     print(table(rows, tasks, markdown=False))
     judged = verdicts(rows)

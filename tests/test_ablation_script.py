@@ -1,6 +1,7 @@
 """scripts/ablation.py: each variant changes exactly one thing of the quickstart's training."""
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
@@ -197,11 +198,14 @@ def test_table_shows_mean_and_sd_over_runs_with_the_downstream_columns(ablation)
     runs = [{"qa": {"trained": {"ndcg@10": v, "answer_ll": -2.0}},
              "average": {"trained": {"primary": v}}} for v in (0.90, 0.94)]
     text = ablation.table({"full": {"variant": "full", "runs": runs, "train_seconds": [10, 20],
-                                    "beir": [0.61, 0.63]}}, ["qa"], markdown=True)
+                                    "beir": {"trained": [0.61, 0.63],
+                                             "trained_noinstr": [0.65, 0.65]}}},
+                          ["qa"], markdown=True)
     header, _, line = text.splitlines()
-    assert "qa answer ll" in header and "BEIR ndcg@10" in header
+    assert "qa answer ll" in header
+    assert "BEIR ndcg@10 (instr.) | BEIR ndcg@10 (no instr.)" in header
     assert line == "| full | 0.920 ± 0.028 | 0.920 ± 0.028 | -2.000 ± 0.000 | 0.620 ± 0.014 " \
-                   "| 2 | 15 |"
+                   "| 0.650 ± 0.000 | 2 | 15 |"
 
 
 def _finished_quickstart(source: Path) -> Path:
@@ -280,3 +284,67 @@ def test_report_trains_nothing_and_tables_the_finished_runs(ablation, monkeypatc
     assert "(BM25)" not in text  # no baselines measured yet: none made up
     assert "full 0.600 vs likelihood 0.580 (mean average over seeds [0], paired)" in text
     assert not (out / "human").exists()  # label_only's files are not built by a report
+
+
+def test_beir_is_measured_for_runs_finished_without_it_once_per_folder_and_split(
+        ablation, monkeypatch, tmp_path):
+    import json
+
+    import llm_embedder.train as train_module
+
+    source = _finished_quickstart(tmp_path / "qs")
+    out, beir = tmp_path / "ab", tmp_path / "scifact"
+    beir.mkdir()
+    (out / "baselines.json").parent.mkdir(parents=True)
+    (out / "baselines.json").write_text(json.dumps(
+        {"qa": {s: {"ndcg@10": 0.5} for s in ("bm25", "base", "base_noinstr")},
+         "average": {s: {"primary": 0.5} for s in ("bm25", "base", "base_noinstr")}}))
+    # an older cache: one flat mapping, its split unknown, so it is not trusted
+    (out / "baselines_beir.json").write_text(json.dumps({"bm25": 0.99}))
+    for seed in (0, 1):
+        run_dir = out / "full" / f"seed{seed}"
+        (run_dir / "train" / "model").mkdir(parents=True)
+        (run_dir / "results.json").write_text(json.dumps(
+            {"variant": "full", "seed": seed, "train_seconds": 10.0,
+             "config": {"output_dir": str(run_dir / "train")},
+             "results": {"qa": {"trained": {"ndcg@10": 0.6}},
+                         "average": {"trained": {"primary": 0.6}}}, "beir_ndcg@10": None}))
+    gone_model = out / "full" / "seed1" / "train" / "model"
+    measured = []
+
+    def fake_beir(folder, split, model, systems, device):
+        measured.append((split, None if model is None else Path(model).parent.parent.name))
+        bump = 0.0 if split == "dev" else 0.1
+        values = {"bm25": 0.66, "base": 0.62, "base_noinstr": 0.67,
+                  "trained": 0.63, "trained_noinstr": 0.64}
+        return {s: values[s] + bump for s in systems}
+
+    def fail(*args, **kwargs):
+        raise AssertionError("finished runs are not trained or evaluated again")
+
+    monkeypatch.setattr(train_module, "train", fail)
+    monkeypatch.setattr(ablation, "evaluate", fail)
+    monkeypatch.setattr(ablation, "_beir_ndcg", fake_beir)
+    argv = ["--from", str(source), "--out", str(out), "--variants", "full", "--seeds", "0", "1",
+            "--no-downstream", "--beir", str(beir), "--beir-split", "dev"]
+    assert ablation.main(argv) == 0
+    assert measured == [("dev", None), ("dev", "seed0"), ("dev", "seed1")]
+    text = (out / "ablation.md").read_text()
+    assert "| full | 0.600 ± 0.000 | 0.600 ± 0.000 | 0.630 ± 0.000 | 0.640 ± 0.000 | 2 | 10 |" \
+        in text
+    assert "| (BM25) | 0.500 | 0.500 | 0.660 | 0.660 | 1 | - |" in text  # no instructions: both
+    assert "| (base, instr.) | 0.500 | 0.500 | 0.620 | - | 1 | - |" in text
+    assert "| (base, no instr.) | 0.500 | 0.500 | - | 0.670 | 1 | - |" in text
+    saved = json.loads((out / "full" / "seed0" / "results.json").read_text())
+    assert saved["beir"][ablation.beir_key(beir, "dev")] == {"trained": 0.63,
+                                                             "trained_noinstr": 0.64}
+    assert ablation.main(argv) == 0 and len(measured) == 3  # saved: not measured again
+    # --report on another split measures nothing and shows none of the dev numbers as its own
+    assert ablation.main([*argv[:-1], "test", "--report"]) == 0 and len(measured) == 3
+    assert "BEIR ndcg@10" not in (out / "ablation.md").read_text()  # no column
+    # another split is another measurement; a run whose model is gone is left without one
+    shutil.rmtree(gone_model)
+    assert ablation.main([*argv[:-1], "test"]) == 0
+    assert measured[3:] == [("test", None), ("test", "seed0")]
+    assert "| full | 0.600 ± 0.000 | 0.600 ± 0.000 | 0.730 | 0.740 | 2 | 10 |" \
+        in (out / "ablation.md").read_text()
