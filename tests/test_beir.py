@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional
 
@@ -20,6 +21,7 @@ from llm_embedder.cli import main
 from llm_embedder.data import DataError
 
 SPLIT_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "scifact_split.py"
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "scifact_train.py"
 
 # 110 filler documents sit between the topical ones and "dz", the last document: a query
 # whose words "dz" lacks ranks it after 116 zero-score ties, outside the top 100.
@@ -303,3 +305,47 @@ def test_split_refuses_to_write_into_the_package(tmp_path, split_script):
     with pytest.raises(SystemExit):
         split_script.main([str(tmp_path), str(package)])
     assert not package.exists()
+
+
+# ----------------------------------------------------------------------------- train script
+
+
+@pytest.fixture()
+def train_script():
+    from llm_embedder.tasks import TASKS, unregister_task
+
+    spec = importlib.util.spec_from_file_location("scifact_train", TRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    if module.PLAIN_TASK in TASKS:  # the registry is the process's: leave it as found
+        unregister_task(module.PLAIN_TASK)
+
+
+def test_no_instructions_trains_a_copy_of_qa_with_empty_instructions(tmp_path, train_script):
+    from llm_embedder.tasks import TASKS
+    from llm_embedder.train import TrainConfig
+
+    record = {"query_id": "c1", "task": "qa", "query": "a claim", "answer": "",
+              "candidates": [{"id": "d1", "text": "an abstract"}], "likelihood_rewards": [1.0]}
+    labels = tmp_path / "qa.labels.jsonl"
+    labels.write_text(_jsonl([record, {**record, "query_id": "c2"}]))
+    plain = train_script.plain_labels(labels, tmp_path / "plain.jsonl")
+    rows = [json.loads(line) for line in plain.read_text().splitlines()]
+    assert [r["task"] for r in rows] == ["qa_noinstr"] * 2
+    assert [{**r, "task": "qa"} for r in rows] == [record, {**record, "query_id": "c2"}]
+    task = TASKS["qa_noinstr"]
+    assert task.query_instruction == task.key_instruction == ""
+    assert TASKS["qa"].query_instruction  # qa itself, and so the eval's systems, unchanged
+    args = train_script.argparse.Namespace(
+        model=None, loss="graded", epochs=1.0, batch_size=4, group_size=2, lr=3e-5,
+        query_max_length=64, key_max_length=128, seed=0, save_steps=10, no_instructions=True,
+        name=None, score_temperature=None, llm_labels=None)
+    config = train_script.train_config(args, plain, tmp_path / "run")
+    assert list(config["tasks"]) == ["qa_noinstr"]
+    TrainConfig.load(config)  # a valid config: the task is registered
+    assert train_script._run_name(args).endswith("-noinstr")
+    labels.write_text(_jsonl([{**record, "task": "chat"}]))
+    os.utime(labels, (plain.stat().st_mtime + 5, plain.stat().st_mtime + 5))
+    with pytest.raises(ValueError, match=r"qa.labels.jsonl:1: task 'chat', expected 'qa'"):
+        train_script.plain_labels(labels, plain)
