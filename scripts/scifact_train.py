@@ -262,7 +262,8 @@ def results_table(out: Path) -> Tuple[str, List[Dict[str, Any]]]:
             if ndcg is not None:
                 rows.append({"name": run_dir.name, "instructions": instr, "ndcg@10": ndcg,
                              "recall@100": recall, "train_minutes": info["train_minutes"],
-                             "labels": Path(config["tasks"][TASK]["file"]).name})
+                             # qa, or its copy without instructions: one task a run
+                             "labels": Path(next(iter(config["tasks"].values()))["file"]).name})
     queries = json.loads(baselines.read_text())["queries"] if baselines.is_file() else "?"
     lines = [f"# SciFact dev ({queries} held-out claims, full corpus)", "",
              "| system / run | instructions | nDCG@10 | Recall@100 | train min | labels |",

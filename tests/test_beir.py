@@ -345,6 +345,15 @@ def test_no_instructions_trains_a_copy_of_qa_with_empty_instructions(tmp_path, t
     assert list(config["tasks"]) == ["qa_noinstr"]
     TrainConfig.load(config)  # a valid config: the task is registered
     assert train_script._run_name(args).endswith("-noinstr")
+    run = tmp_path / "out" / "runs" / "plain"  # the table reads a run of the copy too
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "train.json").write_text(json.dumps({"train_minutes": 2.0}))
+    (run / "eval.json").write_text(json.dumps(
+        {"systems": {"trained_noinstr": {"ndcg@10": 0.69, "recall@100": 0.94}}}))
+    markdown, table_rows = train_script.results_table(tmp_path / "out")
+    assert table_rows == [{"name": "plain", "instructions": False, "ndcg@10": 0.69,
+                           "recall@100": 0.94, "train_minutes": 2.0, "labels": "plain.jsonl"}]
     labels.write_text(_jsonl([{**record, "task": "chat"}]))
     os.utime(labels, (plain.stat().st_mtime + 5, plain.stat().st_mtime + 5))
     with pytest.raises(ValueError, match=r"qa.labels.jsonl:1: task 'chat', expected 'qa'"):
