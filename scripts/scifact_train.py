@@ -171,7 +171,7 @@ def plain_labels(labels: Path, out: Path) -> Path:
 
 def train_config(args: argparse.Namespace, labels: Path, run_dir: Path) -> Dict[str, Any]:
     """The TrainConfig of one run (written to ``run_dir/config.json``)."""
-    task = PLAIN_TASK if getattr(args, "no_instructions", False) else TASK
+    task = PLAIN_TASK if args.no_instructions else TASK
     config: Dict[str, Any] = {
         "model": args.model, "tasks": {task: {"file": str(labels), "loss": args.loss}},
         "output_dir": str(run_dir / "train"), "epochs": args.epochs,
