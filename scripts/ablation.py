@@ -14,6 +14,7 @@ Variants (each changes one thing from the full method, which is ``rank+graded+ho
 | label_only | none: 1/0 from human positives for every query | as full | homogeneous | self-paced |
 | anchor | likelihood; a human positive raised above every other candidate | as full | homogeneous | self-paced |
 | agree | likelihood; only queries whose top-rewarded candidate is a human positive | as full | homogeneous | self-paced |
+| anchor_PART | anchor with one more part changed: ``rank`` (rank-aware reward), ``kl``, ``contrastive``, ``mixed``, ``fixed_lr`` | | | |
 
 ``label_only`` takes the LLM's feedback away: the LLM-labelled queries are labelled from their
 human positives instead (as the label-only rest already is); a query without positives (every
@@ -106,7 +107,9 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
 # The quickstart's default (anchor) with one more part of the method changed: whether the
 # parts the §7 variants test still matter once the default follows the evidence.
 VARIANTS.update({f"anchor_{part}": {**VARIANTS["anchor"], **VARIANTS[part]}
-                 for part in ("kl", "mixed", "fixed_lr")})
+                 for part in ("kl", "contrastive", "mixed", "fixed_lr")})
+# The rank-aware reward in the default's place: anchor is "likelihood" plus one change.
+VARIANTS["anchor_rank"] = {**VARIANTS["anchor"], "reward": "rank"}
 #: Trains on human positives only (1/0 rewards), the LLM-labelled queries included: not a
 #: setting of the trainer but of its data, so it is not in VARIANTS.
 LABEL_ONLY = "label_only"
@@ -126,6 +129,8 @@ DESCRIPTIONS = {
     "anchor": "likelihood reward, human positives ranked first, the LLM grading the rest",
     "agree": "likelihood reward, only queries whose top-rewarded candidate is a human positive",
     "anchor_kl": "anchor, with KL distillation for every task instead of graded",
+    "anchor_contrastive": "anchor, with contrastive (top-rewarded as positive) instead of graded",
+    "anchor_rank": "anchor, with the rank-aware reward instead of likelihood",
     "anchor_mixed": "anchor, with mixed-task batches instead of homogeneous",
     "anchor_fixed_lr": "anchor, with a fixed lr instead of self-paced",
     LABEL_ONLY: "1/0 rewards from human positives for every query instead of LLM rewards",
@@ -381,6 +386,8 @@ CLAIMS = (("rank-aware >= likelihood reward", "full", "likelihood"),
           ("anchored >= likelihood reward alone", "anchor", "likelihood"),
           ("agreeing queries >= human positives alone", "agree", LABEL_ONLY),
           ("anchored >= human positives, same step shares", "anchor", LABEL_ONLY_KEEP),
+          ("anchored: rank-aware >= likelihood reward", "anchor_rank", "anchor"),
+          ("anchored: graded >= contrastive-only", "anchor", "anchor_contrastive"),
           ("anchored: graded (KL for chat) >= KL for every task", "anchor", "anchor_kl"),
           ("anchored: homogeneous >= mixed batches", "anchor", "anchor_mixed"),
           ("anchored: self-paced >= fixed lr", "anchor", "anchor_fixed_lr"))
