@@ -71,6 +71,10 @@ def _run_name(args: argparse.Namespace) -> str:
         parts.append(f"s{args.seed}")
     if args.llm_labels is not None:
         parts.append(f"llm-{args.llm_labels.stem}")
+    if args.reward is not None:
+        parts.append(f"r{args.reward}")
+    if args.human_positives is not None:
+        parts.append(f"hp{args.human_positives}")
     if args.no_instructions:
         parts.append("noinstr")
     return "-".join(parts)
@@ -182,6 +186,10 @@ def train_config(args: argparse.Namespace, labels: Path, run_dir: Path) -> Dict[
     }
     if args.score_temperature is not None:
         config["score_temperature"] = args.score_temperature
+    if args.reward is not None:
+        config["reward"] = args.reward
+    if args.human_positives is not None:
+        config["human_positives"] = args.human_positives
     return config
 
 
@@ -297,6 +305,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--model", default=None, help="encoder to start from (default: "
                                                       "the packaged MiniLM)")
     parser.add_argument("--loss", default="graded", choices=["graded", "contrastive", "kl"])
+    parser.add_argument("--reward", default=None,
+                        help="which reward of LLM-labelled records to train on: a name in "
+                             "label.REWARDS, e.g. rank or likelihood (default: TrainConfig's); "
+                             "label-only records have 1/0 in every reward")
+    parser.add_argument("--human-positives", default=None, choices=["reward", "anchor", "agree"],
+                        help="the cited abstracts beside an LLM reward (see TrainConfig; "
+                             "default: TrainConfig's, the reward alone)")
     parser.add_argument("--lr", type=float, default=3e-5)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=32)

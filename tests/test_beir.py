@@ -340,9 +340,17 @@ def test_no_instructions_trains_a_copy_of_qa_with_empty_instructions(tmp_path, t
     args = train_script.argparse.Namespace(
         model=None, loss="graded", epochs=1.0, batch_size=4, group_size=2, lr=3e-5,
         query_max_length=64, key_max_length=128, seed=0, save_steps=10, no_instructions=True,
-        name=None, score_temperature=None, llm_labels=None)
+        name=None, score_temperature=None, llm_labels=None, reward=None,
+        human_positives=None)
     config = train_script.train_config(args, plain, tmp_path / "run")
     assert list(config["tasks"]) == ["qa_noinstr"]
+    assert "reward" not in config and "human_positives" not in config  # TrainConfig's
+    chosen = train_script.argparse.Namespace(
+        **{**vars(args), "reward": "likelihood", "human_positives": "anchor"})
+    chosen_config = train_script.train_config(chosen, plain, tmp_path / "run")
+    assert (chosen_config["reward"], chosen_config["human_positives"]) == ("likelihood", "anchor")
+    TrainConfig.load(chosen_config)
+    assert train_script._run_name(chosen).endswith("-rlikelihood-hpanchor-noinstr")
     TrainConfig.load(config)  # a valid config: the task is registered
     assert train_script._run_name(args).endswith("-noinstr")
     run = tmp_path / "out" / "runs" / "plain"  # the table reads a run of the copy too
