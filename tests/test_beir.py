@@ -366,3 +366,40 @@ def test_no_instructions_trains_a_copy_of_qa_with_empty_instructions(tmp_path, t
     os.utime(labels, (plain.stat().st_mtime + 5, plain.stat().st_mtime + 5))
     with pytest.raises(ValueError, match=r"qa.labels.jsonl:1: task 'chat', expected 'qa'"):
         train_script.plain_labels(labels, plain)
+
+
+# ----------------------------------------------------------------------------- SciFact LLM labels
+
+SCIFACT_LABELS = Path(__file__).resolve().parents[1] / "labels" / "scifact" / "qa.jsonl"
+#: what the committed file may hold: ids and numbers, no SciFact text (CC BY-NC) and no samples
+_COMPACT_FIELDS = {"query_id", "task", "candidate_ids", "positive_ids", "likelihood_rewards",
+                   "rank_rewards", "sample_likelihoods", "sample_contexts", "llm", "method"}
+
+
+def test_committed_scifact_labels_hold_ids_and_numbers_only():
+    rows = [json.loads(line) for line in SCIFACT_LABELS.read_text().splitlines()]
+    assert len(rows) == len({r["query_id"] for r in rows}) == 407
+    for row in rows:
+        assert set(row) <= _COMPACT_FIELDS, row["query_id"]
+        n = len(row["candidate_ids"])
+        assert set(row["positive_ids"]) <= set(row["candidate_ids"])
+        for name in ("likelihood_rewards", "rank_rewards"):
+            assert len(row[name]) == n and all(math.isfinite(v) for v in row[name])
+        assert len(set(row["rank_rewards"])) > 1  # the LLM told candidates apart
+        assert set(row["sample_contexts"]) <= set(row["candidate_ids"]) | {""}
+
+
+def test_committed_scifact_labels_expand_from_the_train_split_only(shared_data, tmp_path,
+                                                                   split_script):
+    from llm_embedder.label import expand_labelled
+
+    split = tmp_path / "split"
+    assert split_script.main([str(shared_data / "qa" / "scifact"), str(split)]) == 0
+    dev = {q.id for q in load_beir(split, "dev").queries}
+    rows = [json.loads(line) for line in SCIFACT_LABELS.read_text().splitlines()]
+    assert not {r["query_id"] for r in rows} & dev  # no dev claim: the measurement stays clean
+    out = tmp_path / "qa.full.jsonl"
+    assert expand_labelled(SCIFACT_LABELS, split / "queries.train.jsonl",
+                           split / "corpus.jsonl", out) == 407
+    first = json.loads(out.read_text().splitlines()[0])
+    assert first["answer"] and all(c["text"] for c in first["candidates"] if c["id"])
