@@ -295,6 +295,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         >>> main(["../shared/data/qa/scifact", "runs/scifact", "--lr", "3e-5"])
         0
     """
+    # the choices are the library's own lists, so a bad name fails before any stage runs
+    from llm_embedder.label import REWARDS
+    from llm_embedder.train import HUMAN_POSITIVES
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", type=Path, help="folder with corpus.jsonl, queries.train.jsonl")
     parser.add_argument("out", type=Path, help="folder to write (outside the package)")
@@ -305,11 +309,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--model", default=None, help="encoder to start from (default: "
                                                       "the packaged MiniLM)")
     parser.add_argument("--loss", default="graded", choices=["graded", "contrastive", "kl"])
-    parser.add_argument("--reward", default=None,
-                        help="which reward of LLM-labelled records to train on: a name in "
-                             "label.REWARDS, e.g. rank or likelihood (default: TrainConfig's); "
-                             "label-only records have 1/0 in every reward")
-    parser.add_argument("--human-positives", default=None, choices=["reward", "anchor", "agree"],
+    parser.add_argument("--reward", default=None, choices=sorted(REWARDS),
+                        help="which reward of LLM-labelled records to train on (default: "
+                             "TrainConfig's); label-only records have 1/0 in every reward")
+    parser.add_argument("--human-positives", default=None, choices=HUMAN_POSITIVES,
                         help="the cited abstracts beside an LLM reward (see TrainConfig; "
                              "default: TrainConfig's, the reward alone)")
     parser.add_argument("--lr", type=float, default=3e-5)
