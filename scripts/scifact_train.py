@@ -297,6 +297,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """
     # the choices are the library's own lists, so a bad name fails before any stage runs
     from llm_embedder.label import REWARDS
+    from llm_embedder.losses import LOSSES
     from llm_embedder.train import HUMAN_POSITIVES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -308,7 +309,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--name", default=None, help="run folder name (default: from settings)")
     parser.add_argument("--model", default=None, help="encoder to start from (default: "
                                                       "the packaged MiniLM)")
-    parser.add_argument("--loss", default="graded", choices=["graded", "contrastive", "kl"])
+    parser.add_argument("--loss", default="graded", choices=sorted(LOSSES))
     parser.add_argument("--reward", default=None, choices=sorted(REWARDS),
                         help="which reward of LLM-labelled records to train on (default: "
                              "TrainConfig's); label-only records have 1/0 in every reward")
