@@ -181,10 +181,6 @@ BAD = [
         "corpus.jsonl:3: missing field '_id'"),
     Bad("duplicate corpus id", {"corpus.jsonl": _jsonl(CORPUS[:2] + CORPUS[:1])},
         "corpus.jsonl:3: duplicate _id 'd1' (first on line 1)"),
-    Bad("qrels naming an unknown document", {"qrels/test.tsv": QRELS + "q1\tnope\t1\n"},
-        "test.tsv:9: corpus-id 'nope' is not in the corpus"),
-    Bad("qrels naming an unknown query", {"qrels/test.tsv": QRELS + "q9\td1\t1\n"},
-        "test.tsv:9: query-id 'q9' is not in the queries file"),
     Bad("qrels score not an integer", {"qrels/test.tsv": QRELS + "q1\td3\thigh\n"},
         "test.tsv:9: column 'score' must be an integer grade"),
     Bad("qrels with two columns", {"qrels/test.tsv": "query-id\tcorpus-id\tscore\nq1 d1 1\n"},
@@ -214,6 +210,46 @@ def test_project_layout_positive_outside_the_corpus_names_the_line(tmp_path):
         {"id": "b", "text": "y", "positive_ids": ["d7"]}]))
     with pytest.raises(DataError, match=r"queries.dev.jsonl:2: field 'positive_ids' names"):
         load_beir(tmp_path, "dev")
+
+
+@pytest.mark.parametrize("line, message", [
+    ("q1\tnope\t1\n", "test.tsv:9: corpus-id 'nope' is not in the corpus"),
+    ("q9\td1\t1\n", "test.tsv:9: query-id 'q9' is not in the queries file"),
+])
+def test_qrels_with_known_ids_name_the_line_of_an_unknown_one(tmp_path, line, message):
+    path = tmp_path / "test.tsv"
+    path.write_text(QRELS + line)
+    with pytest.raises(DataError, match=message):
+        load_qrels(path, [q["_id"] for q in QUERIES], [d["_id"] for d in CORPUS])
+
+
+def test_published_inconsistencies_are_scored_as_pytrec_eval_does_and_counted(tmp_path):
+    # ArguAna's test qrels name a document missing from its corpus, NFCorpus's name queries
+    # missing from its queries file: a BEIR set as published has to evaluate, not fail.
+    folder = _beir_folder(tmp_path / "published", {
+        "qrels/test.tsv": QRELS + "q1\tnope\t1\nq9\td1\t1\nq9\td3\t2\n"})
+    with pytest.warns(UserWarning) as caught:
+        data = load_beir(folder, "test")
+    messages = [str(w.message) for w in caught]
+    assert any("1 query-id(s) are not in the queries file (e.g. ['q9'])" in m for m in messages)
+    assert any("1 relevant pair(s) name a corpus-id that is not in the corpus "
+               "(e.g. [('q1', 'nope')])" in m for m in messages)
+    assert (data.unknown_queries, data.unknown_documents) == (1, 1)
+    assert [q.id for q in data.queries] == ["q1", "q2", "z1"] and "q9" not in data.qrels
+    with pytest.warns(UserWarning):
+        results = evaluate_beir(folder, systems=["bm25"], verbose=False)
+    assert (results["qrels_unknown_queries"], results["qrels_unknown_documents"]) == (1, 1)
+    q1 = results["per_query"]["bm25"]["q1"]
+    # d4 then d1 as before; the unretrievable 'nope' (grade 1) joins the ideal ranking
+    assert q1["ndcg@10"] == pytest.approx(
+        (1 + 2 / math.log2(3)) / (2 + 1 / math.log2(3) + 1 / math.log2(4)))
+    assert q1["recall@100"] == pytest.approx(2 / 3)
+
+
+def test_a_consistent_folder_loads_without_a_warning(beir_dir, recwarn):
+    data = load_beir(beir_dir, "test")
+    assert (data.unknown_queries, data.unknown_documents) == (0, 0)
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
 
 
 def test_qrels_without_a_header_keep_their_first_line(tmp_path):
@@ -252,9 +288,17 @@ def test_cli_errors_are_one_line(beir_dir, capsys, argv, message):
 
 
 def test_cli_bad_qrels_line_names_file_and_line(tmp_path, capsys):
-    folder = _beir_folder(tmp_path / "bad", {"qrels/test.tsv": QRELS + "q1\tnope\t1\n"})
+    folder = _beir_folder(tmp_path / "bad", {"qrels/test.tsv": QRELS + "q1\tnope\thigh\n"})
     assert main(["eval", "--beir", str(folder), "--systems", "bm25"]) == 2
-    assert "test.tsv:9: corpus-id 'nope'" in capsys.readouterr().err
+    assert "test.tsv:9: column 'score' must be an integer grade" in capsys.readouterr().err
+
+
+def test_cli_reports_qrels_outside_the_corpus_in_its_title(tmp_path, capsys):
+    folder = _beir_folder(tmp_path / "published", {"qrels/test.tsv": QRELS + "q1\tnope\t1\n"})
+    with pytest.warns(UserWarning, match="not in the corpus"):
+        assert main(["eval", "--beir", str(folder), "--systems", "bm25"]) == 0
+    title = capsys.readouterr().out.splitlines()[0]
+    assert title.endswith("1 relevant qrels pair(s) outside the corpus")
 
 
 # ----------------------------------------------------------------------------- real data

@@ -31,9 +31,10 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
@@ -72,6 +73,12 @@ class BeirData:
 
     ``queries`` holds only the queries with a relevant document (grade >= 1) in ``qrels``, in
     the order of the queries file; ``skipped`` counts the qrels queries without one.
+    Published BEIR sets are not always consistent (ArguAna's test qrels name a document that
+    is not in its corpus, NFCorpus's name queries that are not in its queries file), so
+    :func:`load_beir` reads them as pytrec_eval scores them and counts what it met:
+    ``unknown_queries``, qrels query ids without a query (dropped: there is no text to rank),
+    and ``unknown_documents``, relevant (query, document) pairs whose document is not in the
+    corpus (kept: unretrievable, they lower the query's nDCG and recall as they do in BEIR).
 
     Example:
         >>> data = load_beir("datasets/scifact", "test")
@@ -85,6 +92,8 @@ class BeirData:
     queries: List[Query]
     qrels: Qrels
     skipped: int = 0
+    unknown_queries: int = 0
+    unknown_documents: int = 0
 
 
 # ----------------------------------------------------------------------------- readers
@@ -206,10 +215,13 @@ def load_beir(folder: PathLike, split: str = "test", max_queries: Optional[int] 
         raise ValueError(f"max_queries must be >= 1, got {max_queries!r}")
     qrels_path = root / "qrels" / f"{split}.tsv"
     own_queries = root / f"queries.{split}.jsonl"
+    unknown_queries = unknown_documents = 0
     if qrels_path.is_file():
         corpus = load_beir_corpus(root / "corpus.jsonl")
         queries = load_beir_queries(root / "queries.jsonl")
-        qrels = load_qrels(qrels_path, [q.id for q in queries], [p.id for p in corpus])
+        qrels = load_qrels(qrels_path)
+        qrels, unknown_queries, unknown_documents = _reconcile_qrels(
+            qrels_path, qrels, {q.id for q in queries}, {p.id for p in corpus})
     elif own_queries.is_file():
         corpus = load_corpus(root / "corpus.jsonl")
         queries = load_queries(own_queries)
@@ -237,7 +249,27 @@ def load_beir(folder: PathLike, split: str = "test", max_queries: Optional[int] 
     if max_queries is not None:
         scored = scored[:max_queries]
     return BeirData(root.resolve().name, split, corpus, scored,
-                    {q.id: qrels[q.id] for q in scored}, skipped)
+                    {q.id: qrels[q.id] for q in scored}, skipped, unknown_queries,
+                    unknown_documents)
+
+
+def _reconcile_qrels(path: Path, qrels: Qrels, query_ids: Set[str], doc_ids: Set[str]
+                     ) -> Tuple[Qrels, int, int]:
+    """Qrels without the query ids that have no query, the number of those ids, and the number
+    of relevant pairs whose document is not in the corpus; a warning names both, with examples.
+    """
+    missing_queries = sorted(qid for qid in qrels if qid not in query_ids)
+    missing_docs = sorted((qid, did) for qid, grades in qrels.items() if qid in query_ids
+                          for did, grade in grades.items() if grade > 0 and did not in doc_ids)
+    if missing_queries:
+        warnings.warn(f"{path}: {len(missing_queries)} query-id(s) are not in the queries file "
+                      f"(e.g. {missing_queries[:3]}); their qrels are left out", stacklevel=3)
+    if missing_docs:
+        warnings.warn(f"{path}: {len(missing_docs)} relevant pair(s) name a corpus-id that is "
+                      f"not in the corpus (e.g. {missing_docs[:3]}); they stay relevant and "
+                      f"cannot be retrieved, as pytrec_eval scores them", stacklevel=3)
+    kept = {qid: grades for qid, grades in qrels.items() if qid in query_ids}
+    return kept, len(missing_queries), len(missing_docs)
 
 
 def document_text(passage: Passage) -> str:
@@ -399,7 +431,8 @@ def evaluate_beir(data: Union[BeirData, PathLike], *, split: str = "test", model
     names the instructions. ``systems``: a subset of :data:`BEIR_SYSTEMS` (None: all, the
     trained ones only with a model). ``query_max_length``, ``key_max_length``: tokens per
     query / document, instruction included (longer ones are truncated).
-    Returns ``{"dataset", "split", "queries", "documents", "skipped_queries", "task",
+    Returns ``{"dataset", "split", "queries", "documents", "skipped_queries",
+    "qrels_unknown_queries", "qrels_unknown_documents" (see :class:`BeirData`), "task",
     "systems": {system: {"ndcg@10", "recall@100", "seconds"}}, "per_query": {system:
     {query id: {"ndcg@10", "recall@100"}}}}``.
 
@@ -425,13 +458,14 @@ def evaluate_beir(data: Union[BeirData, PathLike], *, split: str = "test", model
     if not isinstance(data, BeirData):
         data = load_beir(data, split, max_queries)
     elif max_queries is not None:
-        data = BeirData(data.name, data.split, data.corpus, data.queries[:max_queries],
-                        data.qrels, data.skipped)
+        data = replace(data, queries=data.queries[:max_queries])
     _log(verbose, f"{data.name}/{data.split}: {len(data.queries)} queries, "
                   f"{len(data.corpus)} documents")
     results: Dict[str, Any] = {
         "dataset": data.name, "split": data.split, "queries": len(data.queries),
-        "documents": len(data.corpus), "skipped_queries": data.skipped, "task": task,
+        "documents": len(data.corpus), "skipped_queries": data.skipped,
+        "qrels_unknown_queries": data.unknown_queries,
+        "qrels_unknown_documents": data.unknown_documents, "task": task,
         "systems": {}, "per_query": {}}
     base = trained = None
     for system in [s for s in BEIR_SYSTEMS if s in systems]:
@@ -480,8 +514,11 @@ def beir_table(results: Mapping[str, Any], markdown: bool = False) -> str:
 
 
 def _title(results: Mapping[str, Any]) -> str:
-    return (f"{results['dataset']} / {results['split']}: {results['queries']} queries, "
-            f"{results['documents']} documents")
+    title = (f"{results['dataset']} / {results['split']}: {results['queries']} queries, "
+             f"{results['documents']} documents")
+    # Unretrievable relevant documents cap every system's score: the table says so.
+    outside = results.get("qrels_unknown_documents", 0)
+    return f"{title}, {outside} relevant qrels pair(s) outside the corpus" if outside else title
 
 
 def write_beir_results(results: Mapping[str, Any], out: PathLike) -> Tuple[Path, Path]:
