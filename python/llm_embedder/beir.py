@@ -201,6 +201,8 @@ def load_beir(folder: PathLike, split: str = "test", max_queries: Optional[int] 
     BEIR: ``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``. The project's layout:
     ``corpus.jsonl`` (``id``) and ``queries.<split>.jsonl``, each query's ``positive_ids``
     being its relevant documents (grade 1). ``max_queries`` keeps the first scored queries.
+    BEIR qrels naming a query or document the folder lacks are warned about and counted, not
+    refused (see :class:`BeirData`); in the project's layout such a positive is a DataError.
 
     Example:
         >>> data = load_beir("../shared/data/qa/scifact", split="train", max_queries=50)
