@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -154,6 +155,35 @@ def test_a_killed_and_resumed_run_ends_with_the_uninterrupted_weights(tiny_confi
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-6)
     # Resuming a finished run changes nothing and returns the model.
     assert train({**tiny_config, "resume": True}) == resumed
+
+
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          check=True, capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_resuming_removes_what_a_killed_checkpoint_swap_left(tiny_config):
+    # CI met this once: killed while removing the swapped-out old checkpoint, after the last
+    # step's checkpoint was in place; the resumed run trains no step, so it writes no
+    # checkpoint, and only a clean-up before reading removes the dead writer's temporary.
+    first = train(tiny_config)
+    trained = _weights(first)
+    run = Path(tiny_config["output_dir"])
+    stale = run / f".checkpoint.{_dead_pid()}.0a1b2c3d.tmp"
+    shutil.copytree(run / "checkpoint", stale)
+    assert train({**tiny_config, "resume": True}) == first
+    assert not stale.exists()
+    # Killed between moving the old checkpoint aside and moving the new one in (no
+    # renameat2): the old version is put back and resumed from, not trained again.
+    old = run / f".checkpoint.{_dead_pid()}.0a1b2c3d.old"
+    (run / "checkpoint").rename(old)
+    assert train({**tiny_config, "resume": True}) == first
+    assert not old.exists() and (run / "checkpoint" / "state.pt").is_file()
+    assert [r["step"] for r in _log(run)] == list(range(1, 7))
+    again = _weights(first)  # a run started afresh would have trained from the base again
+    for name in trained:
+        torch.testing.assert_close(again[name], trained[name], rtol=0, atol=0)
 
 
 # Per-step (task, loss, lr) and the sum of the final weights of a 5-step run, as the code

@@ -62,6 +62,7 @@ from .io import (
     atomic_write_json,
     atomic_write_text,
     check_replaceable,
+    clean_stale_temporaries,
 )
 from .label import REWARDS, Reward, get_reward
 from .losses import LOSSES, build_loss
@@ -846,6 +847,12 @@ class Trainer:
         """The checkpoint to resume from, if any; refuse what must not be overwritten."""
         config, output_dir = self.config, self.output_dir
         _check_output_dir(output_dir, config.overwrite)
+        if self.main:
+            # A run killed inside a checkpoint swap leaves a temporary (or, mid-swap, only the
+            # old version under a temporary name); a resumed run that writes no checkpoint
+            # again would keep it, and reading first would miss the old version.
+            clean_stale_temporaries(output_dir / "checkpoint")
+        _barrier(self.world)
         checkpoint = _find_checkpoint(output_dir)
         if checkpoint is not None and not config.resume and not config.overwrite:
             raise ValueError(f"{output_dir} already holds a training checkpoint; set resume: "
