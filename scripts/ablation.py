@@ -57,12 +57,16 @@ in ``llm_embedder.losses.LOSSES`` / ``llm_embedder.label.REWARDS``, e.g. one add
 ``register_loss`` / ``register_reward``) trains the full method with that one thing changed;
 ``human_positives=anchor|agree`` too, and ``KIND=NAME,KIND=NAME`` changes several.
 
+``--no-instructions qa`` trains and evaluates the named tasks with empty instructions on both
+sides, every run and reference row of ``OUT`` (the base encoder scores higher on qa without
+its instruction). ``OUT`` records the setting and refuses runs made with another one.
+
 Usage:
     python scripts/ablation.py --from quickstart_out --out ablation_out [--steps 60]
         [--variants full likelihood kl loss=NAME reward=NAME ...] [--llm-only]
         [--seeds 0 1 2] [--beir DIR [--beir-split test]]
         [--no-downstream] [--max-llm-queries N|TASK=N ...] [--device cpu]
-        [--label-budget TASK=TOKENS ...] [--report]
+        [--label-budget TASK=TOKENS ...] [--no-instructions TASK ...] [--report]
 """
 
 from __future__ import annotations
@@ -219,6 +223,48 @@ def variant_config(source: Path, run_dir: Path, name: str, cfg: QuickstartConfig
     config.update(VARIANTS["full"])  # each variant changes one thing of the method as designed
     config.update(variant_change(name))
     return config
+
+
+#: ``OUT``'s record of ``--no-instructions``: runs made with one setting are never tabled
+#: beside runs made with another.
+INSTRUCTIONS_RECORD = "no_instructions.json"
+
+
+def use_no_instructions(out: Path, tasks: Sequence[str], record: bool = True) -> List[str]:
+    """Empty both instructions of ``tasks`` in this process's task registry (training, the
+    saved model and evaluation all read them there), once ``out``'s earlier runs are known to
+    have used the same setting; ``record``: write the setting into ``out`` if it is new.
+    Returns the tasks, sorted. A folder of runs without a record used every instruction.
+
+    Example:
+        >>> use_no_instructions(Path("ablation_qa_plain"), ["qa"])
+        ['qa']
+    """
+    from llm_embedder.tasks import get_task, register_task
+
+    wanted = sorted(set(tasks))
+    for task in wanted:
+        try:
+            get_task(task)
+        except ValueError as error:  # before anything is written or trained
+            raise SystemExit(f"--no-instructions: {error}") from None
+    path = out / INSTRUCTIONS_RECORD
+    if path.is_file():
+        made = json.loads(path.read_text())["tasks"]
+    elif (out / "baselines.json").is_file() or any(out.glob("*/seed*/results.json")):
+        made = []
+    else:
+        made = None
+    if made is not None and made != wanted:
+        before, now = " ".join(made) or "(none)", " ".join(wanted) or "(none)"
+        raise SystemExit(f"{out} holds runs made with --no-instructions {before}; this run "
+                         f"asks for {now}: use another --out")
+    if record and not path.is_file() and (wanted or made is None):
+        atomic_write_json(path, {"tasks": wanted})
+    for task in wanted:
+        register_task(dataclasses.replace(get_task(task), query_instruction="",
+                                          key_instruction=""), overwrite=True)
+    return wanted
 
 
 def human_labels(source: Path, out: Path, cfg: QuickstartConfig, seed: int, llm_only: bool,
@@ -500,6 +546,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--beir-split", default="test")
     parser.add_argument("--label-budget", nargs="+", default=None, metavar="TASK=TOKENS",
                         help="first LLM-label a larger set (tokens per task) into OUT/source")
+    parser.add_argument("--no-instructions", nargs="+", default=[], metavar="TASK",
+                        help="train and evaluate these tasks with empty instructions on both "
+                             "sides (every run and reference row; OUT remembers it)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--report", action="store_true",
                         help="train and evaluate nothing: the table of the runs finished so far")
@@ -512,6 +561,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from llm_embedder.train import train
 
     source, out = Path(args.source), Path(args.out)
+    plain = use_no_instructions(out, args.no_instructions, record=not args.report)
     saved = source / "config.json"
     if not saved.is_file():
         parser.error(f"{saved} not found: run `llm-embedder quickstart --out {source}` first")
@@ -627,11 +677,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     steps = args.steps if args.steps is not None else cfg.max_steps
     beir_text = (f"; BEIR nDCG@10 on `{args.beir.name}` ({args.beir_split} split)"
                  if args.beir is not None else "")
+    plain_text = (f"; {', '.join(plain)} without instructions (train and evaluation)"
+                  if plain else "")
     md = ["# Ablations", "",
           f"Training queries: {counts}"
           f" (from `{source}`); {steps} steps of batch {cfg.batch_size}; training seeds "
           f"{seeds} (mean ± sample sd over them); primary metric of each task for the trained "
-          f"model, the downstream LLM metrics{beir_text}.",
+          f"model, the downstream LLM metrics{beir_text}{plain_text}.",
           "", table(rows, tasks, markdown=True), "",
           *[f"- {line}" for line in judged], "",
           *[f"- **{n}**: {describe(n)}" for n in rows if "variant" in rows[n]], ""]

@@ -257,6 +257,50 @@ def test_main_trains_each_variant_once_per_seed_and_resumes(ablation, monkeypatc
     assert ablation.main(argv) == 0 and len(trained) == 4  # every run done: none again
 
 
+def test_no_instructions_empties_the_tasks_instructions_and_out_refuses_another_setting(
+        ablation, monkeypatch, tmp_path):
+    import llm_embedder.train as train_module
+    from llm_embedder.tasks import TASKS, get_task
+
+    monkeypatch.setitem(TASKS, "qa", get_task("qa"))  # the registry is restored afterwards
+    monkeypatch.setitem(TASKS, "tool", get_task("tool"))
+    tool_instruction = get_task("tool").query_instruction
+    source = _finished_quickstart(tmp_path / "qs")
+    (source / "labels").mkdir()
+    (source / "labels" / "qa.jsonl").write_text("")
+    seen = []
+
+    def fake_train(config):
+        seen.append((get_task("qa").query_instruction, get_task("qa").key_instruction,
+                     get_task("tool").query_instruction))
+        return tmp_path / "model"
+
+    def fake_evaluate(model, *, config, llm, systems):
+        seen.append(get_task("qa").query_instruction)
+        return {"qa": {s: {"ndcg@10": 0.5} for s in systems},
+                "average": {s: {"primary": 0.5} for s in systems}}
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    monkeypatch.setattr(ablation, "evaluate", fake_evaluate)
+    out = tmp_path / "ab"
+    argv = ["--from", str(source), "--out", str(out), "--variants", "anchor", "--no-downstream"]
+    assert ablation.main([*argv, "--no-instructions", "qa"]) == 0
+    # baselines and the trained run alike see qa without instructions, tool unchanged
+    assert seen == ["", ("", "", tool_instruction), ""]
+    assert "qa without instructions (train and evaluation)" in (out / "ablation.md").read_text()
+    with pytest.raises(SystemExit, match="--no-instructions qa; this run asks for .none."):
+        ablation.main(argv)
+    with pytest.raises(SystemExit, match="asks for qa tool: use another --out"):
+        ablation.main([*argv, "--no-instructions", "qa", "tool"])
+    # runs made before the option existed (no record) used every instruction
+    (out / ablation.INSTRUCTIONS_RECORD).unlink()
+    with pytest.raises(SystemExit, match="--no-instructions .none.; this run asks for qa"):
+        ablation.main([*argv, "--no-instructions", "qa"])
+    with pytest.raises(SystemExit, match="--no-instructions: unknown task 'qq'"):
+        ablation.main([*argv, "--no-instructions", "qq"])
+    assert ablation.main([*argv, "--report"]) == 0  # a record-less folder: every instruction
+
+
 def test_report_trains_nothing_and_tables_the_finished_runs(ablation, monkeypatch, tmp_path,
                                                             capsys):
     import json
