@@ -259,7 +259,7 @@ def use_no_instructions(out: Path, tasks: Sequence[str], record: bool = True) ->
         before, now = " ".join(made) or "(none)", " ".join(wanted) or "(none)"
         raise SystemExit(f"{out} holds runs made with --no-instructions {before}; this run "
                          f"asks for {now}: use another --out")
-    if record and not path.is_file() and (wanted or made is None):
+    if record and not path.is_file():
         atomic_write_json(path, {"tasks": wanted})
     for task in wanted:
         register_task(dataclasses.replace(get_task(task), query_instruction="",
@@ -561,10 +561,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     from llm_embedder.train import train
 
     source, out = Path(args.source), Path(args.out)
-    plain = use_no_instructions(out, args.no_instructions, record=not args.report)
     saved = source / "config.json"
     if not saved.is_file():
         parser.error(f"{saved} not found: run `llm-embedder quickstart --out {source}` first")
+    plain = use_no_instructions(out, args.no_instructions, record=not args.report)
     fingerprint = json.loads(saved.read_text())
     cfg = QuickstartConfig.load(fingerprint["config"])
     seed = int(fingerprint["seed"])
